@@ -1,0 +1,37 @@
+# Set-up lives here: everything installs into .venv. A re-run with an up-to-date .venv starts in seconds.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.onegen-installed
+export RAY_AUTH_MODE ?= disabled
+export DS_ACCELERATOR ?= cpu
+export WANDB_MODE ?= disabled
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	# torch first, from the CPU build: a later resolve must never pull a CUDA torch.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/onegen demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) work/
