@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.onegen-installed
+# The full lock proven on the CPU machine; GPU users: `make install CONSTRAINTS=` after installing a CUDA torch.
+CONSTRAINTS ?= constraints.txt
 export RAY_AUTH_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
@@ -11,12 +13,12 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install demo test test-all bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	# torch first, from the CPU build: a later resolve must never pull a CUDA torch.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip list 2>/dev/null | grep -q "^torch " || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
