@@ -1,0 +1,890 @@
+"""The released OneDiffusion denoiser: a Next-DiT over sequences of views (spec §1, checklist §10).
+
+`NextDiT` has the parameter names and shapes of the official module for any config (the released
+`transformer/` safetensors load with strict=True) and the numerics the weights were trained with:
+
+* per-token adaLN from (timestep embedding + pooled text), scale and tanh-gate only (no shift);
+* sandwich RMSNorms and the other norms computed in fp32 (fp64 for fp64 inputs) and cast back;
+* LayerNorm QK-norm over the whole projection (joint across heads);
+* self-attention over all tokens of all views with logit softcap 30 in every dtype, KV heads repeat-interleaved;
+* text cross-attention sharing the rotated queries, text KV heads tiled, per-head tanh gate, added before `wo`;
+* 3-axis RoPE (view, row, column) computed on the fly (see `model.rope`).
+
+Fast path: `attn_impl` picks FlexAttention ("flex", default on CUDA) or plain matmul attention ("math", default on
+CPU, supports autograd there). When the timestep is constant within each view (always for (B,) and (B, T)
+timesteps), the adaLN modulation is computed once per view and broadcast to its tokens instead of once per token.
+`reference_forward` is an independent, plain float64 per-token implementation used by the tests.
+
+Latent sizes that are not a multiple of the patch size are zero-padded at the bottom/right to the next multiple
+(per-element timesteps are edge-replicated) and the output is cropped back; the official pipeline only uses
+multiples of 16 pixels, i.e. even latent sizes, where nothing is padded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from model.attention import DEFAULT_SOFTCAP, check_attn_impl, softcap_self_attention, tiled_cross_attention
+from model.presets import PRESETS
+from model.rope import ROPE_THETA, apply_rope, check_rope_head_dim, rope_cos_sin, token_positions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NextDiT", "PRESETS", "reference_forward", "ffn_hidden_dim", "patchify", "unpatchify"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+TIMESTEP_FREQUENCY_DIM = 256
+MAX_CONDITIONING_WIDTH = 1024
+
+# Fields of the release's transformer/config.json that do not change the module (EMA and JAX training metadata).
+RELEASE_ONLY_FIELDS = frozenset(
+    {
+        "decay",
+        "inv_gamma",
+        "min_decay",
+        "optimization_step",
+        "power",
+        "update_after_step",
+        "use_ema_warmup",
+        "forward_dtype",
+        "param_dtype",
+        "remat_attention",
+        "remat_block",
+        "remat_mlp",
+    }
+)
+
+
+def conditioning_width(hidden_size: int) -> int:
+    """Width of the timestep/caption conditioning vector: min(hidden_size, 1024) as in the release."""
+    return min(hidden_size, MAX_CONDITIONING_WIDTH)
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU hidden width of the Llama recipe: 2/3 of 4*dim, optionally scaled, rounded up to `multiple_of`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _norm_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable weight, computed in fp32 (fp64 for fp64 inputs) and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _norm_dtype(x)
+        x32 = x.to(dtype)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(dtype)).to(x.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameter names) computed in fp32 (fp64 for fp64 inputs) and cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _norm_dtype(x)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x * (1 + scale) where token n of x (B, N, D) uses scale[:, n // group_size] of scale (B, N/group_size, D)."""
+    B, N, D = x.shape
+    return (x.view(B, -1, group_size, D) * (1 + scale[:, :, None])).view(B, N, D)
+
+
+def gate(branch: torch.Tensor, gate_logits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """tanh(gate) * branch with the same per-group broadcast as `modulate`."""
+    B, N, D = branch.shape
+    return (branch.view(B, -1, group_size, D) * torch.tanh(gate_logits)[:, :, None]).view(B, N, D)
+
+
+def patchify(x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, N, pT*pH*pW*C): tokens view-major then row then column; features (pt, ph, pw, c)."""
+    B, T, C, H, W = x.shape
+    pT, pH, pW = patch_size
+    x = x.reshape(B, T // pT, pT, C, H // pH, pH, W // pW, pW)
+    x = x.permute(0, 1, 4, 6, 2, 5, 7, 3)  # (B, T/pT, H/pH, W/pW, pT, pH, pW, C)
+    return x.reshape(B, -1, pT * pH * pW * C)
+
+
+def unpatchify(
+    x: torch.Tensor, patch_size: tuple[int, int, int], groups: int, rows: int, cols: int, channels: int
+) -> torch.Tensor:
+    """Inverse of `patchify`: (B, N, pT*pH*pW*C) -> (B, groups*pT, C, rows*pH, cols*pW)."""
+    B = x.shape[0]
+    pT, pH, pW = patch_size
+    x = x.reshape(B, groups, rows, cols, pT, pH, pW, channels)
+    x = x.permute(0, 1, 4, 7, 2, 5, 3, 6)  # (B, groups, pT, C, rows, pH, cols, pW)
+    return x.reshape(B, groups * pT, channels, rows * pH, cols * pW)
+
+
+def pad_to_patch_multiple(x: torch.Tensor, patch_h: int, patch_w: int, mode: str) -> torch.Tensor:
+    """Pad (B, T, C, h, w) at the bottom/right so h, w become multiples of the patch size."""
+    B, T, C, h, w = x.shape
+    pad_h, pad_w = (-h) % patch_h, (-w) % patch_w
+    if pad_h == 0 and pad_w == 0:
+        return x
+    flat = F.pad(x.reshape(B * T, C, h, w), (0, pad_w, 0, pad_h), mode=mode)
+    return flat.reshape(B, T, C, h + pad_h, w + pad_w)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid (cos first, 256 dims, max period 10000) of t on the 0..1000 scale, then an MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = TIMESTEP_FREQUENCY_DIM):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int = TIMESTEP_FREQUENCY_DIM, max_period: float = 10000.0) -> torch.Tensor:
+        """(...,) -> (..., dim) = [cos(t f), sin(t f)], f_k = exp(-ln(max_period) k / (dim/2)); fp32 or fp64."""
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+        args = t.to(dtype)[..., None] * freqs
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[..., :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        frequencies = self.sinusoid(t, self.frequency_embedding_size)
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
+
+
+class SwiGLUFeedForward(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SelfCrossAttention(nn.Module):
+    """Soft-capped GQA self-attention plus gated text cross-attention, summed per head before `wo`."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, y_dim: int):
+        super().__init__()
+        if n_heads % n_kv_heads != 0:
+            raise ValueError(f"num_heads={n_heads} must be a multiple of num_kv_heads={n_kv_heads}")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = dim // n_heads
+        kv_width = n_kv_heads * self.head_dim
+
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, kv_width, bias=False)
+        self.wv = nn.Linear(dim, kv_width, bias=False)
+        self.wk_y = nn.Linear(y_dim, kv_width, bias=False)
+        self.wv_y = nn.Linear(y_dim, kv_width, bias=False)
+        self.gate = nn.Parameter(torch.zeros(n_heads))  # per-head text gate, tanh(0) = 0
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        if qk_norm:
+            self.q_norm = FP32LayerNorm(n_heads * self.head_dim)
+            self.k_norm = FP32LayerNorm(kv_width)
+            self.ky_norm = FP32LayerNorm(kv_width, eps=1e-6)
+        else:
+            self.q_norm = self.k_norm = self.ky_norm = nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        softcap: float | None,
+        attn_impl: str,
+    ) -> torch.Tensor:
+        B, N, _ = x.shape
+        L = text.shape[1]
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_norm(self.wq(x)).view(B, N, H, Dh)  # QK-norm over the whole projection, then split heads
+        k = self.k_norm(self.wk(x)).view(B, N, Hkv, Dh)
+        v = self.wv(x).view(B, N, Hkv, Dh)
+        q = apply_rope(q, rope_cos, rope_sin).transpose(1, 2)  # (B, H, N, Dh)
+        k = apply_rope(k, rope_cos, rope_sin).transpose(1, 2)  # (B, Hkv, N, Dh)
+        v = v.transpose(1, 2)  # (B, Hkv, N, Dh)
+        out = softcap_self_attention(q, k, v, softcap=softcap, attn_impl=attn_impl)  # (B, H, N, Dh)
+
+        text_k = self.ky_norm(self.wk_y(text)).view(B, L, Hkv, Dh).transpose(1, 2)  # (B, Hkv, L, Dh), no RoPE
+        text_v = self.wv_y(text).view(B, L, Hkv, Dh).transpose(1, 2)
+        text_out = tiled_cross_attention(q, text_k, text_v, text_mask)  # (B, H, N, Dh)
+        out = out + text_out * torch.tanh(self.gate).view(1, H, 1, 1).to(text_out.dtype)
+        return self.wo(out.transpose(1, 2).reshape(B, N, H * Dh))
+
+
+class NextDiTBlock(nn.Module):
+    """Sandwich-norm adaLN block: x += tanh(g) * norm2(sublayer(norm1(x) * (1 + s))), for attention and FFN."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        multiple_of: int,
+        ffn_dim_multiplier: float | None,
+        norm_eps: float,
+        qk_norm: bool,
+        y_dim: int,
+    ):
+        super().__init__()
+        self.attention = SelfCrossAttention(dim, n_heads, n_kv_heads, qk_norm, y_dim)
+        self.feed_forward = SwiGLUFeedForward(dim, ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier))
+        self.attention_norm1 = RMSNorm(dim, eps=norm_eps)
+        self.attention_norm2 = RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm1 = RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm2 = RMSNorm(dim, eps=norm_eps)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(conditioning_width(dim), 4 * dim))
+        self.attention_y_norm = RMSNorm(y_dim, eps=norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        group_size: int,
+        softcap: float | None,
+        attn_impl: str,
+    ) -> torch.Tensor:
+        # x (B, N, D); cond (B, G, C) with N = G * group_size; text (B, L, Cy); text_mask (B, L) bool
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(cond).chunk(4, dim=-1)  # (B, G, D) each
+        h = modulate(self.attention_norm1(x), scale_msa, group_size)
+        h = self.attention(h, rope_cos, rope_sin, self.attention_y_norm(text), text_mask, softcap, attn_impl)
+        x = x + gate(self.attention_norm2(h), gate_msa, group_size)
+        h = modulate(self.ffn_norm1(x), scale_mlp, group_size)
+        return x + gate(self.ffn_norm2(self.feed_forward(h)), gate_mlp, group_size)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) * (1 + scale(c)) -> Linear to patch values."""
+
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int):
+        super().__init__()
+        self.norm_final = FP32LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(conditioning_width(hidden_size), hidden_size))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, group_size: int) -> torch.Tensor:
+        return self.linear(modulate(self.norm_final(x), self.adaLN_modulation(cond), group_size))
+
+
+class NextDiT(ModelMixin, ConfigMixin):
+    """OneDiffusion's Next-DiT denoiser; constructor fields are the release's transformer/config.json fields.
+
+    Defaults are the official class's code defaults (the released config overrides most of them; use
+    `NextDiT.from_preset("onediffusion-2.8b")` for the released architecture). Release-only metadata fields
+    (EMA/JAX, see RELEASE_ONLY_FIELDS) are accepted and ignored. `attn_impl` ("auto" | "flex" | "math") is a
+    runtime choice, not part of the saved config; it can be changed later by assigning `model.attn_impl`.
+    """
+
+    config_name = CONFIG_NAME
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["NextDiTBlock"]
+
+    def __init__(
+        self,
+        input_size=(1, 32, 32),
+        patch_size=(1, 2, 2),
+        in_channels: int = 16,
+        hidden_size: int = 4096,
+        depth: int = 32,
+        num_heads: int = 32,
+        num_kv_heads: int | None = None,
+        multiple_of: int = 256,
+        ffn_dim_multiplier: float | None = None,
+        norm_eps: float = 1e-5,
+        pred_sigma: bool = False,
+        caption_channels: int = 4096,
+        qk_norm: bool = False,
+        norm_type: str = "rms",
+        model_max_length: int = 120,
+        rotary_max_length: int = 384,
+        rotary_max_length_t: int | None = None,
+        *,
+        attn_impl: str = "auto",
+        **release_only_fields,
+    ):
+        super().__init__()
+        _ignore_release_only_fields(release_only_fields)
+        if norm_type != "rms":
+            raise ValueError(f"norm_type={norm_type!r} is not supported: the released model uses 'rms'")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        check_rope_head_dim(hidden_size // num_heads)
+        if caption_channels <= 0:
+            raise ValueError(f"caption_channels must be positive (the text width), got {caption_channels}")
+        patch_size = tuple(int(p) for p in patch_size)
+        if len(patch_size) != 3:
+            raise ValueError(f"patch_size must be (time, height, width), got {patch_size}")
+        self.register_to_config(
+            input_size=list(input_size),
+            patch_size=list(patch_size),
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            multiple_of=multiple_of,
+            ffn_dim_multiplier=ffn_dim_multiplier,
+            norm_eps=norm_eps,
+            pred_sigma=pred_sigma,
+            caption_channels=caption_channels,
+            qk_norm=qk_norm,
+            norm_type=norm_type,
+            model_max_length=model_max_length,
+            rotary_max_length=rotary_max_length,
+            rotary_max_length_t=rotary_max_length_t,
+        )
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if pred_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = hidden_size // num_heads
+        self.caption_channels = caption_channels
+        self.rotary_max_length = rotary_max_length
+        self.rotary_max_length_t = rotary_max_length_t
+        self.attn_impl = check_attn_impl(attn_impl)
+        self.attn_softcap: float | None = DEFAULT_SOFTCAP  # None reproduces the release's fp32 fallback (no cap)
+        self.gradient_checkpointing = False
+
+        patch_volume = math.prod(patch_size)
+        cond_dim = conditioning_width(hidden_size)
+        self.x_embedder = nn.Linear(patch_volume * in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(cond_dim)
+        self.y_embedder = nn.Sequential(
+            FP32LayerNorm(caption_channels, eps=1e-6),
+            nn.Linear(caption_channels, cond_dim),
+        )
+        self.layers = nn.ModuleList(
+            NextDiTBlock(
+                dim=hidden_size,
+                n_heads=num_heads,
+                n_kv_heads=self.num_kv_heads,
+                multiple_of=multiple_of,
+                ffn_dim_multiplier=ffn_dim_multiplier,
+                norm_eps=norm_eps,
+                qk_norm=qk_norm,
+                y_dim=caption_channels,
+            )
+            for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_volume, self.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "NextDiT":
+        """Build a named configuration from `PRESETS`, with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown NextDiT preset {name!r}; available: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def initialize_weights(self) -> None:
+        """Lumina-Next initialisation (spec §1.3); the released checkpoint's training init is unverified.
+
+        Xavier-uniform for every Linear (zero biases), N(0, 0.02) for the timestep MLP, and zeros for the pooled
+        caption projection, every adaLN projection, the final projection and the per-head text gates. Each block
+        is therefore the identity at step 0 and the model predicts 0; all of these still receive gradients (the
+        final projection first, then the gates), which is the DiT/Lumina recipe.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                if getattr(module, "weight", None) is not None:
+                    nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.y_embedder[1].weight)
+        nn.init.zeros_(self.y_embedder[1].bias)
+        for block in self.layers:
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+            nn.init.zeros_(block.attention.gate)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        samples: torch.Tensor,
+        timesteps: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        *,
+        rope_scale_factor: float = 1.0,
+        rope_scale_watershed: float = 1.0,
+    ) -> torch.Tensor:
+        """Predict the velocity of every view.
+
+        samples: (B, T, C, h, w) latents, or (B, C, h, w) for T = 1.
+        timesteps on the 0..1000 scale (1000 * sigma): (B,) per sample, (B, T) per view, or per element
+            (B, T, C', h, w) / (B, C', h, w) with any C' (averaged over each patch, as the release does).
+        encoder_hidden_states: (B, L, caption_channels); encoder_attention_mask: (B, L) of 0/1 (bool or int),
+            None = all valid. A row without valid tokens gets zero text conditioning (no NaN).
+        rope_scale_factor / rope_scale_watershed: the release's optional RoPE extrapolation (1, 1 = off).
+        Returns (B, T, out_channels, h, w), also for 4-D input (as the release).
+        """
+        latents = samples[:, None] if samples.ndim == 4 else samples
+        if latents.ndim != 5:
+            raise ValueError(f"samples must be (B, T, C, h, w) or (B, C, h, w), got shape {tuple(samples.shape)}")
+        B, T, C, h, w = latents.shape
+        if C != self.in_channels:
+            raise ValueError(f"samples have {C} channels, the model expects in_channels={self.in_channels}")
+        pT, pH, pW = self.patch_size
+        if T % pT != 0:
+            raise ValueError(f"number of views T={T} must be a multiple of the temporal patch size {pT}")
+        text, text_mask = self._check_text(encoder_hidden_states, encoder_attention_mask, B)
+        param_dtype = self.x_embedder.weight.dtype
+
+        latents = pad_to_patch_multiple(latents, pH, pW, mode="constant")  # (B, T, C, H, W)
+        H, W = latents.shape[-2:]
+        groups, rows, cols = T // pT, H // pH, W // pW
+        self._check_rope_range(groups, rows, cols)
+        t_per_group, group_size = self._timesteps_per_group(timesteps, samples.ndim, B, T, h, w, groups, rows * cols)
+
+        x = self.x_embedder(patchify(latents, self.patch_size).to(param_dtype))  # (B, N, D)
+        pooled_text = _masked_mean(text, text_mask)  # (B, Cy)
+        cond = self.t_embedder(t_per_group) + self.y_embedder(pooled_text.to(x.dtype))[:, None]  # (B, G, Cc)
+
+        theta, linear_factor = _rope_scaling(timesteps, rope_scale_factor, rope_scale_watershed)
+        positions = token_positions(groups, rows, cols, device=x.device)  # (N, 3)
+        rope_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+        rope_cos, rope_sin = rope_cos_sin(positions, self.head_dim, rope_dtype, theta, linear_factor)  # (N, Dh/2)
+
+        text = text.to(x.dtype)
+        for block in self.layers:
+            args = (x, cond, rope_cos, rope_sin, text, text_mask, group_size, self.attn_softcap, self.attn_impl)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, *args)
+            else:
+                x = block(*args)
+
+        out = self.final_layer(x, cond, group_size)  # (B, N, pT*pH*pW*out_channels)
+        out = unpatchify(out, self.patch_size, groups, rows, cols, self.out_channels)  # (B, T, C_out, H, W)
+        if (H, W) != (h, w):
+            out = out[..., :h, :w].contiguous()
+        return out
+
+    def _check_text(
+        self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text = encoder_hidden_states
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[-1] != self.caption_channels:
+            raise ValueError(
+                f"encoder_hidden_states must be (B={batch}, L, caption_channels={self.caption_channels}), "
+                f"got {tuple(text.shape)}"
+            )
+        if encoder_attention_mask is None:
+            return text, torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        if tuple(encoder_attention_mask.shape) != tuple(text.shape[:2]):
+            raise ValueError(
+                f"encoder_attention_mask must be (B, L) = {tuple(text.shape[:2])}, "
+                f"got {tuple(encoder_attention_mask.shape)}"
+            )
+        return text, encoder_attention_mask.to(text.device) != 0
+
+    def _check_rope_range(self, groups: int, rows: int, cols: int) -> None:
+        max_views = self.rotary_max_length_t or self.rotary_max_length
+        if groups > max_views or rows > self.rotary_max_length or cols > self.rotary_max_length:
+            raise ValueError(
+                f"{groups} views x {rows} x {cols} patches exceed the RoPE range of the model "
+                f"(rotary_max_length={self.rotary_max_length}, rotary_max_length_t={self.rotary_max_length_t}): "
+                "use fewer views or a smaller latent, or raise rotary_max_length in the config"
+            )
+
+    def _timesteps_per_group(
+        self,
+        timesteps: torch.Tensor,
+        samples_ndim: int,
+        batch: int,
+        views: int,
+        h: int,
+        w: int,
+        groups: int,
+        tokens_per_group: int,
+    ) -> tuple[torch.Tensor, int]:
+        """Timesteps (B, G') and the group size: token n is conditioned on t[:, n // group_size].
+
+        Per-sample and per-view timesteps give one value per view (G' = views / pT). Per-element timesteps are
+        averaged over each patch; if the result is constant within every view it is also kept per view, otherwise
+        every token is its own group (group_size 1).
+        """
+        t = torch.as_tensor(timesteps, device=self.x_embedder.weight.device)
+        if not t.is_floating_point():
+            t = t.float()
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            if t.shape[0] != batch:
+                raise ValueError(f"timesteps (B,) must have B={batch} entries, got {t.shape[0]}")
+            return t[:, None].expand(batch, groups), tokens_per_group
+        if t.ndim == 2:
+            if tuple(t.shape) != (batch, views):
+                raise ValueError(f"per-view timesteps must be (B, T) = {(batch, views)}, got {tuple(t.shape)}")
+            return t.reshape(batch, groups, -1).mean(-1), tokens_per_group
+        if t.ndim == 4 and samples_ndim == 4:
+            t = t[:, None]
+        if t.ndim != 5 or t.shape[:2] != (batch, views) or t.shape[-2:] != (h, w):
+            raise ValueError(
+                f"timesteps must be (B,), (B, T) or per element (B, T, C, h, w) = ({batch}, {views}, C, {h}, {w}), "
+                f"got {tuple(t.shape)}"
+            )
+        t = pad_to_patch_multiple(t, self.patch_size[1], self.patch_size[2], mode="replicate")
+        # Patch means in float64: a patch of equal values gives exactly that value, as (B,) timesteps do.
+        t_tokens = patchify(t.double(), self.patch_size).mean(-1).to(t.dtype)  # (B, N)
+        t_grouped = t_tokens.view(batch, groups, tokens_per_group)
+        if bool((t_grouped == t_grouped[..., :1]).all()):
+            return t_grouped[..., 0], tokens_per_group
+        return t_tokens, 1
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(
+        self, save_directory, max_shard_size: int | str = "10GB", is_main_process: bool = True, **kwargs
+    ) -> None:
+        """Write config.json + diffusion_pytorch_model.safetensors (sharded with an index above max_shard_size)."""
+        if kwargs.pop("safe_serialization", True) is not True:
+            raise ValueError("NextDiT saves safetensors only (safe_serialization=False would write a pickle)")
+        super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            safe_serialization=True,
+            max_shard_size=max_shard_size,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        attn_impl: str = "auto",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> "NextDiT":
+        """Load a local folder or a hub repo (e.g. "lehduong/OneDiffusion", subfolder="transformer").
+
+        Reads config.json (release-only fields are ignored) and the safetensors weights (single file or sharded
+        with an index) with a strict key/shape check; pickle checkpoints are refused. Parameters keep the file's
+        values and are cast to `torch_dtype` (default float32).
+        """
+        folder = _resolve_model_folder(
+            pretrained_model_name_or_path, subfolder, revision, cache_dir, local_files_only, token
+        )
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} in {folder}: expected a NextDiT folder written by save_pretrained"
+            )
+        config = json.loads(config_path.read_text())
+        class_name = config.get("_class_name", cls.__name__)
+        if class_name != cls.__name__:
+            raise ValueError(f"{config_path} describes a {class_name!r}, not a {cls.__name__!r}")
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+
+        with torch.device("meta"):
+            model = cls(**config, attn_impl=attn_impl)
+        state_dict = _load_safetensors_folder(folder, device)
+        _check_state_dict(model, state_dict, folder)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        # nn.Module.to: diffusers' ModelMixin.to warns about fp32 modules on every dtype cast, and there are none.
+        nn.Module.to(model, dtype=torch_dtype or torch.float32)
+        return model
+
+
+def _ignore_release_only_fields(fields: dict) -> None:
+    unknown = sorted(k for k in fields if k not in RELEASE_ONLY_FIELDS and not k.startswith("_"))
+    if unknown:
+        warnings.warn(f"NextDiT ignores unknown config fields {unknown}", stacklevel=3)
+
+
+def _masked_mean(text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of text (B, L, C) over valid tokens of mask (B, L) -> (B, C), in fp32 (fp64 for fp64 text)."""
+    dtype = _norm_dtype(text)
+    weights = mask[..., None].to(dtype)
+    return (text.to(dtype) * weights).sum(dim=1) / (weights.sum(dim=1) + 1e-8)
+
+
+def _rope_scaling(timesteps, scale_factor: float, scale_watershed: float) -> tuple[float, float]:
+    """(theta, linear_factor) of the release's optional RoPE extrapolation; (10000, 1) when off.
+
+    Position interpolation (frequencies / s) if max(t) < watershed, otherwise NTK (theta * s). The release
+    compares the 0..1000-scale timestep with a watershed that defaults to 1.0, so NTK is what normally happens.
+    """
+    if scale_factor == 1.0 and scale_watershed == 1.0:
+        return ROPE_THETA, 1.0
+    if float(torch.as_tensor(timesteps).max()) < scale_watershed:
+        return ROPE_THETA, scale_factor
+    return ROPE_THETA * scale_factor, 1.0
+
+
+def _resolve_model_folder(name_or_path, subfolder, revision, cache_dir, local_files_only, token) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} does not exist (subfolder={subfolder!r} of {path})")
+        return folder
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
+        raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a hub repo id 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder}/" if subfolder else ""
+    snapshot = snapshot_download(
+        str(name_or_path),
+        allow_patterns=[f"{prefix}{CONFIG_NAME}", f"{prefix}*.safetensors", f"{prefix}*.safetensors.index.json"],
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+    )
+    return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+
+
+def _load_safetensors_folder(folder: Path, device) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's single safetensors file or of the shards named by its index."""
+    from safetensors.torch import load_file
+
+    single = folder / WEIGHTS_NAME
+    index = folder / WEIGHTS_INDEX_NAME
+    if single.is_file():
+        return load_file(single, device=str(device))
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        state_dict: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state_dict.update(load_file(folder / shard, device=str(device)))
+        return state_dict
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return load_file(candidates[0], device=str(device))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+    hint = f"; found pickle checkpoints {pickles}, never loaded (convert them to safetensors)" if pickles else ""
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {folder}{hint}")
+
+
+def _check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source) -> None:
+    """Raise a ValueError naming every missing, unexpected or mis-shaped key."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = sorted(
+        f"{name}: file {tuple(state_dict[name].shape)} vs model {expected[name]}"
+        for name in set(expected) & set(state_dict)
+        if tuple(state_dict[name].shape) != expected[name]
+    )
+    if missing or unexpected or mis_shaped:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if mis_shaped:
+            problems.append(f"shape mismatches {mis_shaped}")
+        raise ValueError(f"weights in {source} do not match the NextDiT config: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------- float64 reference
+
+
+@torch.no_grad()
+def reference_forward(
+    model: NextDiT,
+    samples: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None = None,
+    softcap: float | None = DEFAULT_SOFTCAP,
+) -> torch.Tensor:
+    """Plain float64, per-token re-implementation of `NextDiT.forward`, written from the spec independently of it.
+
+    It reads the model's parameters by their official names and returns (B, T, out_channels, h, w) in float64.
+    Slow and memory-hungry (full score matrices); for tests on tiny configs only.
+    """
+    f64 = torch.float64
+    p = {name: t.detach().to(f64) for name, t in model.state_dict().items()}
+    pT, pH, pW = model.patch_size
+    D, H, Hkv, Dh = model.hidden_size, model.num_heads, model.num_kv_heads, model.head_dim
+    eps = model.config.norm_eps
+    qk_norm = model.config.qk_norm
+
+    def linear(name, v):
+        out = v @ p[f"{name}.weight"].T
+        return out + p[f"{name}.bias"] if f"{name}.bias" in p else out
+
+    def layer_norm(v, name, eps_):
+        centred = v - v.mean(-1, keepdim=True)
+        out = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps_)
+        return out * p[f"{name}.weight"] + p[f"{name}.bias"] if name else out
+
+    def rms_norm(v, name):
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * p[f"{name}.weight"]
+
+    x = samples.to(f64)
+    if x.ndim == 4:
+        x = x[:, None]
+    B, T, C, h, w = x.shape
+    t = torch.as_tensor(timesteps).to(f64)
+    if t.ndim == 0:
+        t = t.expand(B)
+    if t.ndim == 1:
+        t = t[:, None, None, None, None].expand(B, T, 1, h, w)
+    elif t.ndim == 2:
+        t = t[:, :, None, None, None].expand(B, T, 1, h, w)
+    elif t.ndim == 4:
+        t = t[:, None]
+
+    # Odd sizes: zero-pad the latents, edge-replicate the timesteps (bottom/right).
+    Hp, Wp = -(-h // pH) * pH, -(-w // pW) * pW
+    row_src = torch.arange(Hp).clamp(max=h - 1)
+    col_src = torch.arange(Wp).clamp(max=w - 1)
+    t = t[..., row_src, :][..., col_src]
+    padded = torch.zeros(B, T, C, Hp, Wp, dtype=f64)
+    padded[..., :h, :w] = x
+    x = padded
+    groups, rows, cols = T // pT, Hp // pH, Wp // pW
+    N = groups * rows * cols
+
+    def to_tokens(v):  # (B, T, C', Hp, Wp) -> (B, N, K*C'), features ordered (pt, ph, pw, c)
+        pieces = [v[:, a::pT, :, b::pH, c::pW] for a in range(pT) for b in range(pH) for c in range(pW)]
+        stacked = torch.stack(pieces, dim=-1)  # (B, G, C', rows, cols, K)
+        return stacked.permute(0, 1, 3, 4, 5, 2).reshape(B, N, -1)
+
+    tokens = to_tokens(x)  # (B, N, K*C)
+    t_tok = to_tokens(t).mean(-1)  # (B, N)
+
+    # Conditioning per token: timestep sinusoid (cos first) -> MLP, plus pooled text -> LN -> Linear.
+    half = TIMESTEP_FREQUENCY_DIM // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=f64) / half)
+    args = t_tok[..., None] * freqs
+    t_emb = linear("t_embedder.mlp.2", F.silu(linear("t_embedder.mlp.0", torch.cat([args.cos(), args.sin()], -1))))
+    text = encoder_hidden_states.to(f64)
+    L = text.shape[1]
+    mask = torch.ones(B, L, dtype=torch.bool) if encoder_attention_mask is None else encoder_attention_mask != 0
+    m = mask[..., None].to(f64)
+    pooled = (text * m).sum(1) / (m.sum(1) + 1e-8)
+    y_emb = linear("y_embedder.1", layer_norm(pooled, "y_embedder.0", 1e-6))
+    c = t_emb + y_emb[:, None]  # (B, N, Cc)
+
+    # RoPE: complex rotation per token; pairs [0, Dh/6) view, [Dh/6, Dh/3) row, [Dh/3, Dh/2) column.
+    omega = 1.0 / (ROPE_THETA ** (torch.arange(0, Dh, 6, dtype=f64)[: Dh // 6] / Dh))
+    n = torch.arange(N)
+    view_idx, row_idx, col_idx = n // (rows * cols), (n // cols) % rows, n % cols
+    cis = torch.cat(
+        [torch.polar(torch.ones_like(omega), index[:, None].to(f64) * omega) for index in (view_idx, row_idx, col_idx)],
+        dim=-1,
+    )  # (N, Dh/2) complex128
+
+    def rope(v):  # (B, N, heads, Dh)
+        as_complex = torch.view_as_complex(v.reshape(*v.shape[:-1], Dh // 2, 2).contiguous())
+        return torch.view_as_real(as_complex * cis[None, :, None, :]).reshape(v.shape)
+
+    self_kv_head = torch.arange(H) // (H // Hkv)  # repeat-interleave
+    text_kv_head = torch.arange(H) % Hkv  # tiling
+    has_text = mask.any(-1)
+
+    def attention(prefix, hx, text_normed):
+        q = linear(f"{prefix}.wq", hx)
+        k = linear(f"{prefix}.wk", hx)
+        if qk_norm:
+            q = layer_norm(q, f"{prefix}.q_norm", 1e-5)
+            k = layer_norm(k, f"{prefix}.k_norm", 1e-5)
+        q = rope(q.view(B, N, H, Dh))
+        k = rope(k.view(B, N, Hkv, Dh))[:, :, self_kv_head]
+        v = linear(f"{prefix}.wv", hx).view(B, N, Hkv, Dh)[:, :, self_kv_head]
+        s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(Dh)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        out = torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v)
+
+        ky = linear(f"{prefix}.wk_y", text_normed)
+        if qk_norm:
+            ky = layer_norm(ky, f"{prefix}.ky_norm", 1e-6)
+        ky = ky.view(B, L, Hkv, Dh)[:, :, text_kv_head]
+        vy = linear(f"{prefix}.wv_y", text_normed).view(B, L, Hkv, Dh)[:, :, text_kv_head]
+        sy = torch.einsum("bnhd,blhd->bhnl", q, ky) / math.sqrt(Dh)
+        sy = sy.masked_fill(~mask[:, None, None, :], float("-inf"))
+        ay = torch.where(has_text[:, None, None, None], sy.softmax(-1), 0.0)
+        out_y = torch.einsum("bhnl,blhd->bnhd", ay, vy)
+        out = out + out_y * torch.tanh(p[f"{prefix}.gate"])[None, None, :, None]
+        return linear(f"{prefix}.wo", out.reshape(B, N, H * Dh))
+
+    hidden = linear("x_embedder", tokens)
+    for i in range(len(model.layers)):
+        pre = f"layers.{i}"
+        s_msa, g_msa, s_mlp, g_mlp = linear(f"{pre}.adaLN_modulation.1", F.silu(c)).chunk(4, -1)
+        hx = rms_norm(hidden, f"{pre}.attention_norm1") * (1 + s_msa)
+        attn = attention(f"{pre}.attention", hx, rms_norm(text, f"{pre}.attention_y_norm"))
+        hidden = hidden + torch.tanh(g_msa) * rms_norm(attn, f"{pre}.attention_norm2")
+        hx = rms_norm(hidden, f"{pre}.ffn_norm1") * (1 + s_mlp)
+        swiglu = F.silu(linear(f"{pre}.feed_forward.w1", hx)) * linear(f"{pre}.feed_forward.w3", hx)
+        ff = linear(f"{pre}.feed_forward.w2", swiglu)
+        hidden = hidden + torch.tanh(g_mlp) * rms_norm(ff, f"{pre}.ffn_norm2")
+
+    scale = linear("final_layer.adaLN_modulation.1", F.silu(c))
+    out_tokens = linear("final_layer.linear", layer_norm(hidden, None, 1e-6) * (1 + scale))  # (B, N, K*Cout)
+
+    Cout = model.out_channels
+    per_offset = out_tokens.view(B, groups, rows, cols, pT * pH * pW, Cout)
+    out = torch.zeros(B, T, Cout, Hp, Wp, dtype=f64)
+    k = 0
+    for a in range(pT):
+        for b in range(pH):
+            for cc in range(pW):
+                out[:, a::pT, :, b::pH, cc::pW] = per_offset[..., k, :].permute(0, 1, 4, 2, 3)
+                k += 1
+    return out[..., :h, :w]

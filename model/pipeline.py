@@ -1,0 +1,664 @@
+"""One inference pipeline for every OneDiffusion task: prompts + input views in, images / depth / cameras out.
+
+`OneDiffusionPipeline` only orchestrates; the pieces live elsewhere in model/:
+
+    text      T5TextEncoder (model.tokenizers)       prompt with the task token -> (B, 300, C) states + mask
+    views     ImageTokenizer (model.tokenizers)      condition images -> 16-channel latents (VAE or exact pixel)
+              model.cameras                          cameras -> Plücker ray frames (multiview), and rays -> poses
+    task      model.tasks                            frame order, which views are targets, prompt syntax
+    sampler   model.flow.sample                      Euler, clean condition views, text CFG, dynamic shift
+    denoiser  model.nextdit.NextDiT
+
+On disk it reads and writes the release layout (ONEDIFFUSION_SPEC.md §9):
+
+    model_index.json   {"_class_name": "OneDiffusionPipeline", "transformer": [module, "NextDiT"], "vae": [...], ...}
+    transformer/       config.json + safetensors (NextDiT; whatever module model_index names, onegen's NextDiT loads it)
+    vae/               diffusers AutoencoderKL, or onegen's PixelTokenizer ("vae": ["onegen", "PixelTokenizer"])
+    text_encoder/      transformers T5EncoderModel
+    tokenizer/         T5 tokenizer
+    scheduler/         scheduler_config.json (diffusers FlowMatchEulerDiscreteScheduler) -> the sampler's schedule
+
+Reproducibility: the initial noise is `latents` when given, else drawn on the CPU from `generator`, else from
+`torch.Generator().manual_seed(seed)`; a run without either draws a fresh seed and reports it (`result.seed`).
+The noise has the shape of the whole view sequence (B, T, 16, h, w), condition views included (they are overwritten
+by their clean values), so `latents=result.noise` with the same seed repeats a run bit for bit. With a seed, VAE
+posterior sampling of condition images uses its own generator (seeded seed + 1), so it does not depend on whether the
+noise was drawn or given; with an explicit `generator`, it continues that generator after the noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import cameras as camera_utils
+from model.flow import FlowConfig, inference_sigmas, sample, tokens_per_view
+from model.nextdit import NextDiT
+from model.tasks import Task, get_task, parse_prompt
+from model.tokenizers import (
+    ImageTokenizer,
+    PixelTokenizer,
+    T5TextEncoder,
+    VAETokenizer,
+    load_image_tokenizer,
+)
+
+MODEL_INDEX_NAME = "model_index.json"
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+PIPELINE_CLASS_NAME = "OneDiffusionPipeline"
+# The release's model_index names its own module for the transformer; onegen's NextDiT replaces it, whatever it names.
+RELEASE_TRANSFORMER_ENTRY = ["onediffusion.models.denoiser.nextdit.modeling_nextdit", "NextDiT"]
+COMPONENT_ENTRIES = {
+    "vae": ["diffusers", "AutoencoderKL"],
+    "pixel_vae": ["onegen", "PixelTokenizer"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+}
+REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# The release's scheduler/scheduler_config.json (spec §4.4, from the bf16 mirror): dynamic shift on.
+RELEASE_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+# Image-conditioned tasks default to the aspect bucket of the first image with the pixel area of the release's
+# ASPECT_RATIO_512 buckets, i.e. 64x64 latent pixels (4096 tokens per 4 views), on a grid of 4 latent pixels.
+DEFAULT_LATENT_SIDE = 64
+BUCKET_GRID_LATENT = 4
+BUCKET_RATIO_RANGE = (0.25, 4.0)
+RAY_ROLE = "rays"
+DEPTH_ROLE = "depth"
+
+ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclass
+class EstimatedCameras:
+    """Cameras recovered from the denoised ray frames of one sample (model.cameras.cameras_from_rays).
+
+    Poses are OpenCV camera-to-world matrices in the frame of camera 0 (the sequence's reference camera), as the
+    rays were built; `camera_indices` are the cameras (not frames) whose rays were generated."""
+
+    camera_indices: list[int]
+    c2w: np.ndarray  # (V, 4, 4) float64
+    rotation: np.ndarray  # (V, 3, 3) camera-to-world rotation
+    centre: np.ndarray  # (V, 3) camera centre in world coordinates
+    focal: np.ndarray  # (V,) unit-image focal (the given one unless estimated)
+
+
+@dataclass
+class OneDiffusionOutput:
+    """What a pipeline call returns.
+
+    images: decoded target views that are pictures (everything but ray frames), sample-major then frame order:
+        PIL images (output_type "pil") or (H, W, 3) float32 arrays in [0, 1] ("np"); empty for "latent".
+    image_views: the frame index of each entry of `images` within its sample.
+    depth: for depth estimation, one (H, W) float32 array in [0, 1] per sample (mean of RGB of the generated map).
+    cameras: for generated ray frames (pose estimation), one EstimatedCameras per sample.
+    latents: the final view sequence (B, T, 16, h, w) float32 (condition views included, rays ×1.658 as sampled).
+    noise: the initial noise (B, T, 16, h, w) used; pass it back as `latents=` to repeat the run.
+    seed: the seed of the run (None when a `generator` was given).
+    sigmas: the Euler schedule used, (num_inference_steps + 1,) ending in 0.
+    prompts / target_mask: the prompts as sent to the text encoder and the target views (True = generated)."""
+
+    images: list
+    image_views: list[int]
+    depth: list[np.ndarray] | None
+    cameras: list[EstimatedCameras] | None
+    latents: torch.Tensor
+    noise: torch.Tensor
+    seed: int | None
+    sigmas: torch.Tensor
+    prompts: list[str]
+    target_mask: tuple[bool, ...]
+    task: str = ""
+
+
+class OneDiffusionPipeline:
+    """transformer (NextDiT) + image tokenizer + T5 text encoder + flow sampler settings, run for any task."""
+
+    def __init__(self, transformer: NextDiT, image_tokenizer: ImageTokenizer, text_encoder: T5TextEncoder,
+                 flow_config: FlowConfig | None = None):
+        caption_channels = int(transformer.config.caption_channels)
+        if text_encoder.hidden_size != caption_channels:
+            raise ValueError(
+                f"text encoder width {text_encoder.hidden_size} != transformer caption_channels {caption_channels}; "
+                "pair the transformer with the text encoder it was trained with."
+            )
+        if int(transformer.config.in_channels) != image_tokenizer.latent_channels:
+            raise ValueError(f"transformer in_channels {transformer.config.in_channels} != image tokenizer "
+                             f"latent_channels {image_tokenizer.latent_channels}.")
+        self.transformer = transformer.eval()
+        self.image_tokenizer = image_tokenizer.eval()
+        self.text_encoder = text_encoder.eval()
+        patch = int(transformer.config.patch_size[-1])
+        self.flow_config = (flow_config or FlowConfig.from_scheduler_config(RELEASE_SCHEDULER_CONFIG)).replace(
+            patch_size=patch)
+
+    # ------------------------------------------------------------------ loading / saving
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, torch_dtype: torch.dtype | None = None, *,
+                        transformer: NextDiT | str | Path | None = None,
+                        image_tokenizer: ImageTokenizer | str | Path | None = None,
+                        text_encoder: T5TextEncoder | str | Path | None = None,
+                        flow_config: FlowConfig | None = None, device: str | torch.device = "cpu",
+                        **hub_kwargs) -> "OneDiffusionPipeline":
+        """Load a folder (or hub repo) in the release layout, or a bare NextDiT checkpoint folder.
+
+        Components given as objects or paths/specs replace what the folder holds; a bare transformer folder
+        (config.json + safetensors, e.g. a training checkpoint) needs `image_tokenizer` and `text_encoder`.
+        `torch_dtype` applies to the transformer and the text encoder; the VAE stays float32 (its decode is
+        sensitive to bf16 and it is small). hub_kwargs (revision, cache_dir, token, local_files_only) go to
+        huggingface_hub.snapshot_download for hub ids."""
+        root = _resolve_root(path_or_hub_id, **hub_kwargs)
+        index_path = root / MODEL_INDEX_NAME
+        if not index_path.is_file():
+            if (root / "config.json").is_file() and transformer is None:
+                return cls._from_transformer_folder(root, torch_dtype, image_tokenizer, text_encoder, flow_config,
+                                                    device)
+            raise FileNotFoundError(
+                f"{index_path} not found: expected a OneDiffusion folder with {MODEL_INDEX_NAME} and the subfolders "
+                f"{', '.join(c + '/' for c in REQUIRED_COMPONENTS)} (the release layout), or a NextDiT folder "
+                "(config.json + safetensors) together with image_tokenizer= and text_encoder=."
+            )
+        index = json.loads(index_path.read_text())
+        needed = [c for c in REQUIRED_COMPONENTS
+                  if not ((c == "transformer" and transformer is not None)
+                          or (c == "vae" and image_tokenizer is not None)
+                          or (c in ("text_encoder", "tokenizer") and text_encoder is not None)
+                          or (c == "scheduler" and flow_config is not None))]
+        for component in needed:
+            if component not in index:
+                raise ValueError(f"{index_path} has no {component!r} entry; expected one per component: "
+                                 f"{', '.join(REQUIRED_COMPONENTS)}.")
+            if not (root / component).is_dir():
+                raise FileNotFoundError(f"missing component folder {root / component} (named in {index_path}); "
+                                        f"expected {_EXPECTED_CONTENT[component]}.")
+
+        if transformer is None:
+            # Whatever module the index names (the release names its own), onegen's NextDiT reads the folder.
+            transformer = NextDiT.from_pretrained(root, subfolder="transformer", torch_dtype=torch_dtype,
+                                                  device=device)
+        elif not isinstance(transformer, NextDiT):
+            transformer = NextDiT.from_pretrained(transformer, torch_dtype=torch_dtype, device=device)
+
+        if image_tokenizer is None:
+            image_tokenizer = _load_vae_component(root, index["vae"])
+        elif not isinstance(image_tokenizer, ImageTokenizer):
+            image_tokenizer = load_image_tokenizer(image_tokenizer)
+
+        if text_encoder is None:
+            text_encoder = T5TextEncoder.from_pretrained(root, torch_dtype=torch_dtype)
+        elif not isinstance(text_encoder, T5TextEncoder):
+            text_encoder = T5TextEncoder.from_pretrained(text_encoder, torch_dtype=torch_dtype)
+
+        if flow_config is None:
+            flow_config = FlowConfig.from_scheduler_config(root / "scheduler" / SCHEDULER_CONFIG_NAME)
+        return cls(transformer, image_tokenizer, text_encoder, flow_config).to(device)
+
+    @classmethod
+    def _from_transformer_folder(cls, folder: Path, torch_dtype, image_tokenizer, text_encoder, flow_config, device):
+        missing = [name for name, value in (("image_tokenizer", image_tokenizer), ("text_encoder", text_encoder))
+                   if value is None]
+        if missing:
+            raise ValueError(f"{folder} holds only a transformer (no {MODEL_INDEX_NAME}); pass "
+                             f"{' and '.join(n + '=' for n in missing)} to build a pipeline around it.")
+        transformer = NextDiT.from_pretrained(folder, torch_dtype=torch_dtype, device=device)
+        if not isinstance(image_tokenizer, ImageTokenizer):
+            image_tokenizer = load_image_tokenizer(image_tokenizer)
+        if not isinstance(text_encoder, T5TextEncoder):
+            text_encoder = T5TextEncoder.from_pretrained(text_encoder, torch_dtype=torch_dtype)
+        return cls(transformer, image_tokenizer, text_encoder, flow_config).to(device)
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write the release layout; `from_pretrained(save_directory)` restores the pipeline.
+
+        The transformer entry names the release's module (the weights are state-dict compatible with it), so the
+        folder reads like the release; a PixelTokenizer is recorded as ["onegen", "PixelTokenizer"]."""
+        root = Path(save_directory)
+        root.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(root / "transformer")
+        self.image_tokenizer.save_pretrained(root / "vae")
+        self.text_encoder.save_pretrained(root)
+        (root / "scheduler").mkdir(exist_ok=True)
+        (root / "scheduler" / SCHEDULER_CONFIG_NAME).write_text(
+            json.dumps(scheduler_config_from_flow(self.flow_config), indent=2) + "\n")
+        vae_entry = COMPONENT_ENTRIES["pixel_vae"] if isinstance(self.image_tokenizer, PixelTokenizer) \
+            else COMPONENT_ENTRIES["vae"]
+        index = {
+            "_class_name": PIPELINE_CLASS_NAME,
+            "_diffusers_version": _diffusers_version(),
+            "scheduler": COMPONENT_ENTRIES["scheduler"],
+            "text_encoder": COMPONENT_ENTRIES["text_encoder"],
+            "tokenizer": COMPONENT_ENTRIES["tokenizer"],
+            "transformer": RELEASE_TRANSFORMER_ENTRY,
+            "vae": vae_entry,
+        }
+        (root / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return root
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "OneDiffusionPipeline":
+        """Move every component to `device`; `dtype` casts the transformer only."""
+        if dtype is not None:
+            self.transformer.to(dtype=dtype)
+        if device is not None:
+            self.transformer.to(device)
+            self.image_tokenizer.to(device)
+            self.text_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    # ------------------------------------------------------------------ inference
+
+    def default_size(self, task: Task, first_image: torch.Tensor | None) -> tuple[int, int]:
+        """(height, width) when the caller gives none.
+
+        Text-only image generation: the transformer's `input_size` in latent pixels × the tokenizer factor (the
+        release: 96 × 8 = 768). Otherwise the aspect bucket of the first image (square without one) with the area
+        of 64 × 64 latent pixels (512² at f = 8, as the release's ASPECT_RATIO_512 buckets), sides on a 4-latent-
+        pixel grid (32 px at f = 8), aspect ratio clamped to [0.25, 4]. Multiview is square (as the release)."""
+        f = self.image_tokenizer.downsample_factor
+        if first_image is None and task.view_layout != "camera_pairs":
+            size = self.transformer.config.input_size
+            return int(size[-2]) * f, int(size[-1]) * f
+        ratio = 1.0
+        if first_image is not None and task.view_layout != "camera_pairs":
+            ratio = min(max(first_image.shape[-2] / first_image.shape[-1], BUCKET_RATIO_RANGE[0]),
+                        BUCKET_RATIO_RANGE[1])
+        grid = BUCKET_GRID_LATENT
+        area = DEFAULT_LATENT_SIDE**2
+        rows = max(grid, round(math.sqrt(area * ratio) / grid) * grid)
+        cols = max(grid, round(math.sqrt(area / ratio) / grid) * grid)
+        return rows * f, cols * f
+
+    def size_multiple(self) -> int:
+        """H and W must be multiples of this: tokenizer factor × transformer patch (16 px for the release)."""
+        return self.image_tokenizer.downsample_factor * int(self.transformer.config.patch_size[-1])
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states, mask = self.text_encoder.encode(prompts)
+        return states.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        task: str,
+        prompt: str | list[str] = "",
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        direction: str | None = None,
+        denoise_mask: Sequence[int] | None = None,
+        cameras: Sequence[Sequence[float]] | torch.Tensor | np.ndarray | None = None,
+        negative_prompt: str | list[str] = "",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        prompt_kwargs: dict | None = None,
+        focal_length: float = camera_utils.RELEASE_FOCAL,
+        estimate_focal: bool = False,
+    ) -> OneDiffusionOutput:
+        """Run `task` (a name from model.tasks, e.g. "text2image", "depth2image", "multiview").
+
+        prompt: caption(s); the task token (and task syntax, via `prompt_kwargs` for Task.build_prompt) is added
+            unless the prompt already starts with a task token. A list runs a batch (condition views are shared).
+        images: the condition images, in frame order of the condition views that are pictures (e.g. the depth map
+            for depth2image "generate", the RGB image for "estimate", the references for faceid, the known images of
+            a multiview sequence). PIL images, (H, W[, 3|4]) uint8 arrays or float arrays in [0, 1], or (3, H, W)
+            tensors in [-1, 1]. Each is center-crop-resized to (height, width).
+        direction: one of the task's directions (default: its first, "generate" / "novel_view_synthesis");
+            denoise_mask: an explicit 0/1 per frame (1 = generated) instead, e.g. [0, 1] for estimation.
+        cameras: multiview cameras, one per camera in order: (azimuth°, elevation°[, distance]) tuples on the
+            release's z-up sphere, or (V, 4, 4) OpenGL camera-to-world matrices (the release's `multiview_c2ws`);
+            made relative to camera 0. Needed when ray frames are conditions; pose estimation needs none.
+        negative_prompt: the unconditional text of CFG (default "", as the release); CFG runs when
+            guidance_scale > 1.
+        height, width: output size, multiples of `size_multiple()`; defaults per `default_size`.
+        generator / seed / latents: see the module docstring. latents: (B, T, 16, h, w) or (T, 16, h, w).
+        output_type: "pil", "np" or "latent" (no decoding).
+        focal_length / estimate_focal: intrinsics of the ray frames; estimate_focal fits the focal of recovered
+            cameras instead of assuming `focal_length`.
+        """
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'latent'.")
+        spec = get_task(task)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list; pass a string or at least one prompt.")
+        condition_images = _as_image_list(images)
+
+        target_mask, roles = self._views(spec, direction, denoise_mask, condition_images, cameras)
+        picture_conditions = [i for i, (role, target) in enumerate(zip(roles, target_mask))
+                              if not target and role != RAY_ROLE]
+        if len(condition_images) != len(picture_conditions):
+            raise ValueError(
+                f"task {spec.name} with target mask {[int(t) for t in target_mask]} (roles {list(roles)}) has "
+                f"{len(picture_conditions)} condition image view(s) (frames {picture_conditions}); got "
+                f"{len(condition_images)} image(s)."
+            )
+
+        tensors = [_image_to_tensor(image) for image in condition_images]
+        if height is None or width is None:
+            default_h, default_w = self.default_size(spec, tensors[0] if tensors else None)
+            height, width = height or default_h, width or default_w
+        multiple = self.size_multiple()
+        if height % multiple or width % multiple:
+            raise ValueError(f"height={height}, width={width} must be multiples of {multiple} "
+                             f"(image tokenizer factor {self.image_tokenizer.downsample_factor} × patch 2).")
+        f = self.image_tokenizer.downsample_factor
+        h, w = height // f, width // f
+        batch, num_views = len(prompts), len(target_mask)
+        shape = (batch, num_views, self.image_tokenizer.latent_channels, h, w)
+
+        # randomness: noise generator and, separately, the VAE posterior generator (see module docstring)
+        if generator is None:
+            seed = seed if seed is not None else random.SystemRandom().randrange(2**63)
+            generator = torch.Generator().manual_seed(seed)
+            encode_generator = torch.Generator().manual_seed((seed + 1) % 2**63)
+        else:
+            seed = None
+            encode_generator = generator
+        noise = self._initial_noise(latents, shape, generator)
+
+        # condition views: clean latents (1, T, 16, h, w)
+        condition = torch.zeros(1, *shape[1:], dtype=torch.float32, device=self.device)
+        if tensors:
+            pixels = torch.stack([_center_crop_resize(t, height, width) for t in tensors]).to(self.device)
+            encoded = self.image_tokenizer.encode(pixels, generator=encode_generator).to(self.device)
+            condition[0, picture_conditions] = encoded
+        ray_conditions = [i for i, (role, target) in enumerate(zip(roles, target_mask))
+                          if not target and role == RAY_ROLE]
+        if ray_conditions:
+            if cameras is None:
+                raise ValueError(f"task {spec.name}: ray frames {ray_conditions} are conditions, so pass cameras= "
+                                 "((azimuth, elevation[, distance]) per camera, or (V, 4, 4) OpenGL c2w).")
+            ray_frames = _ray_latents(cameras, num_views // 2, h, w, focal_length).to(self.device)
+            condition[0, ray_conditions] = ray_frames[[i // 2 for i in ray_conditions]]
+
+        # text
+        prompts = [self._full_prompt(spec, p, prompt_kwargs) for p in prompts]
+        states, mask = self.encode_prompts(prompts)
+        do_cfg = guidance_scale > 1.0
+        negative_states = negative_mask = None
+        if do_cfg:
+            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != batch:
+                raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts; give one or one per prompt.")
+            negative_states, negative_mask = self.encode_prompts(negatives)
+
+        num_targets = sum(target_mask)
+        num_tokens = num_targets * tokens_per_view(h, w, self.flow_config.patch_size)
+        sigmas = inference_sigmas(num_inference_steps, self.flow_config,
+                                  num_tokens if self.flow_config.dynamic_shift else None)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=num_inference_steps, disable=not progress, desc=spec.name) as bar:
+            final = sample(
+                self.transformer, text_states=states, text_mask=mask, noise=noise,
+                condition_latents=condition, condition_mask=[not t for t in target_mask],
+                negative_text_states=negative_states, negative_text_mask=negative_mask,
+                guidance_scale=guidance_scale, num_steps=num_inference_steps, cfg=self.flow_config,
+                num_tokens=num_tokens, model_dtype=self.dtype if self.dtype != torch.float32 else None,
+                callback=lambda *_: bar.update(1),
+            )
+
+        result = OneDiffusionOutput(images=[], image_views=[], depth=None, cameras=None, latents=final,
+                                    noise=noise, seed=seed, sigmas=sigmas, prompts=prompts,
+                                    target_mask=target_mask, task=spec.name)
+        if output_type != "latent":
+            self._decode_targets(result, roles, output_type)
+        self._estimate_cameras(result, roles, focal_length, estimate_focal)
+        return result
+
+    # ------------------------------------------------------------------ helpers of __call__
+
+    def _views(self, spec: Task, direction, denoise_mask, condition_images, cameras):
+        """(target mask, view roles) in frame order."""
+        if denoise_mask is not None:
+            if direction is not None:
+                raise ValueError("pass either direction= or denoise_mask=, not both.")
+            target_mask = tuple(bool(int(b)) for b in denoise_mask)
+            return target_mask, spec.view_roles_for(len(target_mask))
+        direction = direction or next(iter(spec.directions))
+        if spec.view_layout == "fixed":
+            num_views = spec.num_views
+        elif spec.view_layout == "references":
+            num_views = 1 + len(condition_images)  # frame 0 is the target, every image a reference
+        else:
+            num_cameras = None if cameras is None else len(cameras)
+            if num_cameras is None:
+                if direction != "pose_estimation":
+                    raise ValueError(f"task {spec.name} direction {direction!r} needs cameras= to know the number "
+                                     "of cameras (and their ray frames).")
+                num_cameras = len(condition_images)
+            num_views = 2 * num_cameras
+        return spec.target_mask(direction, num_views), spec.view_roles_for(num_views)
+
+    @staticmethod
+    def _full_prompt(spec: Task, prompt: str, prompt_kwargs: dict | None) -> str:
+        task_in_prompt, _ = parse_prompt(prompt)
+        if task_in_prompt is not None:
+            if task_in_prompt.name != spec.name:
+                raise ValueError(f"prompt carries the token {task_in_prompt.token} but task={spec.name!r}.")
+            return prompt
+        return spec.build_prompt(prompt, **(prompt_kwargs or {}))
+
+    @staticmethod
+    def _initial_noise(latents, shape, generator) -> torch.Tensor:
+        if latents is None:
+            # drawn on the CPU (generator's device) as model.flow does, so runs match across devices
+            return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        noise = torch.as_tensor(latents, dtype=torch.float32).cpu()
+        if noise.ndim == 4:
+            noise = noise[None].expand(shape[0], *noise.shape)
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {tuple(shape)} "
+                             "(batch, views, 16, height/f, width/f).")
+        return noise.clone()
+
+    def _decode_targets(self, result: OneDiffusionOutput, roles, output_type: str) -> None:
+        views = [i for i, (role, target) in enumerate(zip(roles, result.target_mask)) if target and role != RAY_ROLE]
+        if not views:
+            return
+        batch = result.latents.shape[0]
+        flat = result.latents[:, views].flatten(0, 1).to(self.device)  # (B * V, 16, h, w)
+        pixels = ((self.image_tokenizer.decode(flat).float() / 2 + 0.5).clamp(0, 1)).cpu()  # (B * V, 3, H, W)
+        arrays = pixels.permute(0, 2, 3, 1).numpy()
+        result.image_views = views * batch
+        if output_type == "pil":
+            from PIL import Image
+
+            result.images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
+        else:
+            result.images = list(arrays)
+        depth_views = [k for k, i in enumerate(views) if roles[i] == DEPTH_ROLE]
+        if depth_views:
+            per_sample = arrays.reshape(batch, len(views), *arrays.shape[1:])
+            result.depth = [per_sample[b, depth_views[0]].mean(axis=-1).astype(np.float32) for b in range(batch)]
+
+    def _estimate_cameras(self, result: OneDiffusionOutput, roles, focal_length: float, estimate_focal: bool) -> None:
+        ray_views = [i for i, (role, target) in enumerate(zip(roles, result.target_mask))
+                     if target and role == RAY_ROLE]
+        if not ray_views:
+            return
+        estimates = []
+        for latents in result.latents[:, ray_views].double().cpu():
+            rays = camera_utils.latent_to_rays(latents)  # (V, h, w, 6)
+            found = camera_utils.cameras_from_rays(rays, focal=None if estimate_focal else focal_length)
+            c2w = found.c2w.numpy()
+            estimates.append(EstimatedCameras(camera_indices=[i // 2 for i in ray_views], c2w=c2w,
+                                              rotation=c2w[:, :3, :3].copy(), centre=c2w[:, :3, 3].copy(),
+                                              focal=found.focal.numpy()))
+        result.cameras = estimates
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+_EXPECTED_CONTENT = {
+    "transformer": "config.json + diffusion_pytorch_model*.safetensors of a NextDiT",
+    "vae": "config.json (+ safetensors) of a 16-channel diffusers AutoencoderKL, or a PixelTokenizer config.json",
+    "text_encoder": "config.json + safetensors of a transformers T5EncoderModel",
+    "tokenizer": "a T5 tokenizer (spiece.model and/or tokenizer.json + tokenizer_config.json)",
+    "scheduler": f"{SCHEDULER_CONFIG_NAME} of a diffusers FlowMatchEulerDiscreteScheduler",
+}
+
+
+def _resolve_root(path_or_hub_id: str | Path, **hub_kwargs) -> Path:
+    path = Path(path_or_hub_id)
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; expected a pipeline folder (model_index.json + subfolders).")
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)):
+        raise FileNotFoundError(f"{path_or_hub_id} is neither a local folder nor a hub repo id 'owner/name'.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_hub_id), **hub_kwargs))
+
+
+def _load_vae_component(root: Path, entry) -> ImageTokenizer:
+    library, class_name = (list(entry) + [None, None])[:2]
+    if class_name == "PixelTokenizer":
+        return PixelTokenizer.from_pretrained(root / "vae")
+    if class_name not in ("AutoencoderKL", None):
+        raise ValueError(f"{root / MODEL_INDEX_NAME}: vae entry {entry!r} is not supported; onegen reads "
+                         f"{COMPONENT_ENTRIES['vae']} or {COMPONENT_ENTRIES['pixel_vae']}.")
+    return VAETokenizer.from_pretrained(root, subfolder="vae")
+
+
+def scheduler_config_from_flow(cfg: FlowConfig) -> dict:
+    """diffusers FlowMatchEulerDiscreteScheduler config holding the sampler settings of `cfg`."""
+    return {
+        "_class_name": COMPONENT_ENTRIES["scheduler"][1],
+        "_diffusers_version": _diffusers_version(),
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "shift": cfg.shift,
+        "use_dynamic_shifting": cfg.dynamic_shift,
+        "base_shift": cfg.base_shift,
+        "max_shift": cfg.max_shift,
+        "base_image_seq_len": cfg.base_seq_len,
+        "max_image_seq_len": cfg.max_seq_len,
+    }
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image and camera inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _as_image_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def _image_to_tensor(image: ImageInput) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1]. PIL / numpy (uint8 0..255 or float 0..1, RGBA composited on white, grayscale
+    repeated); tensors are taken as (3, H, W) or (1, 3, H, W) in [-1, 1] (the image tokenizer's convention)."""
+    if isinstance(image, torch.Tensor):
+        tensor = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
+        if tensor.ndim != 3 or tensor.shape[0] != 3:
+            raise ValueError(f"image tensors must be (3, H, W) in [-1, 1]; got shape {tuple(image.shape)}.")
+        return tensor.detach().float().cpu()
+    if not isinstance(image, np.ndarray):
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"images must be PIL images, numpy arrays or tensors; got {type(image).__name__}.")
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}.")
+    values = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    if values.shape[-1] == 4:
+        alpha = values[..., 3:]
+        values = values[..., :3] * alpha + (1 - alpha)
+    if values.shape[-1] == 1:
+        values = np.repeat(values, 3, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(values)).permute(2, 0, 1) * 2 - 1
+
+
+def _center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize (3, H, W) so it covers height × width with its aspect ratio kept, then crop the centre."""
+    in_h, in_w = image.shape[-2:]
+    if (in_h, in_w) == (height, width):
+        return image
+    scale = max(height / in_h, width / in_w)
+    new_h, new_w = max(height, round(in_h * scale)), max(width, round(in_w * scale))
+    resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", antialias=True,
+                            align_corners=False)[0].clamp(-1, 1)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[:, top:top + height, left:left + width]
+
+
+def _ray_latents(cameras, num_cameras: int, h: int, w: int, focal: float) -> torch.Tensor:
+    """(V, 16, h, w) ray frames of the cameras, relative to camera 0 (model.cameras conventions)."""
+    if len(cameras) != num_cameras:
+        raise ValueError(f"{len(cameras)} cameras for a sequence of {num_cameras} cameras.")
+    if isinstance(cameras, (torch.Tensor, np.ndarray)) and tuple(np.shape(cameras))[-2:] == (4, 4):
+        c2w_gl = torch.as_tensor(np.asarray(cameras), dtype=torch.float64)
+        c2w = camera_utils.relative_to_first(camera_utils.opengl_to_opencv(c2w_gl))
+        rays = camera_utils.plucker_rays(c2w, h, w, focal)
+        return camera_utils.rays_to_latent(rays).float()
+    params = [tuple(float(v) for v in camera) for camera in cameras]
+    if any(len(p) not in (2, 3) for p in params):
+        raise ValueError("cameras must be (azimuth°, elevation°[, distance]) per camera or (V, 4, 4) OpenGL c2w.")
+    azimuths = [p[0] for p in params]
+    elevations = [p[1] for p in params]
+    distances = [p[2] if len(p) == 3 else camera_utils.RELEASE_DISTANCE for p in params]
+    return camera_utils.ray_latents_from_spherical(azimuths, elevations, distances, height=h, width=w, focal=focal)
+
+
+__all__ = [
+    "OneDiffusionPipeline",
+    "OneDiffusionOutput",
+    "EstimatedCameras",
+    "RELEASE_SCHEDULER_CONFIG",
+    "RELEASE_TRANSFORMER_ENTRY",
+    "scheduler_config_from_flow",
+]

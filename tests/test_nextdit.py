@@ -1,0 +1,523 @@
+"""The OneDiffusion denoiser (model/nextdit.py): numerics, conventions, presets, save/load (spec §1, §10)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.attention import softcap_self_attention, tiled_cross_attention
+from model.nextdit import PRESETS, NextDiT, reference_forward
+from model.rope import apply_rope, rope_cos_sin, rope_frequencies, token_positions
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+RELEASE_CONFIG_FIELDS = {
+    "hidden_size", "depth", "num_heads", "num_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+    "caption_channels", "qk_norm", "patch_size", "in_channels", "rotary_max_length", "rotary_max_length_t",
+    "input_size", "pred_sigma", "norm_type", "model_max_length",
+}  # fmt: skip
+RELEASE_ONLY_METADATA = {
+    "decay": 0.9999, "inv_gamma": 1.0, "power": 2 / 3, "min_decay": 0.0, "optimization_step": 8000,
+    "use_ema_warmup": False, "update_after_step": 0, "forward_dtype": "bfloat16", "param_dtype": "float32",
+    "remat_attention": "", "remat_block": "", "remat_mlp": "",
+}  # fmt: skip
+TEXT_DIM = 16
+
+
+def tiny_model(num_heads=4, num_kv_heads=2, depth=2, hidden_size=96, seed=0, randomize=True, **overrides):
+    """A tiny NextDiT whose zero-initialised parameters are made random, so every path affects the output."""
+    torch.manual_seed(seed)
+    config = dict(
+        PRESETS["nextdit-tiny"],
+        hidden_size=hidden_size,
+        depth=depth,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        caption_channels=TEXT_DIM,
+    )
+    model = NextDiT(**{**config, **overrides}).eval()
+    if randomize:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def inputs(batch=2, views=2, h=5, w=7, text_len=6, seed=1, pad_text=True):
+    g = torch.Generator().manual_seed(seed)
+    samples = torch.randn(batch, views, 16, h, w, generator=g)
+    text = torch.randn(batch, text_len, TEXT_DIM, generator=g)
+    mask = torch.ones(batch, text_len, dtype=torch.long)
+    if pad_text:
+        mask[-1, text_len // 2 :] = 0
+    return samples, text, mask
+
+
+def timesteps_of_kind(kind, batch, views, h, w, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    per_view = torch.rand(batch, views, generator=g) * 1000
+    if kind == "per_sample":
+        return per_view[:, 0]
+    if kind == "per_view":
+        return per_view
+    if kind == "per_view_elementwise":
+        return per_view[:, :, None, None, None].expand(batch, views, 16, h, w).contiguous()
+    if kind == "per_element":
+        return torch.rand(batch, views, 16, h, w, generator=g) * 1000
+    raise ValueError(kind)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def official_state_dict_file() -> Path:
+    repo_root = Path(__file__).resolve().parents[1]
+    for folder in [repo_root, *repo_root.parents]:
+        candidate = folder / "shared" / "docs" / "official_state_dict_2.8b.txt"
+        if candidate.is_file():
+            return candidate
+    pytest.skip("shared/docs/official_state_dict_2.8b.txt is not available next to the repository")
+
+
+def official_names_and_shapes(depth: int) -> dict[str, tuple[int, ...]]:
+    entries = {}
+    for line in official_state_dict_file().read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, shape = line.split("\t")
+            entries[name] = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
+    expanded = {}
+    for name, shape in entries.items():
+        if name.startswith("layers.0."):
+            for i in range(depth):
+                expanded[name.replace("layers.0.", f"layers.{i}.", 1)] = shape
+        else:
+            expanded[name] = shape
+    return expanded
+
+
+# ---------------------------------------------------------------------------------------------- fast path = reference
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=lambda k: f"kv{k}")
+@pytest.mark.parametrize("views", [1, 2, 3, 4])
+def test_fast_paths_match_float64_reference_across_gqa_and_views(num_kv_heads, views):
+    model = tiny_model(num_kv_heads=num_kv_heads)
+    samples, text, mask = inputs(views=views, h=5, w=7)  # odd latent size, padded text
+    for kind in ("per_sample", "per_view_elementwise"):
+        t = timesteps_of_kind(kind, 2, views, 5, 7)
+        ref = reference_forward(model, samples, t, text, mask)
+        for impl in ("math", "flex"):
+            model.attn_impl = impl
+            with torch.no_grad():
+                out = model(samples, t, text, mask)
+            assert out.shape == (2, views, 16, 5, 7) and out.dtype == torch.float32
+            assert rel_err(out, ref) <= 1e-4, (kind, impl)
+
+
+@pytest.mark.parametrize("kind", ["per_sample", "per_view", "per_view_elementwise", "per_element"])
+@pytest.mark.parametrize("h, w", [(4, 6), (5, 7), (1, 3)])
+def test_timestep_forms_and_latent_sizes_match_reference(kind, h, w):
+    model = tiny_model()
+    samples, text, mask = inputs(views=3, h=h, w=w)
+    t = timesteps_of_kind(kind, 2, 3, h, w)
+    with torch.no_grad():
+        out = model(samples, t, text, mask)
+    assert out.shape == (2, 3, 16, h, w)
+    assert rel_err(out, reference_forward(model, samples, t, text, mask)) <= 1e-4
+
+
+def test_adaln_is_computed_once_per_view_unless_time_varies_inside_a_view():
+    model = tiny_model()
+    samples, text, mask = inputs(views=3, h=4, w=6)  # 2 x 3 = 6 tokens per view
+    seen = []
+    model.layers[0].adaLN_modulation.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        per_view = model(samples, timesteps_of_kind("per_view_elementwise", 2, 3, 4, 6), text, mask)
+        per_view_again = model(samples, timesteps_of_kind("per_view", 2, 3, 4, 6), text, mask)
+        model(samples, timesteps_of_kind("per_element", 2, 3, 4, 6), text, mask)
+    assert seen == [3, 3, 18]  # views, views, tokens
+    assert torch.equal(per_view, per_view_again)
+
+
+def test_four_dim_input_is_one_view_and_returns_five_dims():
+    model = tiny_model()
+    samples, text, mask = inputs(views=1, h=4, w=4)
+    t = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        out4 = model(samples[:, 0], t, text, mask)
+        out5 = model(samples, t, text, mask)
+    assert out4.shape == (2, 1, 16, 4, 4)
+    assert torch.equal(out4, out5)
+
+
+def test_text_without_valid_tokens_gives_finite_output_equal_to_reference():
+    model = tiny_model()
+    samples, text, mask = inputs(views=2, h=4, w=4)
+    mask[0] = 0  # sample 0 has no valid text token
+    t = torch.tensor([500.0, 20.0])
+    with torch.no_grad():
+        out = model(samples, t, text, mask)
+        bool_mask_out = model(samples, t, text, mask.bool())
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, bool_mask_out)
+    assert rel_err(out, reference_forward(model, samples, t, text, mask)) <= 1e-4
+
+
+def test_padded_text_tokens_do_not_influence_the_output():
+    model = tiny_model()
+    samples, text, mask = inputs(views=2, h=4, w=4)
+    changed = text.clone()
+    changed[mask == 0] = 100.0
+    t = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(samples, t, text, mask), model(samples, t, changed, mask))
+
+
+# ---------------------------------------------------------------------------------------------- softcap
+
+
+def test_softcap_is_active_in_both_paths_when_logits_are_large():
+    model = tiny_model()
+    with torch.no_grad():  # QK-norm normalises away a scaled wq/wk, so scale the norms' gains: logits x 64
+        for block in model.layers:
+            block.attention.q_norm.weight.mul_(8.0)
+            block.attention.k_norm.weight.mul_(8.0)
+    samples, text, mask = inputs(views=2, h=4, w=6)
+    t = torch.tensor([100.0, 800.0])
+    capped_ref = reference_forward(model, samples, t, text, mask, softcap=30.0)
+    uncapped_ref = reference_forward(model, samples, t, text, mask, softcap=None)
+    assert rel_err(uncapped_ref.float(), capped_ref) > 0.05  # the cap changes this model's output clearly
+    for impl in ("math", "flex"):
+        model.attn_impl = impl
+        with torch.no_grad():
+            out = model(samples, t, text, mask)
+            model.attn_softcap = None
+            out_uncapped = model(samples, t, text, mask)
+            model.attn_softcap = 30.0
+        assert rel_err(out, capped_ref) <= 1e-4, impl
+        assert rel_err(out_uncapped, uncapped_ref) <= 1e-4, impl
+
+
+def test_softcap_is_applied_in_bfloat16_too():
+    model = tiny_model()
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.q_norm.weight.mul_(8.0)
+            block.attention.k_norm.weight.mul_(8.0)
+    samples, text, mask = inputs(views=2, h=4, w=6)
+    t = torch.tensor([100.0, 800.0])
+    capped_ref = reference_forward(model, samples, t, text, mask, softcap=30.0)
+    uncapped_ref = reference_forward(model, samples, t, text, mask, softcap=None)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(samples.bfloat16(), t, text.bfloat16(), mask)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, capped_ref) < 0.5 * rel_err(out, uncapped_ref)
+
+
+def test_bfloat16_autocast_stays_close_to_float32():
+    model = tiny_model()
+    samples, text, mask = inputs(views=2, h=4, w=6)
+    t = torch.tensor([100.0, 800.0])
+    with torch.no_grad():
+        expected = model(samples, t, text, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(samples, t, text, mask)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, expected.double()) < 5e-2
+
+
+def test_softcap_math_path_caps_logits_at_30():
+    q = torch.randn(1, 2, 5, 6) * 20
+    k = torch.randn(1, 1, 5, 6) * 20
+    v = torch.randn(1, 1, 5, 6)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    logits = q @ kr.transpose(-1, -2) / math.sqrt(6)
+    assert logits.abs().max() > 60
+    expected = (30 * torch.tanh(logits / 30)).softmax(-1) @ vr
+    torch.testing.assert_close(softcap_self_attention(q, k, v, attn_impl="math"), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(softcap_self_attention(q, k, v, attn_impl="flex"), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- head conventions
+
+
+def loop_attention_reference(attn, x, text, text_mask, self_kv_head, text_kv_head):
+    """One SelfCrossAttention module written as per-head loops, with the KV head of each query head given."""
+    B, N, _ = x.shape
+    H, Hkv, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = attn.q_norm(attn.wq(x)).view(B, N, H, Dh)
+    k = attn.k_norm(attn.wk(x)).view(B, N, Hkv, Dh)
+    v = attn.wv(x).view(B, N, Hkv, Dh)
+    ky = attn.ky_norm(attn.wk_y(text)).view(B, -1, Hkv, Dh)
+    vy = attn.wv_y(text).view(B, -1, Hkv, Dh)
+    heads = []
+    for i in range(H):
+        s = q[:, :, i] @ k[:, :, self_kv_head(i)].transpose(1, 2) / math.sqrt(Dh)
+        out = (30 * torch.tanh(s / 30)).softmax(-1) @ v[:, :, self_kv_head(i)]
+        sy = q[:, :, i] @ ky[:, :, text_kv_head(i)].transpose(1, 2) / math.sqrt(Dh)
+        sy = sy.masked_fill(~text_mask[:, None, :], float("-inf"))
+        out_y = sy.softmax(-1) @ vy[:, :, text_kv_head(i)]
+        heads.append(out + torch.tanh(attn.gate[i]) * out_y)
+    return attn.wo(torch.cat(heads, dim=-1))
+
+
+def test_self_attention_interleaves_kv_heads_and_text_attention_tiles_them():
+    model = tiny_model(num_heads=4, num_kv_heads=2)
+    attn = model.layers[0].attention
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 10, 96, generator=g)
+    text = torch.randn(2, 5, TEXT_DIM, generator=g)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    no_rotation = torch.ones(10, 12), torch.zeros(10, 12)  # isolate the head conventions from RoPE
+    interleave, tile = (lambda i: i // 2), (lambda i: i % 2)
+    with torch.no_grad():
+        out = attn(x, *no_rotation, text, text_mask, 30.0, "math")
+        right = loop_attention_reference(attn, x, text, text_mask, interleave, tile)
+        swapped_self = loop_attention_reference(attn, x, text, text_mask, tile, tile)
+        swapped_text = loop_attention_reference(attn, x, text, text_mask, interleave, interleave)
+    torch.testing.assert_close(out, right, rtol=1e-5, atol=1e-5)
+    assert rel_err(swapped_self, right.double()) > 1e-2
+    assert rel_err(swapped_text, right.double()) > 1e-2
+
+
+def test_cross_attention_head_i_reads_text_head_i_mod_kv_heads():
+    q = torch.randn(1, 4, 3, 6)
+    k = torch.randn(1, 2, 5, 6)
+    v = torch.randn(1, 2, 5, 6)
+    out = tiled_cross_attention(q, k, v, torch.ones(1, 5, dtype=torch.bool))
+    for i in range(4):
+        expected = torch.softmax(q[:, i] @ k[:, i % 2].transpose(-1, -2) / math.sqrt(6), -1) @ v[:, i % 2]
+        torch.testing.assert_close(out[:, i], expected)
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+
+
+def test_rope_rotates_view_row_and_column_pairs_by_their_positions():
+    # head_dim 6: three complex pairs, one per axis, each with frequency theta**0 = 1.
+    positions = torch.tensor([[0, 0, 0], [1, 2, 3], [5, 0, 7]])
+    cos, sin = rope_cos_sin(positions, head_dim=6)
+    x = torch.arange(1.0, 7.0).expand(1, 3, 1, 6).contiguous()  # pairs (1, 2), (3, 4), (5, 6)
+    out = apply_rope(x, cos, sin)[0, :, 0]
+    for n, (view, row, col) in enumerate(positions.tolist()):
+        for pair, angle in enumerate((view, row, col)):
+            a, b = x[0, n, 0, 2 * pair], x[0, n, 0, 2 * pair + 1]
+            cos_a, sin_a = math.cos(angle), math.sin(angle)
+            expected = torch.stack([a * cos_a - b * sin_a, a * sin_a + b * cos_a])
+            torch.testing.assert_close(out[n, 2 * pair : 2 * pair + 2], expected)
+
+
+def test_rope_uses_theta_10000_and_20_frequencies_per_axis_for_the_release_head():
+    freqs = rope_frequencies(120)
+    assert freqs.shape == (20,)
+    torch.testing.assert_close(freqs, 10000.0 ** (-torch.arange(20, dtype=torch.float64) / 20))
+    assert token_positions(2, 2, 3)[7].tolist() == [1, 0, 1]  # view-major, then row, then column
+
+
+def test_rope_extrapolation_switch_follows_the_release():
+    from model.nextdit import _rope_scaling
+
+    assert _rope_scaling(torch.tensor([500.0]), 1.0, 1.0) == (10000.0, 1.0)  # off
+    assert _rope_scaling(torch.tensor([500.0]), 2.0, 1.0) == (20000.0, 1.0)  # NTK: theta * s
+    assert _rope_scaling(torch.tensor([0.5]), 2.0, 1.0) == (10000.0, 2.0)  # interpolation: omega / s
+
+
+def test_rope_range_is_checked():
+    model = tiny_model(rotary_max_length=4)
+    samples, text, mask = inputs(views=1, h=10, w=4)  # 5 patch rows > 4
+    with pytest.raises(ValueError, match="rotary_max_length"):
+        model(samples, torch.tensor([1.0, 2.0]), text, mask)
+
+
+# ---------------------------------------------------------------------------------------------- presets and names
+
+
+def test_release_preset_has_the_official_parameter_count_names_and_shapes():
+    expected = official_names_and_shapes(depth=16)
+    with torch.device("meta"):
+        model = NextDiT.from_preset("onediffusion-2.8b")
+    assert sum(p.numel() for p in model.parameters()) == 2_800_389_184
+    assert {name: tuple(t.shape) for name, t in model.state_dict().items()} == expected
+    official = {name: torch.empty(shape, device="meta") for name, shape in expected.items()}
+    model.load_state_dict(official, strict=True, assign=True)
+
+
+def test_any_config_uses_the_official_parameter_names():
+    model = NextDiT.from_preset("nextdit-tiny", num_kv_heads=1, depth=3)
+    assert set(model.state_dict()) == set(official_names_and_shapes(depth=3))
+    cond_width = min(96, 1024)
+    assert model.t_embedder.mlp[2].weight.shape == (cond_width, cond_width)
+    assert model.layers[0].adaLN_modulation[1].weight.shape == (4 * 96, cond_width)
+
+
+def test_small_presets_build_and_run():
+    for name in ("nextdit-tiny", "nextdit-small"):
+        model = NextDiT.from_preset(name)
+        text_dim = PRESETS[name]["caption_channels"]
+        with torch.no_grad():
+            out = model(torch.randn(1, 2, 16, 8, 8), torch.tensor([500.0]), torch.randn(1, 4, text_dim))
+        assert out.shape == (1, 2, 16, 8, 8)
+    with pytest.raises(ValueError, match="unknown NextDiT preset"):
+        NextDiT.from_preset("nextdit-huge")
+
+
+def test_invalid_configs_and_inputs_are_rejected_with_the_reason():
+    with pytest.raises(ValueError, match="divisible by 6"):
+        NextDiT.from_preset("nextdit-tiny", hidden_size=64, num_heads=4)
+    model = tiny_model()
+    samples, text, mask = inputs()
+    with pytest.raises(ValueError, match="in_channels=16"):
+        model(samples[:, :, :4], torch.tensor([1.0, 2.0]), text, mask)
+    with pytest.raises(ValueError, match="caption_channels"):
+        model(samples, torch.tensor([1.0, 2.0]), text[..., :4], mask)
+    with pytest.raises(ValueError, match="timesteps"):
+        model(samples, torch.ones(2, 3, 4), text, mask)
+
+
+# ---------------------------------------------------------------------------------------------- init and gradients
+
+
+def test_initialisation_follows_lumina_and_every_parameter_gets_a_gradient():
+    model = NextDiT.from_preset("nextdit-tiny", caption_channels=TEXT_DIM)
+    assert not model.final_layer.linear.weight.any() and not model.layers[0].adaLN_modulation[1].weight.any()
+    assert not model.layers[0].attention.gate.any()
+    samples, text, mask = inputs(views=2, h=4, w=4)
+    t = torch.tensor([200.0, 900.0])
+    with torch.no_grad():
+        assert not model(samples, t, text, mask).any()  # each block starts as the identity, the head predicts 0
+    model.train()
+    target = torch.randn_like(samples)
+    (model(samples, t, text, mask) - target).square().mean().backward()
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0  # the head learns first, then gates open
+    randomized = tiny_model()
+    randomized.train()
+    assert randomized.attn_impl == "auto"  # math on CPU: FlexAttention has no CPU backward
+    loss = randomized(samples, t, text, mask).square().mean()
+    loss.backward()
+    for name, param in randomized.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    samples, text, mask = inputs(views=2, h=4, w=4)
+    t = torch.tensor([200.0, 900.0])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model(samples, t, text, mask).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def assert_same_parameters(a: NextDiT, b: NextDiT):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+def test_save_pretrained_then_from_pretrained_is_bit_exact(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "single")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size=50_000)
+    assert (tmp_path / "single" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    samples, text, mask = inputs()
+    t = torch.tensor([10.0, 990.0])
+    with torch.no_grad():
+        expected = model(samples, t, text, mask)
+    for folder in ("single", "sharded"):
+        loaded = NextDiT.from_pretrained(tmp_path / folder).eval()
+        assert_same_parameters(model, loaded)
+        assert all(p.requires_grad for p in loaded.parameters())
+        with torch.no_grad():
+            assert torch.equal(loaded(samples, t, text, mask), expected)
+
+
+def test_config_json_uses_the_release_field_names(tmp_path):
+    model = NextDiT.from_preset("nextdit-tiny")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "NextDiT"
+    assert RELEASE_CONFIG_FIELDS <= set(config)
+    assert {k: config[k] for k in ("hidden_size", "depth", "num_heads", "num_kv_heads", "patch_size")} == {
+        "hidden_size": 96, "depth": 2, "num_heads": 4, "num_kv_heads": 2, "patch_size": [1, 2, 2],
+    }  # fmt: skip
+    assert "attn_impl" not in config
+
+
+def test_release_config_with_ema_and_jax_fields_loads_without_warnings(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(RELEASE_ONLY_METADATA, _class_name="NextDiT", _diffusers_version="0.31.0", input_size=[1, 96, 96])
+    config["pred_sigma"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = NextDiT.from_pretrained(tmp_path)
+        NextDiT(**{k: v for k, v in config.items() if not k.startswith("_")})  # the constructor accepts them too
+    assert_same_parameters(model, loaded)
+    with pytest.warns(UserWarning, match="hiden_size"):
+        NextDiT.from_preset("nextdit-tiny", hiden_size=3)
+
+
+def test_bfloat16_weights_load_in_the_requested_dtype(tmp_path):
+    model = tiny_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert load_file(tmp_path / "diffusion_pytorch_model.safetensors")["x_embedder.weight"].dtype == torch.bfloat16
+    as_bf16 = NextDiT.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert_same_parameters(model, as_bf16)
+    as_fp32 = NextDiT.from_pretrained(tmp_path)
+    assert as_fp32.dtype == torch.float32
+    assert torch.equal(as_fp32.x_embedder.weight, model.x_embedder.weight.float())
+
+
+def test_weights_with_a_missing_or_extra_key_are_refused_by_name(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ok")
+    state = load_file(tmp_path / "ok" / "diffusion_pytorch_model.safetensors")
+
+    missing = tmp_path / "missing"
+    shutil.copytree(tmp_path / "ok", missing)
+    save_file({k: v for k, v in state.items() if k != "layers.1.attention.wk_y.weight"},
+              missing / "diffusion_pytorch_model.safetensors")  # fmt: skip
+    with pytest.raises(ValueError, match=r"missing keys \['layers\.1\.attention\.wk_y\.weight'\]") as error:
+        NextDiT.from_pretrained(missing)
+    assert str(missing) in str(error.value)
+
+    extra = tmp_path / "extra"
+    shutil.copytree(tmp_path / "ok", extra)
+    save_file({**state, "layers.0.attention.conv.weight": torch.zeros(2)},
+              extra / "diffusion_pytorch_model.safetensors")  # fmt: skip
+    with pytest.raises(ValueError, match="unexpected keys.*conv.weight"):
+        NextDiT.from_pretrained(extra)
+
+
+def test_from_pretrained_reads_a_subfolder_and_refuses_pickles(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "release" / "transformer")
+    assert isinstance(NextDiT.from_pretrained(tmp_path / "release", subfolder="transformer"), NextDiT)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tmp_path / "release" / "transformer" / "config.json", pickled)
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(FileNotFoundError, match="never loaded"):
+        NextDiT.from_pretrained(pickled)

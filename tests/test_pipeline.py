@@ -1,0 +1,257 @@
+"""OneDiffusionPipeline: loads the release layout, runs text→image, image→depth and multiview pose estimation,
+is reproducible from a seed or explicit noise, and samples with the scheduler settings of the folder."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import cameras as camera_utils
+from model.flow import dynamic_shift_mu
+from model.nextdit import NextDiT
+from model.pipeline import (
+    RELEASE_TRANSFORMER_ENTRY,
+    EstimatedCameras,
+    OneDiffusionOutput,
+    OneDiffusionPipeline,
+)
+from model.tokenizers import PixelTokenizer, T5TextEncoder, VAETokenizer, build_tiny_t5
+
+# Non-default values, so a test can tell that these (and not the release's) drive the sampler.
+SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 2.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.3,
+    "max_shift": 1.4,
+    "base_image_seq_len": 16,
+    "max_image_seq_len": 256,
+}
+MODEL_INDEX = {
+    "_class_name": "OneDiffusionPipeline",
+    "_diffusers_version": "0.30.3",
+    "transformer": ["onediffusion.models.denoiser.nextdit.modeling_nextdit", "NextDiT"],  # the release's module
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+}
+SIZE = 16  # pixels; the tiny VAE has f = 2, so views are 8x8 latents = 16 tokens
+STEPS = 3
+
+
+def tiny_nextdit() -> NextDiT:
+    """nextdit-tiny with its zero-initialised output layers perturbed, so the velocity is not identically 0."""
+    torch.manual_seed(0)
+    model = NextDiT.from_preset("nextdit-tiny", caption_channels=32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def tiny_autoencoder():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, sample_size=32,
+        scaling_factor=1.5305, shift_factor=0.0609,
+    )
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory):
+    """A complete tiny folder in the release layout."""
+    root = tmp_path_factory.mktemp("onediffusion")
+    tiny_nextdit().save_pretrained(root / "transformer")
+    tiny_autoencoder().save_pretrained(str(root / "vae"))
+    build_tiny_t5(root)
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(release_dir):
+    return OneDiffusionPipeline.from_pretrained(release_dir)
+
+
+def photo(height=20, width=24, seed=0) -> np.ndarray:
+    return (np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8)
+
+
+def run(pipe, task, **kwargs):
+    kwargs = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "progress": False, **kwargs}
+    return pipe(task, **kwargs)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_release_layout_loads_with_onegen_components(pipe):
+    assert isinstance(pipe.transformer, NextDiT)  # although model_index names the release's own module
+    assert isinstance(pipe.image_tokenizer, VAETokenizer) and pipe.image_tokenizer.downsample_factor == 2
+    assert isinstance(pipe.text_encoder, T5TextEncoder) and pipe.text_encoder.hidden_size == 32
+    cfg = pipe.flow_config
+    assert (cfg.shift, cfg.dynamic_shift, cfg.base_shift, cfg.max_shift, cfg.base_seq_len, cfg.max_seq_len) == (
+        2.0, True, 0.3, 1.4, 16, 256)
+
+
+def test_sampler_uses_the_schedule_of_scheduler_config_json(pipe, release_dir):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timesteps"].clone()), with_kwargs=True)
+    try:
+        result = run(pipe, "depth2image", images=[photo()], direction="estimate", seed=0, guidance_scale=1.0)
+    finally:
+        hook.remove()
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(release_dir / "scheduler"))
+    num_tokens = 1 * (SIZE // 2 // 2) ** 2  # one target view of 8x8 latents in 2x2 patches
+    mu = dynamic_shift_mu(num_tokens, 16, 256, 0.3, 1.4)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
+    torch.testing.assert_close(result.sigmas, scheduler.sigmas.float(), rtol=0, atol=1e-6)
+
+    assert len(seen) == STEPS
+    for step, timesteps in enumerate(seen):  # (B, T, 16, h, w): frame 0 = clean image, frame 1 = depth target
+        assert torch.allclose(timesteps[:, 1], scheduler.timesteps[step].float(), atol=1e-3)
+        assert torch.allclose(timesteps[:, 0], scheduler.timesteps[-1].float(), atol=1e-3)  # condition: σ_min
+
+
+def test_missing_component_folder_is_named_in_the_error(release_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(release_dir, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(FileNotFoundError, match=r"text_encoder.*T5EncoderModel"):
+        OneDiffusionPipeline.from_pretrained(broken)
+    (broken / "model_index.json").unlink()
+    shutil.rmtree(broken / "transformer")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        OneDiffusionPipeline.from_pretrained(broken)
+
+
+def test_save_pretrained_writes_a_loadable_release_layout(pipe, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["transformer"] == RELEASE_TRANSFORMER_ENTRY and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert FlowMatchEulerDiscreteScheduler.from_pretrained(str(saved / "scheduler")).config.max_shift == 1.4
+    again = OneDiffusionPipeline.from_pretrained(saved)
+    assert again.flow_config == pipe.flow_config
+    assert torch.equal(run(again, "text2image", prompt="a cat", seed=3).latents,
+                       run(pipe, "text2image", prompt="a cat", seed=3).latents)
+
+
+def test_pixel_tokenizer_pipeline_round_trips_and_a_bare_transformer_folder_loads(pipe, release_dir, tmp_path):
+    pixel = OneDiffusionPipeline(pipe.transformer, PixelTokenizer(), pipe.text_encoder, pipe.flow_config)
+    saved = pixel.save_pretrained(tmp_path / "pixel")
+    assert json.loads((saved / "model_index.json").read_text())["vae"] == ["onegen", "PixelTokenizer"]
+    assert isinstance(OneDiffusionPipeline.from_pretrained(saved).image_tokenizer, PixelTokenizer)
+
+    bare = OneDiffusionPipeline.from_pretrained(release_dir / "transformer", image_tokenizer="pixel",
+                                                text_encoder=release_dir)
+    result = run(bare, "text2image", prompt="a cat", seed=0, output_type="np")
+    assert result.images[0].shape == (SIZE, SIZE, 3)
+    with pytest.raises(ValueError, match="image_tokenizer= and text_encoder="):
+        OneDiffusionPipeline.from_pretrained(release_dir / "transformer")
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def test_text_to_image_returns_one_picture_per_prompt(pipe):
+    result = run(pipe, "text2image", prompt=["a cat", "a dog on the beach"], negative_prompt="blurry", seed=0)
+    assert isinstance(result, OneDiffusionOutput)
+    assert result.prompts == ["[[text2image]] a cat", "[[text2image]] a dog on the beach"]
+    assert len(result.images) == 2 and all(isinstance(image, Image.Image) for image in result.images)
+    assert result.images[0].size == (SIZE, SIZE) and result.image_views == [0, 0]
+    assert result.latents.shape == (2, 1, 16, SIZE // 2, SIZE // 2) and result.latents.dtype == torch.float32
+    assert result.depth is None and result.cameras is None
+    arrays = run(pipe, "text2image", prompt="a cat", seed=0, output_type="np", height=24, width=32).images
+    assert arrays[0].shape == (24, 32, 3) and arrays[0].dtype == np.float32
+    assert 0.0 <= arrays[0].min() and arrays[0].max() <= 1.0
+
+
+def test_same_seed_is_bit_identical_and_explicit_noise_reproduces_a_seeded_run(pipe):
+    first = run(pipe, "text2image", prompt="a cat", seed=11, output_type="np")
+    again = run(pipe, "text2image", prompt="a cat", seed=11, output_type="np")
+    other = run(pipe, "text2image", prompt="a cat", seed=12, output_type="np")
+    assert torch.equal(first.latents, again.latents) and np.array_equal(first.images[0], again.images[0])
+    assert not torch.equal(first.latents, other.latents)
+
+    # the seeded noise is a plain CPU randn of the view sequence; passing the same noise gives the same run
+    noise = torch.randn(1, 1, 16, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(11))
+    explicit = run(pipe, "text2image", prompt="a cat", latents=noise, output_type="np")
+    assert torch.equal(explicit.noise, noise) and torch.equal(explicit.latents, first.latents)
+    generator = run(pipe, "text2image", prompt="a cat", generator=torch.Generator().manual_seed(11))
+    assert torch.equal(generator.latents, first.latents)
+
+    # with a VAE-encoded condition view too
+    depth = run(pipe, "depth2image", images=[photo()], direction="estimate", seed=4)
+    replay = run(pipe, "depth2image", images=[photo()], direction="estimate", seed=4, latents=depth.noise)
+    assert torch.equal(depth.latents, replay.latents)
+
+
+def test_image_to_depth_returns_the_map_and_a_depth_array(pipe):
+    result = run(pipe, "depth2image", images=[Image.fromarray(photo())], direction="estimate", seed=0,
+                 output_type="np")
+    assert result.target_mask == (False, True) and result.prompts == ["[[depth2image]]"]
+    assert result.image_views == [1] and result.images[0].shape == (SIZE, SIZE, 3)
+    assert len(result.depth) == 1 and result.depth[0].shape == (SIZE, SIZE) and result.depth[0].dtype == np.float32
+    np.testing.assert_allclose(result.depth[0], result.images[0].mean(axis=-1), rtol=0, atol=1e-6)
+    same = run(pipe, "depth2image", images=[Image.fromarray(photo())], denoise_mask=[0, 1], seed=0,
+               output_type="np")
+    assert torch.equal(same.latents, result.latents)
+
+
+def test_multiview_pose_estimation_recovers_cameras_from_the_ray_frames(pipe):
+    result = run(pipe, "multiview", images=[photo(seed=1), photo(seed=2)], direction="pose_estimation", seed=0)
+    assert result.target_mask == (False, True, False, True) and result.images == []
+    assert result.latents.shape == (1, 4, 16, SIZE // 2, SIZE // 2)
+    (estimate,) = result.cameras
+    assert isinstance(estimate, EstimatedCameras) and estimate.camera_indices == [0, 1]
+    assert estimate.c2w.shape == (2, 4, 4) and estimate.centre.shape == (2, 3)
+    np.testing.assert_allclose(estimate.rotation @ estimate.rotation.transpose(0, 2, 1), np.eye(3)[None].repeat(2, 0),
+                               atol=1e-9)
+    expected = camera_utils.cameras_from_rays(camera_utils.latent_to_rays(result.latents[0, [1, 3]].double()))
+    np.testing.assert_allclose(estimate.c2w, expected.c2w.numpy(), atol=1e-12)
+
+
+def test_novel_view_synthesis_holds_the_camera_ray_frames_clean(pipe):
+    cameras = [(0.0, 0.0, 1.5), (30.0, 10.0, 1.5)]
+    result = run(pipe, "multiview", images=[photo()], cameras=cameras, seed=0, guidance_scale=1.0)
+    assert result.target_mask == (False, False, True, False) and result.image_views == [2]
+    rays = camera_utils.ray_latents_from_spherical([0, 30], [0, 10], [1.5, 1.5], height=SIZE // 2, width=SIZE // 2)
+    torch.testing.assert_close(result.latents[0, [1, 3]], rays, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cameras="):
+        run(pipe, "multiview", images=[photo()], seed=0)
+
+
+def test_bad_inputs_get_clear_errors(pipe):
+    with pytest.raises(ValueError, match="multiples of 4"):
+        run(pipe, "text2image", prompt="a cat", height=18)
+    with pytest.raises(ValueError, match="1 condition image"):
+        run(pipe, "depth2image", images=[photo(), photo()], direction="generate")
+    with pytest.raises(KeyError, match="unknown task"):
+        run(pipe, "depth2paint")
+    with pytest.raises(ValueError, match="this call needs"):
+        run(pipe, "text2image", latents=torch.zeros(1, 2, 16, 8, 8))
+
+
+def test_bfloat16_transformer_runs_and_returns_float32_latents(release_dir):
+    pipe = OneDiffusionPipeline.from_pretrained(release_dir, torch_dtype=torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16
+    result = run(pipe, "text2image", prompt="a cat", seed=0, num_inference_steps=2)
+    assert result.latents.dtype == torch.float32 and torch.isfinite(result.latents).all()
