@@ -1,0 +1,186 @@
+"""The synthetic One-Gen world as a data source: seeded procedural 3D scenes with exact labels, as `Sample`s.
+
+    for sample in synthetic_samples(seed=0, num_scenes=100, views_per_scene=4, size=128):
+        ...  # sample.image, .depth, .instance, .semantic, .keypoints, .camera, .captions, .entities
+
+`synthetic_samples` is the iterator the build job consumes (it treats the synthetic world as one more source, like
+folders or URL lists); `onegen synth render` (pipelines/sources/synthetic_cli.py) writes the same samples to a folder
+or to WebDataset shards. Scene i of a run with seed s depends only on (s, i) (`SeedSequence([s, i])`), so any range
+of scenes can be rendered independently, by any worker, in any order, with byte-identical results.
+
+Pieces: synthetic_scene (palette, classes, figures, generation), synthetic_camera (spherical cameras, spec §2.3),
+synthetic_geometry (ray–primitive kernels), synthetic_render (images and labels), synthetic_caption (captions and
+prompt fields). Conventions (depth = z-depth with sky = 0, COCO visibility, caption frames) are documented there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipelines.record import Sample
+from pipelines.sources.synthetic_camera import Camera, camera_from_spherical
+from pipelines.sources.synthetic_caption import (
+    assign_class_colours, captions_for_view, prompt_tags, scene_graph_relations, visible_entity_ids,
+)
+from pipelines.sources.synthetic_render import ViewRender, render
+from pipelines.sources.synthetic_scene import (
+    CLASS_ID, CLASSES, COCO_KEYPOINTS, COCO_SKELETON, PALETTE, PALETTE_HEX, Scene, SceneSpec, SyntheticConfig,
+    figure_geometry, generate_scene, sample_camera_params, scene_seed_sequence,
+)
+
+SOURCE = "synthetic"
+GENERATOR_VERSION = "onegen.synthetic/1"
+
+__all__ = [
+    "CLASSES", "COCO_KEYPOINTS", "COCO_SKELETON", "PALETTE", "Camera", "Scene", "SceneSpec", "SyntheticConfig",
+    "ViewRender", "camera_from_spherical", "generate_scene", "render", "sample_key", "scene_cameras",
+    "synthetic_samples", "view_to_sample",
+]
+
+
+def sample_key(seed: int, scene_index: int, view_index: int) -> str:
+    return f"synthetic-{seed}-{scene_index:06d}-v{view_index:02d}"
+
+
+def group_key(seed: int, scene_index: int) -> str:
+    return f"synthetic-{seed}-{scene_index:06d}"
+
+
+def scene_cameras(scene: Scene, rng: np.random.Generator, config: SyntheticConfig) -> list[Camera]:
+    """`config.views_per_scene` cameras around the scene's target (view 0 is the multiview reference)."""
+    return [
+        camera_from_spherical(az, el, dist, scene.spec.target, config.image_size)
+        for az, el, dist in sample_camera_params(rng, config.views_per_scene, config)
+    ]
+
+
+def _entity_records(scene: Scene, view: ViewRender, visible: set[int]) -> list[dict[str, Any]]:
+    spec = scene.spec
+    out: list[dict[str, Any]] = []
+    for obj in spec.objects:
+        centre = obj.centre
+        out.append({
+            "id": obj.id, "class": obj.shape, "colour": obj.colour, "colour_hex": PALETTE_HEX[obj.colour],
+            "size": obj.size, "dimensions": dict(obj.dimensions), "yaw_deg": obj.yaw_deg,
+            "centre": list(centre),
+        })
+    for p, fig in enumerate(spec.figures):
+        top = figure_geometry(fig).top
+        out.append({
+            "id": fig.id, "class": "person", "colour": fig.colour, "colour_hex": PALETTE_HEX[fig.colour],
+            "size": None, "dimensions": {"height": top}, "pose": fig.pose, "heading_deg": fig.heading_deg,
+            "keypoint_index": p, "centre": [fig.position[0], fig.position[1], 0.5 * top],
+        })
+    for e in out:
+        e["centre_camera"] = [float(x) for x in view.camera.world_to_camera(np.array(e["centre"]))]
+        e["pixels"] = view.entity_pixels[e["id"]]
+        box = view.entity_bboxes[e["id"]]
+        e["bbox_2d"] = list(box) if box is not None else None
+        e["visible"] = e["id"] in visible
+    return out
+
+
+def view_to_sample(
+    scene: Scene,
+    view: ViewRender,
+    *,
+    seed: int,
+    scene_index: int,
+    view_index: int,
+    num_views: int,
+    class_colours: dict[str, str],
+    config: SyntheticConfig,
+) -> Sample:
+    """One rendered view as a `Sample` (labels, captions, camera, entities, prompt fields in meta)."""
+    spec = scene.spec
+    cam = view.camera
+    visible = visible_entity_ids(view.entity_pixels, cam.width, cam.height, config.min_visible_fraction)
+    sky_fraction = float(np.count_nonzero(view.semantic == CLASS_ID["sky"])) / view.semantic.size
+    entities = _entity_records(scene, view, set(visible))
+    present_classes = sorted({e["class"] for e in entities if e["visible"]}, key=lambda c: CLASS_ID[c])
+    sun_az, sun_el = spec.sun_azimuth_deg, spec.sun_elevation_deg
+    meta = {
+        "generator": GENERATOR_VERSION,
+        "seed": int(seed),
+        "scene_index": int(scene_index),
+        "view_index": int(view_index),
+        "num_views": int(num_views),
+        "depth_valid": "depth > 0 (sky pixels are 0)",
+        "keypoint_names": list(COCO_KEYPOINTS),
+        "sun": {"azimuth": sun_az, "elevation": sun_el, "direction": list(spec.sun_direction)},
+        "relations": scene_graph_relations(spec, cam, visible),
+        "prompts": {
+            "class_colours": {c: {"name": n, "hex": PALETTE_HEX[n]} for c, n in class_colours.items()},
+            "semantic": prompt_tags(present_classes, class_colours, "mask"),
+            "boundingbox": prompt_tags(present_classes, class_colours, "boundingbox"),
+        },
+    }
+    return Sample(
+        key=sample_key(seed, scene_index, view_index),
+        source=SOURCE,
+        image=view.image,
+        captions=captions_for_view(spec, cam, visible, sky_fraction),
+        depth=view.depth,
+        depth_kind="z",
+        instance=view.instance,
+        semantic=view.semantic,
+        classes=list(CLASSES),
+        entities=entities,
+        keypoints=view.keypoints,
+        camera=cam.to_dict(),
+        group=group_key(seed, scene_index),
+        meta=meta,
+    )
+
+
+def resolve_config(
+    config: SyntheticConfig | None = None,
+    *,
+    views_per_scene: int | None = None,
+    size: int | None = None,
+    with_figures: bool | None = None,
+) -> SyntheticConfig:
+    """`config` (or the defaults) with the explicitly given overrides applied (and validated)."""
+    config = config or SyntheticConfig()
+    overrides = {k: v for k, v in (("views_per_scene", views_per_scene), ("image_size", size),
+                                   ("with_figures", with_figures)) if v is not None}
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def render_scene(seed: int, scene_index: int, config: SyntheticConfig) -> tuple[Scene, list[ViewRender]]:
+    """Scene `scene_index` of seed `seed`, rendered from its cameras (independent of every other scene)."""
+    scene_seq, camera_seq, _ = scene_seed_sequence(seed, scene_index).spawn(3)
+    scene = generate_scene(np.random.default_rng(scene_seq), config)
+    cameras = scene_cameras(scene, np.random.default_rng(camera_seq), config)
+    return scene, render(scene, cameras, shadows=config.shadows)
+
+
+def synthetic_samples(
+    seed: int = 0,
+    num_scenes: int = 1,
+    views_per_scene: int | None = None,
+    size: int | None = None,
+    with_figures: bool | None = None,
+    *,
+    config: SyntheticConfig | None = None,
+    first_scene: int = 0,
+) -> Iterator[Sample]:
+    """Samples of scenes first_scene .. first_scene + num_scenes - 1, views in order (keys `sample_key`).
+
+    The source iterator of the build job. Arguments left as None come from `config` (default `SyntheticConfig()`).
+    """
+    config = resolve_config(config, views_per_scene=views_per_scene, size=size, with_figures=with_figures)
+    if num_scenes < 0 or first_scene < 0:
+        raise ValueError(f"num_scenes and first_scene must be >= 0, got {num_scenes} and {first_scene}")
+    person_and_shapes = [c for c in CLASSES if c not in ("sky", "ground")]
+    for i in range(first_scene, first_scene + num_scenes):
+        scene, views = render_scene(seed, i, config)
+        _, _, prompt_seq = scene_seed_sequence(seed, i).spawn(3)
+        class_colours = assign_class_colours(person_and_shapes, np.random.default_rng(prompt_seq))
+        for v, view in enumerate(views):
+            yield view_to_sample(scene, view, seed=seed, scene_index=i, view_index=v, num_views=len(views),
+                                 class_colours=class_colours, config=config)
+

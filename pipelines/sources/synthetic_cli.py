@@ -1,0 +1,153 @@
+"""`onegen synth ...`: render the synthetic world to a folder or WebDataset shards, or draw a contact sheet.
+
+    onegen synth render --scenes 100 --views 4 --size 128 --seed 0 --out DIR [--format folder|wds]
+    onegen synth sheet --out sheet.png --scenes 3 --views 4 --size 128 --seed 0
+
+Until the `onegen` console script wires it in, run it as `python -m pipelines.sources.synthetic_cli ...`.
+The wiring is `add_arguments(subparser)` + `run(args) -> exit code`.
+
+Folder format: every sample's WebDataset members as files `<key>.<ext>` (png, depth.npy, instance.png, semantic.png,
+json); read one back with `pipelines.record.read_sample_files(folder, key)`. WebDataset format: shards of
+`--scenes-per-shard` whole scenes (all views of a scene stay in one shard), named after their first scene
+(`synthetic-<seed>-<first scene:06d>.tar`), each written to a temporary name and renamed when complete, so a shard
+that exists is complete. Re-running with the same arguments rewrites identical shards; `--skip-existing` skips them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipelines.record import write_sample_files
+from pipelines.sources.synthetic import resolve_config, synthetic_samples
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="synth_command", required=True, metavar="{render,sheet}")
+    r = sub.add_parser("render", help="render N scenes x V views to a folder or WebDataset shards",
+                       description="Render synthetic scenes with exact labels (see pipelines/sources/synthetic.py).")
+    _common(r, scenes=10)
+    r.add_argument("--out", required=True, help="output folder (created if missing)")
+    r.add_argument("--format", choices=("folder", "wds"), default="folder",
+                   help="folder: files <key>.<ext>; wds: WebDataset tar shards (default: folder)")
+    r.add_argument("--first-scene", type=int, default=0, help="index of the first scene (to split work)")
+    r.add_argument("--scenes-per-shard", type=int, default=100, help="scenes per WebDataset shard (wds only)")
+    r.add_argument("--image-format", choices=("png", "jpg"), default="png", help="image encoding (png: lossless)")
+    r.add_argument("--skip-existing", action="store_true", help="wds: leave shards that already exist untouched")
+    s = sub.add_parser("sheet", help="write a contact sheet PNG (RGB | depth | segmentation | keypoints)")
+    _common(s, scenes=3)
+    s.add_argument("--out", default="synthetic_contact_sheet.png", help="PNG path to write")
+    s.add_argument("--scale", type=int, default=1, help="integer upscaling of each panel")
+
+
+def _common(p: argparse.ArgumentParser, scenes: int) -> None:
+    p.add_argument("--scenes", type=int, default=scenes, help=f"number of scenes (default {scenes})")
+    p.add_argument("--views", type=int, default=4, help="cameras per scene (default 4)")
+    p.add_argument("--size", type=int, default=128, help="square image size in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; scene i uses SeedSequence([seed, i])")
+    p.add_argument("--no-figures", action="store_true", help="objects only, no human figures")
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    for name in ("scenes", "views", "size"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    if args.seed < 0:
+        return f"--seed must be >= 0, got {args.seed}"
+    if getattr(args, "first_scene", 0) < 0:
+        return f"--first-scene must be >= 0, got {args.first_scene}"
+    if getattr(args, "scenes_per_shard", 1) < 1:
+        return f"--scenes-per-shard must be >= 1, got {args.scenes_per_shard}"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _check(args)
+    if problem:
+        print(f"onegen synth {args.synth_command}: {problem}", file=sys.stderr)
+        return 2
+    if args.synth_command == "sheet":
+        from pipelines.contact_sheet import write_contact_sheet
+
+        path = write_contact_sheet(args.out, seed=args.seed, scenes=args.scenes, views=args.views, size=args.size,
+                                   scale=args.scale, with_figures=not args.no_figures)
+        print(f"wrote {path}")
+        return 0
+    config = resolve_config(views_per_scene=args.views, size=args.size, with_figures=not args.no_figures)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    total = args.scenes * args.views
+    if args.format == "folder":
+        samples = synthetic_samples(args.seed, args.scenes, config=config, first_scene=args.first_scene)
+        for sample in tqdm(samples, total=total, desc="synth render", unit="img"):
+            write_sample_files(sample, out, args.image_format)
+        print(f"wrote {total} samples to {out}")
+        return 0
+    written = write_wds_shards(out, args.seed, args.scenes, config, first_scene=args.first_scene,
+                               scenes_per_shard=args.scenes_per_shard, image_format=args.image_format,
+                               skip_existing=args.skip_existing)
+    print(f"wrote {len(written)} shard(s) to {out}")
+    return 0
+
+
+def shard_name(seed: int, first_scene: int) -> str:
+    return f"synthetic-{seed}-{first_scene:06d}.tar"
+
+
+def write_wds_shards(
+    out: str | os.PathLike,
+    seed: int,
+    num_scenes: int,
+    config,
+    *,
+    first_scene: int = 0,
+    scenes_per_shard: int = 100,
+    image_format: str = "png",
+    skip_existing: bool = False,
+) -> list[Path]:
+    """Write scenes [first_scene, first_scene + num_scenes) as WebDataset shards; returns the shard paths."""
+    import webdataset as wds
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    progress = tqdm(total=num_scenes * config.views_per_scene, desc="synth render", unit="img")
+    for start in range(first_scene, first_scene + num_scenes, scenes_per_shard):
+        count = min(scenes_per_shard, first_scene + num_scenes - start)
+        path = out / shard_name(seed, start)
+        paths.append(path)
+        if skip_existing and path.exists():
+            progress.update(count * config.views_per_scene)
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                # mtime fixed so the same scenes give the same tar bytes
+                writer = wds.TarWriter(f, encoder=False, mtime=0)
+                for sample in synthetic_samples(seed, count, config=config, first_scene=start):
+                    writer.write(sample.to_wds(image_format))
+                    progress.update(1)
+                writer.close()
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    progress.close()
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="onegen synth", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
