@@ -10,7 +10,8 @@ Self-attention logits are soft-capped: s -> softcap * tanh(s / softcap), softcap
 
 * "flex": `torch.nn.attention.flex_attention` with a softcap score_mod (compiled on GPU; eager on CPU, which works
   in forward only: FlexAttention has no CPU backward);
-* "math": matmul -> softcap -> softmax -> matmul, which supports autograd everywhere (CPU training).
+* "math": matmul -> softcap -> softmax -> matmul, which supports autograd everywhere (CPU training); for fp16/bf16
+  inputs the logits are computed and capped in float32, as in the release's flash-attn kernel.
 
 "auto" means flex on CUDA and math elsewhere.
 """
@@ -90,6 +91,10 @@ def softcap_self_attention(
         score_mod = None if softcap is None else softcap_score_mod(float(softcap))
         return flex(q, k, v, score_mod=score_mod, enable_gqa=heads != kv_heads)
 
+    # Like the release's flash kernel, half-precision q/k give float32 logits (fp32 products and accumulation, no
+    # rounding of q or of the logits to bf16 before the cap and softmax); the probabilities go back to v's dtype.
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, k = q.float(), k.float()
     group = heads // kv_heads
     if group > 1:
         k = k.repeat_interleave(group, dim=1)  # (B, heads, N, head_dim)
@@ -99,8 +104,6 @@ def softcap_self_attention(
     if softcap is not None:
         scale /= softcap
     scores = (q * scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-    if scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()
     if softcap is not None:
         if scores.requires_grad:
             scores = torch.tanh(scores) * softcap

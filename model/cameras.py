@@ -6,6 +6,14 @@ Conventions (all functions are pure torch and keep the input dtype; use float64 
   (x right, y down, z forward). `camera_from_spherical` builds the release's **OpenGL** c2w (x right, y up, z back,
   z-up world, looking at the origin) and `opengl_to_opencv` converts it exactly as the release does, world-axis remap
   included.
+* Reference camera ("relative to the first camera"): the release builds PyTorch3D cameras from the OpenCV poses and
+  applies RayDiffusion's `first_camera_transform(rotation_only=False)`, which makes the world frame **camera 0's
+  PyTorch3D view frame** (x left, y up, z forward), not its OpenCV frame. The two differ by a 180° turn about the
+  optical axis, F = diag(−1, −1, 1): in the release's ray frame camera 0's OpenCV c2w is diag(−1, −1, 1, 1), and every
+  ray's d and o × d have their x and y components negated relative to the OpenCV-identity frame. `relative_to_first`
+  reproduces the release (frame="release", the default); frame="opencv" gives the OpenCV-identity frame, and
+  `release_to_opencv_frame` converts poses from the former to the latter (e.g. cameras read back from generated rays).
+  (Spec §2.3's "camera 0 … with identity rotation" holds for the PyTorch3D camera, not for its OpenCV c2w.)
 * Intrinsics are for a **unit image** (width = height = 1): focal `f` in image widths, principal point (cx, cy) with
   (0.5, 0.5) the centre. The release uses f = 1.3887 (NDC focal 2f = 2.777, ≈ 39.6° FoV). Only square images are used
   by the release; non-square grids are accepted with the same unit-image intrinsics per axis.
@@ -82,18 +90,38 @@ def opengl_to_opencv(c2w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def relative_to_first(c2w: torch.Tensor, rotation_only: bool = False) -> torch.Tensor:
-    """Re-express poses (V, 4, 4) in the frame of camera 0: camera 0 becomes the identity (centre at the origin).
+def _flip_xy_world(dtype, device) -> torch.Tensor:
+    """F4 = diag(−1, −1, 1, 1): OpenCV camera-0 frame ↔ PyTorch3D camera-0 view frame (its own inverse)."""
+    return torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=dtype, device=device))
 
-    rotation_only=True only rotates the world (camera 0 keeps its distance from the origin), RayDiffusion's other
-    variant. Spec §2.3 describes the full transform; which one the release's ray utilities apply is UNVERIFIED."""
+
+def relative_to_first(c2w: torch.Tensor, rotation_only: bool = False, frame: str = "release") -> torch.Tensor:
+    """Re-express OpenCV poses (V, 4, 4) relative to camera 0, as the release's ray computation does.
+
+    frame="release" (default): the world becomes camera 0's PyTorch3D view frame (x left, y up, z forward), what
+    RayDiffusion's `first_camera_transform` gives when the release applies it to its PyTorch3D cameras. Camera 0 is
+    then at the origin with OpenCV c2w diag(−1, −1, 1, 1) (identity as a PyTorch3D camera).
+    frame="opencv": the world becomes camera 0's OpenCV frame (camera 0 = the identity).
+    rotation_only=True only rotates the world (camera 0 keeps its distance from the origin), the transform's other
+    variant; the release uses the full one (rotation_only=False)."""
+    if frame not in ("release", "opencv"):
+        raise ValueError(f"frame={frame!r}; expected 'release' (PyTorch3D view frame of camera 0) or 'opencv'.")
     first = c2w[0]
     if rotation_only:
         world = torch.eye(4, dtype=c2w.dtype, device=c2w.device)
         world[:3, :3] = first[:3, :3].transpose(0, 1)
     else:
         world = torch.linalg.inv(first)
+    if frame == "release":
+        world = _flip_xy_world(c2w.dtype, c2w.device) @ world
     return world @ c2w
+
+
+def release_to_opencv_frame(c2w: torch.Tensor) -> torch.Tensor:
+    """Poses (…, 4, 4) expressed in the release's ray frame (camera 0's PyTorch3D view frame, see
+    `relative_to_first`) → the same poses in camera 0's OpenCV frame, where camera 0 is the identity. The map is its
+    own inverse."""
+    return _flip_xy_world(c2w.dtype, c2w.device) @ c2w
 
 
 def c2w_from_w2c(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
@@ -161,7 +189,8 @@ def ray_latents_from_spherical(azimuths_deg, elevations_deg, distances=RELEASE_D
                                width: int = 64, focal: float = RELEASE_FOCAL, dtype: torch.dtype = torch.float32,
                                rotation_only: bool = False) -> torch.Tensor:
     """The release's multiview camera frames (V, 16, h, w): spherical poses → OpenGL c2w → OpenCV → relative to view 0
-    → Plücker rays on the (h, w) latent grid → tiled ×1.658. Geometry is computed in float64, returned in `dtype`."""
+    (in its PyTorch3D view frame, as the release) → Plücker rays on the (h, w) latent grid → tiled ×1.658. Geometry is
+    computed in float64, returned in `dtype`."""
     c2w = relative_to_first(opengl_to_opencv(camera_from_spherical(azimuths_deg, elevations_deg, distances)),
                             rotation_only=rotation_only)
     return rays_to_latent(plucker_rays(c2w, height, width, focal)).to(dtype)
@@ -265,6 +294,7 @@ __all__ = [
     "plucker_rays",
     "ray_latents_from_spherical",
     "relative_to_first",
+    "release_to_opencv_frame",
     "rays_to_latent",
     "rotation_geodesic_error",
 ]

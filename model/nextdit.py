@@ -4,7 +4,8 @@
 `transformer/` safetensors load with strict=True) and the numerics the weights were trained with:
 
 * per-token adaLN from (timestep embedding + pooled text), scale and tanh-gate only (no shift);
-* sandwich RMSNorms and the other norms computed in fp32 (fp64 for fp64 inputs) and cast back;
+* sandwich RMSNorms normalised in fp32 (fp64 for fp64 inputs), cast back, then scaled by the weight (the release's
+  order); LayerNorms computed in fp32 and cast back (what nn.LayerNorm does for bf16 inputs);
 * LayerNorm QK-norm over the whole projection (joint across heads);
 * self-attention over all tokens of all views with logit softcap 30 in every dtype, KV heads repeat-interleaved;
 * text cross-attention sharing the rotated queries, text KV heads tiled, per-head tanh gate, added before `wo`;
@@ -86,7 +87,8 @@ def _norm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learnable weight, computed in fp32 (fp64 for fp64 inputs) and cast back."""
+    """RMSNorm with a learnable weight, in the release's order: normalise in fp32 (fp64 for fp64 inputs), cast back
+    to x's dtype, then multiply by the weight (in bf16 for a bf16 model: two roundings, as the release does)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -94,10 +96,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _norm_dtype(x)
-        x32 = x.to(dtype)
+        x32 = x.to(_norm_dtype(x))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.to(dtype)).to(x.dtype)
+        return normed.to(x.dtype) * self.weight
 
 
 class FP32LayerNorm(nn.LayerNorm):

@@ -24,12 +24,32 @@ The noise has the shape of the whole view sequence (B, T, 16, h, w), condition v
 by their clean values), so `latents=result.noise` with the same seed repeats a run bit for bit. With a seed, VAE
 posterior sampling of condition images uses its own generator (seeded seed + 1), so it does not depend on whether the
 noise was drawn or given; with an explicit `generator`, it continues that generator after the noise.
+
+Behaviour of the release's pipeline (onediffusion/diffusion/pipelines/onediffusion.py) that this one reproduces:
+text-to-image is `__call__`, every other task `img2img` with a `denoise_mask`; the schedule, condition time
+`timesteps[-1]`, CFG batch order [negative, prompt] and default negative prompt "" are model.flow's; condition images
+are centre-cropped to the target aspect and resized bilinearly (`_center_crop_resize`), mapped to [-1, 1] and VAE
+encoded (sample × scaling_factor); image-conditioned sizes default to the ASPECT_RATIO_512 bucket of the first image;
+`noise_scale` scales the dynamic-shift token count; multiview ray frames are built from the given poses relative to
+the first of them (model.cameras); the outputs are the decoded target frames (`/ scaling_factor`, `x / 2 + 0.5`,
+clamped), an image→X estimate (e.g. depth) being the decoded condition map.
+
+Intentional deviations (interface or robustness, not the model's inputs for valid calls):
+* RGBA inputs are composited on white; the release's `convert("RGB")` drops alpha. White is what the release's
+  multiview training loader composites on, and opaque images are unaffected.
+* The Euler update runs in float32 whatever the transformer dtype; the release keeps bf16 latents between steps.
+* Ray frames are never decoded by the VAE (the release decodes every denoised frame, rays included) and
+  `result.latents` keeps them ×1.658 as sampled (the release returns all latents / 1.658); poses are read back
+  from generated rays instead (`result.cameras`).
+* Multiview defaults to a square size (the release asserts height == width); a lone `height` or `width` is kept
+  (the release's `img2img` then replaces both by the bucket); task tokens are added to prompts that lack one;
+  `guidance_scale` defaults to 4 (the README's value; the release signature says 5).
+* The initial noise is drawn on the CPU (float32), so runs match across devices but not the release's CUDA draws.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from collections.abc import Sequence
@@ -76,11 +96,22 @@ RELEASE_SCHEDULER_CONFIG = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
-# Image-conditioned tasks default to the aspect bucket of the first image with the pixel area of the release's
-# ASPECT_RATIO_512 buckets, i.e. 64x64 latent pixels (4096 tokens per 4 views), on a grid of 4 latent pixels.
-DEFAULT_LATENT_SIDE = 64
-BUCKET_GRID_LATENT = 4
-BUCKET_RATIO_RANGE = (0.25, 4.0)
+# Image-conditioned tasks default to the release's ASPECT_RATIO_512 bucket (onediffusion/dataset/utils.py) whose
+# ratio height/width is closest to the first image's: ratio key -> (height, width) in pixels at VAE factor 8. Ties go
+# to the first key in this (ascending) order, as the release's `min` over the dict keys does.
+ASPECT_RATIO_512 = {
+    "0.25": (256, 1024), "0.26": (256, 992), "0.27": (256, 960), "0.28": (256, 928), "0.32": (288, 896),
+    "0.33": (288, 864), "0.35": (288, 832), "0.4": (320, 800), "0.42": (320, 768), "0.48": (352, 736),
+    "0.5": (352, 704), "0.52": (352, 672), "0.57": (384, 672), "0.6": (384, 640), "0.68": (416, 608),
+    "0.72": (416, 576), "0.78": (448, 576), "0.82": (448, 544), "0.88": (480, 544), "0.94": (480, 512),
+    "1.0": (512, 512), "1.07": (512, 480), "1.13": (544, 480), "1.21": (544, 448), "1.29": (576, 448),
+    "1.38": (576, 416), "1.46": (608, 416), "1.67": (640, 384), "1.75": (672, 384), "2.0": (704, 352),
+    "2.09": (736, 352), "2.4": (768, 320), "2.5": (800, 320), "2.89": (832, 288), "3.0": (864, 288),
+    "3.11": (896, 288), "3.62": (928, 256), "3.75": (960, 256), "3.88": (992, 256), "4.0": (1024, 256),
+}
+ASPECT_RATIO_VAE_FACTOR = 8  # the buckets are pixel sizes for f = 8; other tokenizers keep the same latent grid
+# Reading a generated depth map as the release demo does (PIL "L"): ITU-R 601-2 luma weights.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 RAY_ROLE = "rays"
 DEPTH_ROLE = "depth"
 
@@ -91,8 +122,10 @@ ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor
 class EstimatedCameras:
     """Cameras recovered from the denoised ray frames of one sample (model.cameras.cameras_from_rays).
 
-    Poses are OpenCV camera-to-world matrices in the frame of camera 0 (the sequence's reference camera), as the
-    rays were built; `camera_indices` are the cameras (not frames) whose rays were generated."""
+    Poses are OpenCV camera-to-world matrices in the OpenCV frame of the reference camera (camera 0, or the first
+    camera whose rays were given; it is the identity there): the rays live in its PyTorch3D view frame, as the
+    release builds them (model.cameras), and are converted back. `camera_indices` are the cameras (not frames)
+    whose rays were generated."""
 
     camera_indices: list[int]
     c2w: np.ndarray  # (V, 4, 4) float64
@@ -277,22 +310,19 @@ class OneDiffusionPipeline:
         """(height, width) when the caller gives none.
 
         Text-only image generation: the transformer's `input_size` in latent pixels × the tokenizer factor (the
-        release: 96 × 8 = 768). Otherwise the aspect bucket of the first image (square without one) with the area
-        of 64 × 64 latent pixels (512² at f = 8, as the release's ASPECT_RATIO_512 buckets), sides on a 4-latent-
-        pixel grid (32 px at f = 8), aspect ratio clamped to [0.25, 4]. Multiview is square (as the release)."""
+        release: 96 × 8 = 768). Otherwise the release's ASPECT_RATIO_512 bucket closest to the first image's
+        height/width ratio (square without an image), as latent sizes (bucket / 8) × the tokenizer factor.
+        Multiview is always square (the release asserts height == width)."""
         f = self.image_tokenizer.downsample_factor
         if first_image is None and task.view_layout != "camera_pairs":
             size = self.transformer.config.input_size
             return int(size[-2]) * f, int(size[-1]) * f
-        ratio = 1.0
+        key = "1.0"
         if first_image is not None and task.view_layout != "camera_pairs":
-            ratio = min(max(first_image.shape[-2] / first_image.shape[-1], BUCKET_RATIO_RANGE[0]),
-                        BUCKET_RATIO_RANGE[1])
-        grid = BUCKET_GRID_LATENT
-        area = DEFAULT_LATENT_SIDE**2
-        rows = max(grid, round(math.sqrt(area * ratio) / grid) * grid)
-        cols = max(grid, round(math.sqrt(area / ratio) / grid) * grid)
-        return rows * f, cols * f
+            ratio = first_image.shape[-2] / first_image.shape[-1]
+            key = min(ASPECT_RATIO_512, key=lambda k: abs(float(k) - ratio))
+        height, width = ASPECT_RATIO_512[key]
+        return height // ASPECT_RATIO_VAE_FACTOR * f, width // ASPECT_RATIO_VAE_FACTOR * f
 
     def size_multiple(self) -> int:
         """H and W must be multiples of this: tokenizer factor × transformer patch (16 px for the release)."""
@@ -324,6 +354,7 @@ class OneDiffusionPipeline:
         prompt_kwargs: dict | None = None,
         focal_length: float = camera_utils.RELEASE_FOCAL,
         estimate_focal: bool = False,
+        noise_scale: float = 1.0,
     ) -> OneDiffusionOutput:
         """Run `task` (a name from model.tasks, e.g. "text2image", "depth2image", "multiview").
 
@@ -336,8 +367,11 @@ class OneDiffusionPipeline:
         direction: one of the task's directions (default: its first, "generate" / "novel_view_synthesis");
             denoise_mask: an explicit 0/1 per frame (1 = generated) instead, e.g. [0, 1] for estimation.
         cameras: multiview cameras, one per camera in order: (azimuth°, elevation°[, distance]) tuples on the
-            release's z-up sphere, or (V, 4, 4) OpenGL camera-to-world matrices (the release's `multiview_c2ws`);
-            made relative to camera 0. Needed when ray frames are conditions; pose estimation needs none.
+            release's z-up sphere (distance default 1.7, the release's), or (V, 4, 4) OpenGL camera-to-world matrices
+            (the release's `multiview_c2ws`). Entries of cameras whose ray frames are generated may be None and are
+            ignored. As in the release (which is given only the known poses), the rays are made relative to the
+            first camera whose ray frame is a condition (the reference camera, camera 0 in the usual case). Needed
+            when ray frames are conditions; pose estimation needs none.
         negative_prompt: the unconditional text of CFG (default "", as the release); CFG runs when
             guidance_scale > 1.
         height, width: output size, multiples of `size_multiple()`; defaults per `default_size`.
@@ -345,6 +379,8 @@ class OneDiffusionPipeline:
         output_type: "pil", "np" or "latent" (no decoding).
         focal_length / estimate_focal: intrinsics of the ray frames; estimate_focal fits the focal of recovered
             cameras instead of assuming `focal_length`.
+        noise_scale: multiplies the token count L of the dynamic time shift, as the release's `img2img` does (the
+            release's text-to-image `__call__` ignores it; here it applies to every task). 1.0 = no change.
         """
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'latent'.")
@@ -399,8 +435,8 @@ class OneDiffusionPipeline:
             if cameras is None:
                 raise ValueError(f"task {spec.name}: ray frames {ray_conditions} are conditions, so pass cameras= "
                                  "((azimuth, elevation[, distance]) per camera, or (V, 4, 4) OpenGL c2w).")
-            ray_frames = _ray_latents(cameras, num_views // 2, h, w, focal_length).to(self.device)
-            condition[0, ray_conditions] = ray_frames[[i // 2 for i in ray_conditions]]
+            ray_frames = _ray_latents(cameras, num_views // 2, [i // 2 for i in ray_conditions], h, w, focal_length)
+            condition[0, ray_conditions] = ray_frames.to(self.device)
 
         # text
         prompts = [self._full_prompt(spec, p, prompt_kwargs) for p in prompts]
@@ -414,7 +450,7 @@ class OneDiffusionPipeline:
             negative_states, negative_mask = self.encode_prompts(negatives)
 
         num_targets = sum(target_mask)
-        num_tokens = num_targets * tokens_per_view(h, w, self.flow_config.patch_size)
+        num_tokens = noise_scale * num_targets * tokens_per_view(h, w, self.flow_config.patch_size)
         sigmas = inference_sigmas(num_inference_steps, self.flow_config,
                                   num_tokens if self.flow_config.dynamic_shift else None)
         from tqdm.auto import tqdm
@@ -501,7 +537,8 @@ class OneDiffusionPipeline:
         depth_views = [k for k, i in enumerate(views) if roles[i] == DEPTH_ROLE]
         if depth_views:
             per_sample = arrays.reshape(batch, len(views), *arrays.shape[1:])
-            result.depth = [per_sample[b, depth_views[0]].mean(axis=-1).astype(np.float32) for b in range(batch)]
+            luma = np.asarray(LUMA_WEIGHTS, dtype=np.float32)
+            result.depth = [(per_sample[b, depth_views[0]] @ luma).astype(np.float32) for b in range(batch)]
 
     def _estimate_cameras(self, result: OneDiffusionOutput, roles, focal_length: float, estimate_focal: bool) -> None:
         ray_views = [i for i, (role, target) in enumerate(zip(roles, result.target_mask))
@@ -512,7 +549,7 @@ class OneDiffusionPipeline:
         for latents in result.latents[:, ray_views].double().cpu():
             rays = camera_utils.latent_to_rays(latents)  # (V, h, w, 6)
             found = camera_utils.cameras_from_rays(rays, focal=None if estimate_focal else focal_length)
-            c2w = found.c2w.numpy()
+            c2w = camera_utils.release_to_opencv_frame(found.c2w).numpy()
             estimates.append(EstimatedCameras(camera_indices=[i // 2 for i in ray_views], c2w=c2w,
                                               rotation=c2w[:, :3, :3].copy(), centre=c2w[:, :3, 3].copy(),
                                               focal=found.focal.numpy()))
@@ -624,28 +661,40 @@ def _image_to_tensor(image: ImageInput) -> torch.Tensor:
 
 
 def _center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize (3, H, W) so it covers height × width with its aspect ratio kept, then crop the centre."""
-    in_h, in_w = image.shape[-2:]
-    if (in_h, in_w) == (height, width):
-        return image
-    scale = max(height / in_h, width / in_w)
-    new_h, new_w = max(height, round(in_h * scale)), max(width, round(in_w * scale))
-    resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", antialias=True,
-                            align_corners=False)[0].clamp(-1, 1)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return resized[:, top:top + height, left:left + width]
+    """The release's CenterCropResizeImage on (3, H, W): crop the centred box of the target aspect ratio (box corner
+    and size truncated to whole pixels), then resize it bilinearly (align_corners=False, no antialiasing) to
+    height × width. Bilinear weights sum to 1, so resizing the [-1, 1] tensor equals resizing [0, 1] then
+    normalising, as the release does."""
+    in_h, in_w = float(image.shape[-2]), float(image.shape[-1])
+    target_aspect = width / height
+    if in_w / in_h > target_aspect:
+        crop_h, crop_w = in_h, in_h * target_aspect
+    else:
+        crop_h, crop_w = in_w / target_aspect, in_w
+    top, left = int((in_h - crop_h) / 2), int((in_w - crop_w) / 2)
+    cropped = image[:, top:top + int(crop_h), left:left + int(crop_w)]
+    return F.interpolate(cropped[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def _ray_latents(cameras, num_cameras: int, h: int, w: int, focal: float) -> torch.Tensor:
-    """(V, 16, h, w) ray frames of the cameras, relative to camera 0 (model.cameras conventions)."""
+def _ray_latents(cameras, num_cameras: int, indices: list[int], h: int, w: int, focal: float) -> torch.Tensor:
+    """(len(indices), 16, h, w) ray frames of the cameras `indices` (ascending), relative to the first of them, as
+    the release computes the ray frames of the poses it is given (model.cameras conventions)."""
     if len(cameras) != num_cameras:
-        raise ValueError(f"{len(cameras)} cameras for a sequence of {num_cameras} cameras.")
+        raise ValueError(f"{len(cameras)} cameras for a sequence of {num_cameras} cameras (give None for cameras "
+                         "whose rays are generated).")
+    missing = [i for i in indices if cameras[i] is None]
+    if missing:
+        raise ValueError(f"the ray frames of camera {', '.join(map(str, missing))} are conditions but the camera is "
+                         "None; give its pose or generate its rays.")
     if isinstance(cameras, (torch.Tensor, np.ndarray)) and tuple(np.shape(cameras))[-2:] == (4, 4):
-        c2w_gl = torch.as_tensor(np.asarray(cameras), dtype=torch.float64)
+        c2w_gl = torch.as_tensor(np.asarray(cameras), dtype=torch.float64)[indices]
         c2w = camera_utils.relative_to_first(camera_utils.opengl_to_opencv(c2w_gl))
         rays = camera_utils.plucker_rays(c2w, h, w, focal)
         return camera_utils.rays_to_latent(rays).float()
-    params = [tuple(float(v) for v in camera) for camera in cameras]
+    if all(np.shape(cameras[i]) == (4, 4) for i in indices):
+        return _ray_latents(np.stack([np.asarray(c, dtype=np.float64) if c is not None else np.eye(4)
+                                      for c in cameras]), num_cameras, indices, h, w, focal)
+    params = [tuple(float(v) for v in cameras[i]) for i in indices]
     if any(len(p) not in (2, 3) for p in params):
         raise ValueError("cameras must be (azimuth°, elevation°[, distance]) per camera or (V, 4, 4) OpenGL c2w.")
     azimuths = [p[0] for p in params]

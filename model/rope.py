@@ -6,8 +6,12 @@ chunks of `head_dim / 6` pairs: the first rotates with the view index, the secon
 column. Each chunk uses the standard RoPE frequencies of a `head_dim / 3`-dimensional sub-space:
 omega_k = theta ** (-6k / head_dim), k = 0 .. head_dim/6 - 1 (theta = 10000).
 
-The release precomputes a 128 x 128 x 128 table (about 1 GB); here the angles are computed for just the positions
-in the batch, in float64, and cast to the compute dtype.
+The release precomputes a 128 x 128 x 128 table (about 1 GB) on the CPU in float32: float32 frequencies, float32
+angles position * omega, then exp(i * angle) in complex64. Here the angles are computed for just the positions in
+the batch. For a float32 (or half) compute dtype they are the release's float32 angles exactly (same frequencies,
+computed on the CPU, same float32 products), and their cos/sin are taken in float64 and rounded to float32: within
+1 float32 ulp of the release's table (complex64 exp has its own last-bit rounding). For float64 (the reference
+tests) everything is float64.
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ def rope_angles(
     return angles.reshape(positions.shape[0], head_dim // 2)
 
 
+def release_rope_frequencies(head_dim: int, theta: float = ROPE_THETA, linear_factor: float = 1.0) -> torch.Tensor:
+    """(head_dim/6,) float32 frequencies exactly as the release computes them (on the CPU, in float32)."""
+    check_rope_head_dim(head_dim)
+    pairs_per_axis = head_dim // (2 * NUM_ROPE_AXES)
+    exponent = torch.arange(0, head_dim, 2 * NUM_ROPE_AXES, device="cpu")[:pairs_per_axis] / head_dim
+    return (1.0 / (theta**exponent) / linear_factor).to(torch.float32)
+
+
 def rope_cos_sin(
     positions: torch.Tensor,
     head_dim: int,
@@ -68,8 +80,17 @@ def rope_cos_sin(
     theta: float = ROPE_THETA,
     linear_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each (N, head_dim/2), computed in float64 and cast to `dtype`."""
-    angles = rope_angles(positions, head_dim, theta, linear_factor)
+    """cos and sin of the rotation angles, each (N, head_dim/2), in `dtype`.
+
+    float64: analytic float64 angles. Otherwise the release's float32 angles (see the module docstring), whose
+    cos/sin are evaluated in float64 and rounded to `dtype`.
+    """
+    if dtype == torch.float64:
+        angles = rope_angles(positions, head_dim, theta, linear_factor)
+    else:
+        freqs = release_rope_frequencies(head_dim, theta, linear_factor).to(positions.device)
+        angles32 = positions.to(torch.float32)[:, :, None] * freqs  # (N, 3, head_dim/6), float32 products
+        angles = angles32.reshape(positions.shape[0], head_dim // 2).to(torch.float64)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

@@ -12,6 +12,11 @@ A task is selected only by its token at the start of the prompt and by the choic
   `multiview_target_mask` builds any other split (several known images, known or unknown poses).
 
 Target masks are tuples of bools in frame order, True = the view is denoised (a target), False = a clean condition.
+
+Prompt strings follow the release's PROMPT_GUIDE, gradio_demo.py and inference.py: the token, one space, then the
+task syntax (`[[img0]] … [[img1]] …`, `<item: …>`, `<#00FFFF cyan mask: class>`) and the caption, whitespace collapsed
+(T5's tokenizer collapses it anyway). The release's own semantic-map example writes `<#00ffff Cyan mask: dragon>`
+(and `<#ff0000 yellow mask: bird>`); the guide's upper-case hex with the lower-case colour name is used here.
 """
 
 from __future__ import annotations

@@ -20,8 +20,11 @@ from model.cameras import (
     ray_latents_from_spherical,
     rays_to_latent,
     relative_to_first,
+    release_to_opencv_frame,
     rotation_geodesic_error,
 )
+
+FLIP_XY = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
 
 
 def random_rotations(n, generator):
@@ -67,15 +70,61 @@ def test_opengl_to_opencv_is_rigid_and_keeps_the_view_axis_on_the_origin():
     torch.testing.assert_close(cv[:, :3, 3], torch.stack([gl[:, 1, 3], gl[:, 0, 3], -gl[:, 2, 3]], dim=-1))
 
 
-def test_relative_to_first_makes_camera_zero_the_identity():
+def test_relative_to_first_puts_camera_zero_at_the_origin_in_its_pytorch3d_view_frame():
     c2w = random_cameras(5)
-    rel = relative_to_first(c2w)
-    torch.testing.assert_close(rel[0], torch.eye(4, dtype=torch.float64))
+    rel = relative_to_first(c2w)  # the release: world = camera 0's PyTorch3D view frame (x left, y up, z forward)
+    torch.testing.assert_close(rel[0], FLIP_XY)
     # relative poses between cameras are unchanged
     torch.testing.assert_close(torch.linalg.inv(rel[1]) @ rel[2], torch.linalg.inv(c2w[1]) @ c2w[2])
-    rot_only = relative_to_first(c2w, rotation_only=True)
+    opencv = relative_to_first(c2w, frame="opencv")
+    torch.testing.assert_close(opencv[0], torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(release_to_opencv_frame(rel), opencv)
+    torch.testing.assert_close(release_to_opencv_frame(opencv), rel)
+    rot_only = relative_to_first(c2w, rotation_only=True, frame="opencv")
     torch.testing.assert_close(rot_only[0, :3, :3], torch.eye(3, dtype=torch.float64))
     assert rot_only[0, :3, 3].norm().item() == pytest.approx(c2w[0, :3, 3].norm().item())
+    with pytest.raises(ValueError, match="frame"):
+        relative_to_first(c2w, frame="opengl")
+
+
+def release_reference_ray_frames(c2w_opengl: torch.Tensor, n: int, focal: float = RELEASE_FOCAL) -> torch.Tensor:
+    """The release's multiview ray frames (V, 16, n, n), recomputed independently in PyTorch3D's conventions:
+    row vectors, X_view = X_world @ R + T, view frame x left / y up / z forward, NDC +1 at the top-left.
+
+    release: OpenGL c2w -> OpenCV (opengl_to_opencv, checked against the release elsewhere) -> w2c = inverse ->
+    PyTorch3D camera (R = R_cvᵀ with columns 0, 1 negated, T = T_cv with entries 0, 1 negated, NDC focal f / 0.5 on
+    the unit image) -> first_camera_transform(rotation_only=False) -> unproject the half-pixel NDC grid at depth 1 ->
+    Plücker (d, o × d) -> [r, r, r[:4]] × 1.658."""
+    w2c = torch.linalg.inv(opengl_to_opencv(c2w_opengl))
+    rotation = w2c[:, :3, :3].transpose(1, 2).clone()
+    rotation[:, :, :2] *= -1
+    translation = w2c[:, :3, 3].clone()
+    translation[:, :2] *= -1
+    views = len(c2w_opengl)
+    world_to_view = torch.zeros(views, 4, 4, dtype=torch.float64)  # row-vector matrices [[R, 0], [T, 1]]
+    world_to_view[:, :3, :3], world_to_view[:, 3, :3], world_to_view[:, 3, 3] = rotation, translation, 1
+    # first_camera_transform: t = (Rotate(R0) then Translate(T0))^-1 composed before every camera's transform
+    world_to_view = torch.linalg.inv(world_to_view[0]) @ world_to_view
+    rotation, translation = world_to_view[:, :3, :3], world_to_view[:, 3:, :3]  # (V, 3, 3), (V, 1, 3)
+    ndc = torch.linspace(1 - 1 / n, -1 + 1 / n, n, dtype=torch.float64)
+    y, x = torch.meshgrid(ndc, ndc, indexing="ij")
+    ndc_focal = focal / 0.5
+    view_points = torch.stack([x / ndc_focal, y / ndc_focal, torch.ones_like(x)], dim=-1).reshape(1, -1, 3)
+    world_points = (view_points - translation) @ rotation.transpose(1, 2)
+    centres = (-translation @ rotation.transpose(1, 2)).expand_as(world_points)
+    directions = torch.nn.functional.normalize(world_points - centres, dim=-1)
+    rays = torch.cat([directions, torch.linalg.cross(centres, directions)], dim=-1).reshape(views, n, n, 6)
+    return (torch.cat([rays, rays, rays[..., :4]], dim=-1) * 1.658).permute(0, 3, 1, 2)
+
+
+def test_release_ray_frames_match_an_independent_pytorch3d_style_computation():
+    azimuths, elevations, distances = [0, 30, -45, 120], [0, 10, 20, -15], [1.5, 1.5, 1.7, 2.0]
+    frames = ray_latents_from_spherical(azimuths, elevations, distances, height=8, width=8, dtype=torch.float64)
+    reference = release_reference_ray_frames(camera_from_spherical(azimuths, elevations, distances), 8)
+    torch.testing.assert_close(frames, reference, rtol=0, atol=1e-12)
+    # camera 0: the top-left ray points to +x, +y in its own PyTorch3D view frame (NDC (+1, +1)), moments vanish
+    rays = latent_to_rays(frames)
+    assert rays[0, 0, 0, 0] > 0 and rays[0, 0, 0, 1] > 0 and rays[0, ..., 3:].abs().max() < 1e-12
 
 
 def test_pixel_grid_is_the_pytorch3d_half_pixel_ndc_grid():
@@ -121,10 +170,16 @@ def test_release_multiview_frames():
     frames = ray_latents_from_spherical([0, 30, 60], [0, 0, 15], 1.5, height=8, width=8)
     assert frames.shape == (3, 16, 8, 8) and frames.dtype == torch.float32
     rays = latent_to_rays(frames.double())
-    # camera 0 is the identity at the origin: its moments vanish and its axis is +z
+    # camera 0 sits at the origin: its moments vanish and its axis is +z
     assert rays[0, ..., 3:].abs().max() < 1e-6
     cams = cameras_from_rays(rays)
-    assert rotation_geodesic_error(cams.c2w[0, :3, :3], torch.eye(3, dtype=torch.float64)).item() < 1e-5
+    # in the release's ray frame camera 0 is the PyTorch3D identity, i.e. OpenCV rotation diag(-1, -1, 1) ...
+    assert rotation_geodesic_error(cams.c2w[0, :3, :3], FLIP_XY[:3, :3]).item() < 1e-5
+    # ... and back in camera 0's OpenCV frame it is the identity, the others at their relative OpenCV poses
+    opencv = release_to_opencv_frame(cams.c2w)
+    assert rotation_geodesic_error(opencv[0, :3, :3], torch.eye(3, dtype=torch.float64)).item() < 1e-5
+    truth = relative_to_first(opengl_to_opencv(camera_from_spherical([0, 30, 60], [0, 0, 15], 1.5)), frame="opencv")
+    torch.testing.assert_close(opencv, truth, atol=1e-5, rtol=0)
     # the other cameras sit 2·1.5·sin(Δ/2) from camera 0 (chord of the sphere)
     assert cams.c2w[1, :3, 3].norm().item() == pytest.approx(2 * 1.5 * math.sin(math.radians(15)), abs=1e-5)
 

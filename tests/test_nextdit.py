@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.attention import softcap_self_attention, tiled_cross_attention
@@ -521,3 +522,341 @@ def test_from_pretrained_reads_a_subfolder_and_refuses_pickles(tmp_path):
     (pickled / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match="never loaded"):
         NextDiT.from_pretrained(pickled)
+
+
+# ---------------------------------------------------------------------------------------------- official semantics
+#
+# An independent float64 transcription of the release's forward pass (lehduong/OneDiffusion @ 6a64303,
+# modeling_nextdit.py + layers.py), written for these tests in plain torch. It follows the release's structure and
+# reads nothing from model/ except the parameter values (by their official names): its own token/feature index
+# maps, its own precomputed complex RoPE table sliced [:views, :rows, :cols] as the release does, repeat-interleave
+# for self-attention KV heads and einops "(repeat h)" tiling for the text KV heads, key-padding by masked_fill.
+# Two things are not the release's verbatim: the self-attention logits are soft-capped (the release's flash path,
+# which the weights were trained with; its fp32 SDPA fallback forgets the cap) and everything is float64.
+
+
+def official_semantics_forward(
+    params: dict[str, torch.Tensor],
+    config: dict,
+    samples: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor,
+    scale_factor: float = 1.0,
+    scale_watershed: float = 1.0,
+    softcap: float | None = 30.0,
+) -> torch.Tensor:
+    f64 = torch.float64
+    p = {name: value.detach().to(f64) for name, value in params.items()}
+    pT, pH, pW = config["patch_size"]
+    dim, heads = config["hidden_size"], config["num_heads"]
+    kv_heads = config["num_kv_heads"] or heads
+    head_dim, rep = dim // heads, heads // kv_heads
+    eps, qk_norm = config["norm_eps"], config["qk_norm"]
+    table_len, table_len_t = config["rotary_max_length"], config["rotary_max_length_t"]
+
+    def linear(name, v):
+        out = v @ p[f"{name}.weight"].T
+        return out + p[f"{name}.bias"] if f"{name}.bias" in p else out
+
+    def layer_norm(v, eps_, name=None):  # nn.LayerNorm over the last dim, affine when `name` is given
+        mu = v.mean(-1, keepdim=True)
+        var = (v - mu).pow(2).mean(-1, keepdim=True)
+        out = (v - mu) / torch.sqrt(var + eps_)
+        return out * p[f"{name}.weight"] + p[f"{name}.bias"] if name else out
+
+    def rms_norm(v, name):  # layers.RMSNorm: normalise, (cast back: a no-op in float64), then times the weight
+        return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)) * p[f"{name}.weight"]
+
+    # --- token <-> latent index maps: token n = (g * rows + r) * cols + c, feature f = ((a * pH + i) * pW + j) * C + ch
+    def index_maps(T, C, Hh, Ww):
+        G, rows, cols = T // pT, Hh // pH, Ww // pW
+        g, r, c, a, i, j, ch = torch.meshgrid(
+            *(torch.arange(n) for n in (G, rows, cols, pT, pH, pW, C)), indexing="ij"
+        )
+        token = (g * rows + r) * cols + c
+        feature = ((a * pH + i) * pW + j) * C + ch
+        return (token, feature), (g * pT + a, ch, r * pH + i, c * pW + j), (G, rows, cols)
+
+    def to_tokens(v):  # (B, T, C, H, W) -> (B, N, pT*pH*pW*C)
+        B, T, C, Hh, Ww = v.shape
+        (token, feature), (t_i, c_i, h_i, w_i), (G, rows, cols) = index_maps(T, C, Hh, Ww)
+        out = torch.zeros(B, G * rows * cols, pT * pH * pW * C, dtype=f64)
+        out[:, token, feature] = v.to(f64)[:, t_i, c_i, h_i, w_i]
+        return out, (G, rows, cols)
+
+    def from_tokens(tokens, T, C, Hh, Ww):  # inverse of to_tokens
+        (token, feature), (t_i, c_i, h_i, w_i), _ = index_maps(T, C, Hh, Ww)
+        out = torch.zeros(tokens.shape[0], T, C, Hh, Ww, dtype=f64)
+        out[:, t_i, c_i, h_i, w_i] = tokens[:, token, feature]
+        return out
+
+    # --- precompute_freqs_cis: a (views, len, len, head_dim/2) complex table; chunks [view | row | column]
+    def rope_table(max_timestep):
+        linear_factor, ntk_factor = (scale_factor, 1.0) if max_timestep < scale_watershed else (1.0, scale_factor)
+        theta = 10000.0 * ntk_factor
+        omega = 1.0 / theta ** (torch.arange(0, head_dim, 6, dtype=f64)[: head_dim // 6] / head_dim) / linear_factor
+        def unit_complex(length):  # exp(1j * position * omega), positions 0 .. length-1
+            angles = torch.outer(torch.arange(length, dtype=f64), omega)
+            return torch.polar(torch.ones_like(angles), angles)
+
+        axis = unit_complex(table_len)
+        n_t = table_len_t or table_len
+        axis_t = unit_complex(n_t)
+        shape = (n_t, table_len, table_len, head_dim // 6)
+        return torch.cat(
+            [axis_t[:, None, None].expand(shape), axis[None, :, None].expand(shape), axis[None, None, :].expand(shape)],
+            dim=-1,
+        )
+
+    x5 = samples[:, None] if samples.ndim == 4 else samples
+    B, T, C, Hh, Ww = x5.shape
+    t = timesteps.to(f64)
+    if t.ndim == 1:
+        t = t[:, None, None, None, None].expand(x5.shape)
+    t_tokens = to_tokens(t)[0].mean(-1)  # (B, N): mean over each patch's entries
+    tokens, (G, rows, cols) = to_tokens(x5)
+    table = rope_table(float(timesteps.max()))  # the release rebuilds it only when scaling is on; same values
+    cis = table[:G, :rows, :cols].reshape(G * rows * cols, head_dim // 2)
+
+    x = linear("x_embedder", tokens)
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=f64) / half)
+    args = t_tokens[:, :, None] * freqs
+    t_emb = linear("t_embedder.mlp.2", F.silu(linear("t_embedder.mlp.0", torch.cat([args.cos(), args.sin()], -1))))
+    text = encoder_hidden_states.to(f64)
+    m = encoder_attention_mask[..., None].to(f64)
+    pooled = (text * m).sum(1) / (m.sum(1) + 1e-8)
+    y_emb = linear("y_embedder.1", layer_norm(pooled, 1e-6, "y_embedder.0"))
+    adaln = t_emb + y_emb[:, None]  # (B, N, cond)
+
+    def rotate(v):  # view interleaved pairs as complex numbers, multiply by the table row of each token
+        z = torch.view_as_complex(v.reshape(*v.shape[:-1], head_dim // 2, 2).contiguous())
+        return torch.view_as_real(z * cis[None, :, None, :]).flatten(-2)
+
+    def attention(pre, h, y):
+        N, L = h.shape[1], y.shape[1]
+        xq, xk, xv = linear(f"{pre}.wq", h), linear(f"{pre}.wk", h), linear(f"{pre}.wv", h)
+        if qk_norm:
+            xq, xk = layer_norm(xq, 1e-5, f"{pre}.q_norm"), layer_norm(xk, 1e-5, f"{pre}.k_norm")
+        xq = xq.view(B, N, heads, head_dim)
+        xk = xk.view(B, N, kv_heads, head_dim).repeat_interleave(rep, dim=2)
+        xv = xv.view(B, N, kv_heads, head_dim).repeat_interleave(rep, dim=2)
+        xq, xk = rotate(xq), rotate(xk)
+        logits = torch.einsum("bnhd,bmhd->bhnm", xq, xk) / math.sqrt(head_dim)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        out = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), xv)
+
+        yk = linear(f"{pre}.wk_y", y)
+        if qk_norm:
+            yk = layer_norm(yk, 1e-6, f"{pre}.ky_norm")
+        yk = yk.view(B, L, kv_heads, head_dim).repeat(1, 1, rep, 1)  # einops "b l h d -> b l (repeat h) d"
+        yv = linear(f"{pre}.wv_y", y).view(B, L, kv_heads, head_dim).repeat(1, 1, rep, 1)
+        logits_y = torch.einsum("bnhd,blhd->bhnl", xq, yk) / math.sqrt(head_dim)
+        logits_y = logits_y.masked_fill(encoder_attention_mask[:, None, None, :] == 0, float("-inf"))
+        out_y = torch.einsum("bhnl,blhd->bnhd", logits_y.softmax(-1), yv)
+        out = out + out_y * torch.tanh(p[f"{pre}.gate"]).view(1, 1, -1, 1)
+        return linear(f"{pre}.wo", out.flatten(-2))
+
+    for i in range(config["depth"]):
+        pre = f"layers.{i}"
+        scale_msa, gate_msa, scale_mlp, gate_mlp = linear(f"{pre}.adaLN_modulation.1", F.silu(adaln)).chunk(4, -1)
+        h = rms_norm(x, f"{pre}.attention_norm1") * (1 + scale_msa)
+        attn_out = attention(f"{pre}.attention", h, rms_norm(text, f"{pre}.attention_y_norm"))
+        x = x + torch.tanh(gate_msa) * rms_norm(attn_out, f"{pre}.attention_norm2")
+        h = rms_norm(x, f"{pre}.ffn_norm1") * (1 + scale_mlp)
+        swiglu = F.silu(linear(f"{pre}.feed_forward.w1", h)) * linear(f"{pre}.feed_forward.w3", h)
+        ffn_out = linear(f"{pre}.feed_forward.w2", swiglu)
+        x = x + torch.tanh(gate_mlp) * rms_norm(ffn_out, f"{pre}.ffn_norm2")
+
+    scale = linear("final_layer.adaLN_modulation.1", F.silu(adaln))
+    x = linear("final_layer.linear", layer_norm(x, 1e-6) * (1 + scale))
+    out_channels = 2 * C if config["pred_sigma"] else C
+    return from_tokens(x, T, out_channels, Hh, Ww)
+
+
+def official_semantics_model(rotary_max_length_t=None):
+    """GQA (4 query heads on 2 KV heads), short RoPE table, and q/k-norm gains that make the softcap matter."""
+    model = tiny_model(num_heads=4, num_kv_heads=2, rotary_max_length=8, rotary_max_length_t=rotary_max_length_t)
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.q_norm.weight.mul_(8.0)
+            block.attention.k_norm.weight.mul_(8.0)
+    return model
+
+
+def pipeline_style_timesteps(kind, batch, views, h, w):
+    """(B,) as in pipeline.__call__; per element as in img2img (view 1 a clean condition at a small t)."""
+    if kind == "per_sample":
+        return torch.tensor([700.0, 350.0])[:batch]
+    if kind == "img2img":
+        t = torch.full((batch, views, 16, h, w), 620.0)
+        t[:, 1] = 20.0
+        return t
+    return timesteps_of_kind("per_element", batch, views, h, w)
+
+
+@pytest.mark.parametrize(
+    "scale_factor, scale_watershed", [(1.0, 1.0), (2.0, 1.0), (1.5, 2000.0)], ids=["no_scaling", "ntk", "linear"]
+)
+@pytest.mark.parametrize("kind", ["per_sample", "img2img", "per_element"])
+def test_forward_matches_an_independent_transcription_of_the_official_module(kind, scale_factor, scale_watershed):
+    model = official_semantics_model(rotary_max_length_t=4 if kind == "per_element" else None)
+    samples, text, mask = inputs(batch=2, views=2, h=4, w=6)  # 2 views of 2 x 3 patches; sample 1 half padding
+    t = pipeline_style_timesteps(kind, 2, 2, 4, 6)
+    config = dict(model.config)
+    params = model.state_dict()
+    official = official_semantics_forward(params, config, samples, t, text, mask, scale_factor, scale_watershed)
+    scaling = dict(rope_scale_factor=scale_factor, rope_scale_watershed=scale_watershed)
+    with torch.no_grad():
+        as_float64 = model.double()
+        for impl in ("math", "flex"):
+            as_float64.attn_impl = impl
+            out = as_float64(samples.double(), t.double(), text.double(), mask, **scaling)
+            assert out.shape == official.shape == (2, 2, 16, 4, 6)
+            assert rel_err(out, official) <= 1e-10, impl
+        model.float().attn_impl = "math"
+        assert rel_err(model(samples, t, text, mask, **scaling), official) <= 1e-4
+    if kind == "per_sample" and scale_factor == 1.0:  # the cap and the scaling are both exercised by this model
+        uncapped = official_semantics_forward(model.state_dict(), config, samples, t, text, mask, softcap=None)
+        assert rel_err(uncapped.float(), official) > 0.05
+        ntk = official_semantics_forward(model.state_dict(), config, samples, t, text, mask, 2.0, 1.0)
+        assert rel_err(ntk.float(), official) > 1e-3
+
+
+def test_official_transcription_catches_swapped_conventions(monkeypatch):
+    """The comparison is sensitive to the conventions it checks: text KV heads interleaved instead of tiled, or the
+    RoPE chunks ordered (column, row, view), give a clearly different output."""
+    import model.nextdit as nextdit_module
+
+    model = official_semantics_model()
+    samples, text, mask = inputs(batch=2, views=2, h=4, w=6)
+    t = torch.tensor([700.0, 350.0])
+    official = official_semantics_forward(model.state_dict(), dict(model.config), samples, t, text, mask)
+    with torch.no_grad():
+        assert rel_err(model(samples, t, text, mask), official) <= 1e-4
+    tiled = nextdit_module.tiled_cross_attention
+
+    def interleaved_cross_attention(q, k, v, key_mask):
+        group = q.shape[1] // k.shape[1]
+        return tiled(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), key_mask)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(nextdit_module, "tiled_cross_attention", interleaved_cross_attention)
+        assert rel_err(model(samples, t, text, mask), official) > 1e-2
+    positions = nextdit_module.token_positions
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(nextdit_module, "token_positions", lambda *a, **k: positions(*a, **k).flip(-1))
+        assert rel_err(model(samples, t, text, mask), official) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- bf16 details
+
+
+def test_rmsnorm_casts_back_before_the_weight_multiply_as_the_release():
+    """layers.RMSNorm: _norm(x.float()).type_as(x) * weight, i.e. in a bf16 model two roundings, bit for bit."""
+    from model.nextdit import RMSNorm
+
+    g = torch.Generator().manual_seed(4)
+    norm = RMSNorm(96)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 2 * torch.randn(96, generator=g))
+    norm = norm.bfloat16()
+    x = torch.randn(64, 96, generator=g).bfloat16()
+    x32 = x.float()
+    release = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * norm.weight
+    with torch.no_grad():
+        assert torch.equal(norm(x), release)
+        # fp32 weights with bf16 activations promote to fp32 in the release (bf16 normalised values x fp32 weight)
+        norm = norm.float()
+        promoted = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * norm.weight
+        assert promoted.dtype == torch.float32 and torch.equal(norm(x), promoted)
+
+
+@pytest.mark.parametrize("impl", ["math", "flex"])
+def test_bf16_self_attention_keeps_float32_logits_like_flash_attention(impl):
+    """flash_attn_varlen_func(softcap=30) forms the logits of bf16 q, k in fp32 and caps them in fp32; rounding q or
+    the logits to bf16 first costs several times the bf16 output rounding."""
+    g = torch.Generator().manual_seed(0)
+    q = (3 * torch.randn(1, 4, 64, 24, generator=g)).bfloat16()
+    k = (3 * torch.randn(1, 2, 64, 24, generator=g)).bfloat16()
+    v = torch.randn(1, 2, 64, 24, generator=g).bfloat16()
+    logits = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(24)
+    assert logits.abs().max() > 30  # the cap is active
+    expected = (30 * torch.tanh(logits / 30)).softmax(-1) @ v.double().repeat_interleave(2, 1)
+    output_rounding = rel_err(expected.bfloat16(), expected)
+    with torch.no_grad():
+        out = softcap_self_attention(q, k, v, attn_impl=impl)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, expected) <= 1.5 * output_rounding
+
+
+def test_float32_rope_table_is_the_release_table():
+    """precompute_freqs_cis: float32 omegas (computed on the CPU) times float32 positions, exp(1j * angle) in
+    complex64, chunks [view | row | column]; the 128 x 128 x 128 table is sliced [:views, :rows, :cols]."""
+    head_dim, length = 120, 128
+    positions = token_positions(3, 128, 5)  # rows up to 127, the largest angles of the release table
+    for theta, linear_factor in ((10000.0, 1.0), (20000.0, 1.0), (10000.0, 2.0)):
+        omega = 1.0 / (theta ** (torch.arange(0, head_dim, 6)[: head_dim // 6] / head_dim)) / linear_factor
+        axis = torch.exp(1j * torch.outer(torch.arange(length, dtype=torch.float32), omega).float())  # complex64
+        release = torch.cat([axis[positions[:, 0]], axis[positions[:, 1]], axis[positions[:, 2]]], dim=-1)
+        cos, sin = rope_cos_sin(positions, head_dim, torch.float32, theta, linear_factor)
+        ulp = 2.0**-23
+        assert (cos - release.real).abs().max() <= ulp and (sin - release.imag).abs().max() <= ulp
+
+
+# ---------------------------------------------------------------------------------------------- release config / folder
+
+RELEASE_CONFIG_JSON = {  # transformer/config.json of lehduong/OneDiffusion, reconstructed from spec §1.1
+    "_class_name": "NextDiT", "_diffusers_version": "0.30.3",
+    "caption_channels": 2048, "depth": 16, "ffn_dim_multiplier": None, "hidden_size": 3840, "in_channels": 16,
+    "input_size": [1, 96, 96], "model_max_length": 512, "multiple_of": 256, "norm_eps": 1e-05, "norm_type": "rms",
+    "num_heads": 32, "num_kv_heads": 8, "patch_size": [1, 2, 2], "pred_sigma": False, "qk_norm": True,
+    "rotary_max_length": 128, "rotary_max_length_t": None, **RELEASE_ONLY_METADATA,
+}  # fmt: skip
+
+
+def test_release_config_json_builds_the_release_module():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.device("meta"):
+            model = NextDiT(**{k: v for k, v in RELEASE_CONFIG_JSON.items() if not k.startswith("_")})
+            preset = NextDiT.from_preset("onediffusion-2.8b")
+    assert {k: v for k, v in model.config.items() if not k.startswith("_")} == {
+        k: v for k, v in preset.config.items() if not k.startswith("_")
+    }
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == official_names_and_shapes(depth=16)
+    assert model.layers[0].feed_forward.w1.out_features == 10240  # 256 * ceil(int(2 * 4 * 3840 / 3) / 256)
+    assert model.layers[0].attention.ky_norm.eps == 1e-6 and model.layers[0].attention.q_norm.eps == 1e-5
+    assert model.final_layer.norm_final.eps == 1e-6 and model.final_layer.norm_final.weight is None
+    assert model.y_embedder[0].eps == 1e-6 and model.y_embedder[0].weight is not None
+    assert model.out_channels == 16 and model.patch_size == (1, 2, 2)
+
+
+def test_release_style_folder_with_sharded_bf16_weights_loads_strictly(tmp_path):
+    """A folder laid out like the release: config.json with the EMA/JAX fields, bf16 safetensors in two shards and
+    a diffusers index.json (names as the hub writes them)."""
+    model = tiny_model().to(torch.bfloat16)
+    state = {name: t.contiguous() for name, t in model.state_dict().items()}
+    names = sorted(state)
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, folder / file)
+    index = {"metadata": {"total_size": sum(t.numel() * 2 for t in state.values())},
+             "weight_map": {k: file for file, keys in shards.items() for k in keys}}  # fmt: skip
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    config = {**RELEASE_CONFIG_JSON, **{k: v for k, v in model.config.items() if not k.startswith("_")}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_bf16 = NextDiT.from_pretrained(tmp_path, subfolder="transformer", torch_dtype=torch.bfloat16)
+        as_fp32 = NextDiT.from_pretrained(folder)
+    assert_same_parameters(model, as_bf16)
+    assert as_fp32.dtype == torch.float32
+    assert all(torch.equal(as_fp32.state_dict()[k], state[k].float()) for k in state)

@@ -17,7 +17,9 @@ from model.pipeline import (
     EstimatedCameras,
     OneDiffusionOutput,
     OneDiffusionPipeline,
+    _center_crop_resize,
 )
+from model.tasks import get_task
 from model.tokenizers import PixelTokenizer, T5TextEncoder, VAETokenizer, build_tiny_t5
 
 # Non-default values, so a test can tell that these (and not the release's) drive the sampler.
@@ -210,7 +212,9 @@ def test_image_to_depth_returns_the_map_and_a_depth_array(pipe):
     assert result.target_mask == (False, True) and result.prompts == ["[[depth2image]]"]
     assert result.image_views == [1] and result.images[0].shape == (SIZE, SIZE, 3)
     assert len(result.depth) == 1 and result.depth[0].shape == (SIZE, SIZE) and result.depth[0].dtype == np.float32
-    np.testing.assert_allclose(result.depth[0], result.images[0].mean(axis=-1), rtol=0, atol=1e-6)
+    # the release demo reads the generated map as PIL "L": ITU-R 601 luma of the decoded RGB
+    luma = result.images[0] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    np.testing.assert_allclose(result.depth[0], luma, rtol=0, atol=1e-6)
     same = run(pipe, "depth2image", images=[Image.fromarray(photo())], denoise_mask=[0, 1], seed=0,
                output_type="np")
     assert torch.equal(same.latents, result.latents)
@@ -225,8 +229,9 @@ def test_multiview_pose_estimation_recovers_cameras_from_the_ray_frames(pipe):
     assert estimate.c2w.shape == (2, 4, 4) and estimate.centre.shape == (2, 3)
     np.testing.assert_allclose(estimate.rotation @ estimate.rotation.transpose(0, 2, 1), np.eye(3)[None].repeat(2, 0),
                                atol=1e-9)
+    # read back from the rays (release ray frame), then expressed in camera 0's OpenCV frame
     expected = camera_utils.cameras_from_rays(camera_utils.latent_to_rays(result.latents[0, [1, 3]].double()))
-    np.testing.assert_allclose(estimate.c2w, expected.c2w.numpy(), atol=1e-12)
+    np.testing.assert_allclose(estimate.c2w, camera_utils.release_to_opencv_frame(expected.c2w).numpy(), atol=1e-12)
 
 
 def test_novel_view_synthesis_holds_the_camera_ray_frames_clean(pipe):
@@ -237,6 +242,54 @@ def test_novel_view_synthesis_holds_the_camera_ray_frames_clean(pipe):
     torch.testing.assert_close(result.latents[0, [1, 3]], rays, rtol=0, atol=0)
     with pytest.raises(ValueError, match="cameras="):
         run(pipe, "multiview", images=[photo()], seed=0)
+
+
+def test_multiview_rays_are_relative_to_the_first_camera_whose_pose_is_given(pipe):
+    # as the release (only the known poses are passed, the first of them is the reference): camera 0's rays are
+    # generated here, so camera 1 is the reference and its ray frame is the reference camera's
+    mask = [0, 1, 0, 0]
+    reference = camera_utils.ray_latents_from_spherical([30], [10], [1.5], height=SIZE // 2, width=SIZE // 2)[0]
+    for cameras in ([None, (30.0, 10.0, 1.5)], [(0.0, 0.0, 1.5), (30.0, 10.0, 1.5)]):
+        result = run(pipe, "multiview", images=[photo(seed=1), photo(seed=2)], cameras=cameras, denoise_mask=mask,
+                     seed=0, guidance_scale=1.0)
+        torch.testing.assert_close(result.latents[0, 3], reference, rtol=0, atol=0)
+        assert result.cameras[0].camera_indices == [0]
+    with pytest.raises(ValueError, match="camera 1"):
+        run(pipe, "multiview", images=[photo(seed=1), photo(seed=2)], cameras=[(0.0, 0.0), None], denoise_mask=mask)
+
+
+def test_default_size_is_the_closest_aspect_ratio_512_bucket(pipe):
+    f = pipe.image_tokenizer.downsample_factor  # the release's buckets are for f = 8: same latent grid here
+    depth = get_task("depth2image")
+    cases = [((768, 512), (608, 416)), ((500, 500), (512, 512)), ((300, 1200), (256, 1024)), ((2000, 100), (1024, 256)),
+             ((480, 640), (416, 576))]  # 480/640 = 0.75 ties 0.72 and 0.78: the first key wins, as min() does
+    for (height, width), bucket in cases:
+        image = torch.zeros(3, height, width)
+        assert pipe.default_size(depth, image) == (bucket[0] * f // 8, bucket[1] * f // 8), (height, width)
+    assert pipe.default_size(get_task("multiview"), torch.zeros(3, 768, 512)) == (512 * f // 8, 512 * f // 8)
+
+
+def test_condition_images_are_center_cropped_then_bilinearly_resized_like_the_release():
+    image = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    # target 16x16: crop the centred 20x20 (columns 5..24), then bilinear (align_corners=False, no antialias)
+    expected = torch.nn.functional.interpolate(image[None, :, :, 5:25], size=(16, 16), mode="bilinear",
+                                               align_corners=False)[0]
+    torch.testing.assert_close(_center_crop_resize(image, 16, 16), expected, rtol=0, atol=1e-6)
+    # taller than the target: crop rows; the crop box is truncated to whole pixels (3.33 -> 3, 13.33 -> 13)
+    expected = torch.nn.functional.interpolate(image[None, :, 3:16, :], size=(8, 18), mode="bilinear",
+                                               align_corners=False)[0]
+    torch.testing.assert_close(_center_crop_resize(image, 8, 18), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_center_crop_resize(image, 20, 30), image, rtol=0, atol=1e-6)
+
+
+def test_noise_scale_multiplies_the_token_count_of_the_dynamic_shift(pipe):
+    from model.flow import inference_sigmas
+
+    tokens = (SIZE // 2 // 2) ** 2
+    for noise_scale in (1.0, 2.5):
+        result = run(pipe, "depth2image", images=[photo()], direction="estimate", seed=0, output_type="latent",
+                     noise_scale=noise_scale)
+        torch.testing.assert_close(result.sigmas, inference_sigmas(STEPS, pipe.flow_config, noise_scale * tokens))
 
 
 def test_bad_inputs_get_clear_errors(pipe):

@@ -138,3 +138,22 @@ def test_every_task_round_trips_through_its_prompt():
         for direction in task.directions:
             mask = task.target_mask(direction)
             assert len(mask) == task.num_views and any(mask)
+
+
+def test_prompts_match_the_release_examples():
+    # inference.py (ID customization; its line continuations leave runs of spaces, which T5 collapses anyway)
+    faceid = get_task("faceid").build_prompt(
+        "A woman dressed in traditional attire with intricate headpieces.",
+        reference_captions=["A woman with long dark hair.", "A woman in traditional clothing."])
+    assert faceid == ("[[faceid]] [[img0]] A woman dressed in traditional attire with intricate headpieces. "
+                      "[[img1]] A woman with long dark hair. [[img2]] A woman in traditional clothing.")
+    # inference.py (depth estimation and image -> multiview), multiview loader ("[[multiview]] " + caption or token)
+    assert get_task("depth2image").build_prompt("cat sitting on a table") == "[[depth2image]] cat sitting on a table"
+    assert get_task("depth2image").build_prompt() == "[[depth2image]]"
+    assert get_task("multiview").build_prompt("A cat.") == "[[multiview]] A cat."
+    # PROMPT_GUIDE §3.1 additional tokens; gradio_demo.py's format_prompt templates
+    assert get_task("semanticmap2image").build_prompt("x", entries=[("object", "cyan")]) == \
+        "[[semanticmap2image]] <#00FFFF cyan mask: object> x"
+    assert get_task("subject_driven").build_prompt("target", item="name", reference_captions=["source"]) == \
+        "[[subject_driven]] <item: name> [[img0]] target [[img1]] source"
+    assert get_task("image_editing").build_prompt("make it snow") == "[[image_editing]] make it snow"
