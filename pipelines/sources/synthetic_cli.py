@@ -3,7 +3,7 @@
     onegen synth render --scenes 100 --views 4 --size 128 --seed 0 --out DIR [--format folder|wds]
     onegen synth sheet --out sheet.png --scenes 3 --views 4 --size 128 --seed 0
 
-Until the `onegen` console script wires it in, run it as `python -m pipelines.sources.synthetic_cli ...`.
+Also runnable as `python -m pipelines.sources.synthetic_cli ...`.
 The wiring is `add_arguments(subparser)` + `run(args) -> exit code`.
 
 Folder format: every sample's WebDataset members as files `<key>.<ext>` (png, depth.npy, instance.png, semantic.png,

@@ -1,0 +1,5 @@
+import sys
+
+from onegen.cli import main
+
+sys.exit(main())

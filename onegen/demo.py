@@ -1,0 +1,289 @@
+"""`onegen demo`: the most complete real chain that exists today, end to end on the embedded defaults.
+
+1. Render the synthetic One-Gen world in Ray tasks (local Ray, or RAY_ADDRESS) and write the samples as WebDataset
+   shards under the storage root (local path or s3://), each shard written atomically.
+2. Read the shards back, tokenize images with the exact pixel tokenizer and captions with a tiny T5 built locally
+   (no hub downloads here), and draw the depth condition maps.
+3. Train a small NextDiT with the flow-matching objective on a 50/50 mix of text→image and image→depth, tracked in
+   MLflow (resolved config, git commit, loss curve).
+4. Save the model in the release layout, load it back through `OneDiffusionPipeline`, generate images for training
+   captions and estimate depth for training images, score the depth against the exact ground truth, and log a
+   picture grid. The model memorises its small training set: the numbers show the chain works, not generalisation.
+
+The data build, Ray Train/DeepSpeed training and evaluation issues replace steps 1–4 with the real jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+
+from onegen.cli import add_config_options, config_from_args
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_options(parser)
+    parser.set_defaults(config=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    summary = run_demo(cfg)
+    print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Render the synthetic world with Ray, write shards to storage
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _render_shard(seed: int, first_scene: int, num_scenes: int, views: int, size: int) -> bytes:
+    """One WebDataset tar (bytes) holding the views of scenes first_scene .. first_scene + num_scenes - 1."""
+    import webdataset as wds
+
+    from pipelines.sources.synthetic import synthetic_samples
+
+    buffer = io.BytesIO()
+    with wds.TarWriter(buffer) as tar:
+        for sample in synthetic_samples(seed, num_scenes, views, size, first_scene=first_scene):
+            tar.write(sample.to_wds())
+    return buffer.getvalue()
+
+
+def render_shards(cfg, storage, prefix: str) -> list[str]:
+    """Render the demo scenes in Ray tasks, one shard per task; returns the shard paths relative to storage."""
+    import ray
+    from tqdm import tqdm
+
+    from onegen.raycluster import init_ray
+
+    demo = cfg.demo
+    init_ray(cfg)
+    render = ray.remote(num_cpus=1)(_render_shard)
+    starts = list(range(0, demo.scenes, demo.scenes_per_shard))
+    futures = {render.remote(cfg.run.seed, s, min(demo.scenes_per_shard, demo.scenes - s), demo.views_per_scene,
+                             cfg.data.image_size): f"{prefix}/shard-{i:05d}.tar" for i, s in enumerate(starts)}
+    pending = list(futures)
+    with tqdm(total=len(pending), desc="render shards (ray)", unit="shard") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            storage.write_bytes(futures[done[0]], ray.get(done[0]))
+            bar.update(1)
+    return sorted(futures.values())
+
+
+def read_samples(storage, shard_paths: list[str]):
+    """The samples of the shards, in order (WebDataset tars: members KEY.EXT grouped by KEY)."""
+    import tarfile
+
+    from pipelines.record import Sample
+
+    samples = []
+    for path in shard_paths:
+        groups: dict[str, dict] = {}
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path))) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                groups.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+        samples.extend(Sample.from_wds(group) for group in groups.values())
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Views: images and depth maps in [-1, 1]
+# ---------------------------------------------------------------------------------------------------------------------
+
+def depth_to_map(depth: np.ndarray) -> np.ndarray:
+    """Metric z-depth (0 = sky) → relative inverse depth in [0, 1] (near = bright, sky = 0), as depth labelers draw it."""
+    valid = depth > 0
+    disparity = np.zeros_like(depth, dtype=np.float64)
+    disparity[valid] = 1.0 / depth[valid]
+    if valid.any():
+        lo, hi = disparity[valid].min(), disparity[valid].max()
+        disparity[valid] = (disparity[valid] - lo) / max(hi - lo, 1e-12) * 0.9 + 0.1  # sky stays 0
+    return disparity
+
+
+def _to_unit_range(rgb01: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rgb01, dtype=np.float32)).permute(2, 0, 1) * 2 - 1
+
+
+def make_views(samples):
+    """(images (N,3,H,W), depth maps (N,3,H,W), both in [-1, 1]; captions)."""
+    import torch
+
+    images = torch.stack([_to_unit_range(s.image / 255.0) for s in samples])
+    depth_maps = torch.stack([_to_unit_range(np.repeat(depth_to_map(s.depth)[..., None], 3, axis=2))
+                              for s in samples])
+    captions = [s.captions["short"] for s in samples]
+    return images, depth_maps, captions
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Train (in-process for now; the training issue moves this to Ray Train + DeepSpeed)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def train(cfg, model, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask, log_metric):
+    """A 50/50 mix of text→image (1 view) and image→depth (2 views, the image a condition) batches."""
+    import torch
+    from tqdm import tqdm
+
+    from model.flow import FlowConfig, flow_matching_loss
+
+    flow_cfg = FlowConfig(shift=cfg.demo.shift, clean_condition_prob=0.5, text_dropout_prob=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - 0.9 * step / cfg.train.steps)  # to 10%
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    n = image_latents.shape[0]
+    depth_target = torch.tensor([False, True])
+    losses = []
+    model.train()
+    bar = tqdm(range(cfg.train.steps), desc="train (flow matching)", unit="step")
+    for step in bar:
+        idx = torch.randint(0, n, (min(cfg.train.batch_size, n),), generator=generator)
+        if step % 2 == 0:
+            x0, target, task = image_latents[idx][:, None], None, "text2image"
+        else:
+            x0, target, task = torch.stack([image_latents[idx], depth_latents[idx]], dim=1), depth_target, "depth"
+        loss, _ = flow_matching_loss(model, x0, text_states[idx], text_mask[idx], target, flow_cfg, generator,
+                                     uncond_text_states=uncond_states, uncond_text_mask=uncond_mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == cfg.train.steps - 1:
+            log_metric(f"train/loss_{task}", float(loss), step)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Evaluate through the pipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+def depth_abs_rel(predicted_map: np.ndarray, true_depth: np.ndarray) -> float:
+    """AbsRel of a predicted relative-inverse-depth map after a least-squares scale+shift fit in disparity space
+    (the affine-invariant protocol of Marigold-style depth evaluation), on pixels with ground truth."""
+    valid = true_depth > 0
+    disparity = 1.0 / true_depth[valid]
+    a = np.stack([predicted_map[valid], np.ones(valid.sum())], axis=1)
+    (scale, shift), *_ = np.linalg.lstsq(a, disparity, rcond=None)
+    # a fit can go non-positive where the prediction is poor: clip to the true disparity range (no infinite depth)
+    aligned = np.clip(scale * predicted_map[valid] + shift, disparity.min(), disparity.max())
+    return float(np.mean(np.abs(1.0 / aligned - true_depth[valid]) / true_depth[valid]))
+
+
+def picture_grid(rows: list[list[np.ndarray]]):
+    from PIL import Image
+
+    h, w = rows[0][0].shape[:2]
+    grid = np.full((len(rows) * (h + 2), max(map(len, rows)) * (w + 2), 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            tile = tile if tile.ndim == 3 else np.repeat(tile[..., None], 3, axis=2)
+            grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
+    return Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST)
+
+
+def _uint8(unit: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(unit * 255), 0, 255).astype(np.uint8)
+
+
+def evaluate(cfg, pipeline, samples, captions, out_dir: Path):
+    """Generate images for the first captions and estimate depth for the first images; returns (metrics, grid)."""
+    demo = cfg.demo
+    count = min(demo.eval_samples, len(samples))
+    common = dict(num_inference_steps=demo.sample_steps, guidance_scale=demo.guidance_scale, seed=cfg.run.seed,
+                  progress=False, output_type="np", height=cfg.data.image_size, width=cfg.data.image_size)
+    rows, abs_rel, abs_rel_constant, image_error = [], [], [], []
+    for i in range(count):
+        s = samples[i]
+        generated = pipeline("text2image", captions[i], **common).images[0]
+        estimated = pipeline("depth2image", captions[i], images=[s.image], direction="estimate", **common)
+        depth_map = estimated.depth[0]
+        abs_rel.append(depth_abs_rel(depth_map, s.depth))
+        true = s.depth[s.depth > 0]
+        abs_rel_constant.append(float(np.mean(np.abs(np.median(true) - true) / true)))  # "no depth knowledge"
+        image_error.append(float(np.abs(generated.astype(np.float64) / 255.0 - s.image / 255.0).mean()))
+        rows.append([s.image, _uint8(generated / 255.0 if generated.dtype == np.uint8 else generated),
+                     _uint8(depth_to_map(s.depth)), _uint8(depth_map)])
+    grid = picture_grid(rows)
+    grid_path = out_dir / "demo_grid.png"
+    grid.save(grid_path)
+    metrics = {"eval/depth_abs_rel": float(np.mean(abs_rel)),
+               "eval/depth_abs_rel_constant": float(np.mean(abs_rel_constant)),
+               "eval/t2i_mean_abs_error": float(np.mean(image_error))}
+    return metrics, grid_path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The chain
+# ---------------------------------------------------------------------------------------------------------------------
+
+def run_demo(cfg) -> dict:
+    import mlflow
+    import torch
+
+    from model.nextdit import NextDiT
+    from model.pipeline import OneDiffusionPipeline
+    from model.tokenizers import PixelTokenizer, T5TextEncoder, build_tiny_t5
+    from onegen.storage import Storage
+    from onegen.tracking import start_run
+
+    torch.manual_seed(cfg.run.seed)
+    out_dir = Path(cfg.run.work_dir) / cfg.run.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = Storage.from_config(cfg)
+    started = time.perf_counter()
+
+    with start_run(cfg, run_name=cfg.run.name) as active:
+        shard_paths = render_shards(cfg, storage, prefix=f"{cfg.run.name}/synthetic")
+        samples = read_samples(storage, shard_paths)
+        mlflow.log_metric("data/samples", len(samples))
+        images, depth_maps, captions = make_views(samples)
+
+        model = NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
+        text_dir = build_tiny_t5(out_dir / "text", d_model=model.config.caption_channels, seed=cfg.run.seed)
+        text_encoder = T5TextEncoder.from_pretrained(text_dir)
+        tokenizer = PixelTokenizer()
+        with torch.no_grad():
+            image_latents, depth_latents = tokenizer.encode(images), tokenizer.encode(depth_maps)
+            text_states, text_mask = text_encoder.encode(captions)
+            uncond_states, uncond_mask = text_encoder.encode([""])
+        mlflow.log_param("model.parameters", sum(p.numel() for p in model.parameters()))
+
+        losses = train(cfg, model, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask,
+                       lambda name, value, step: mlflow.log_metric(name, value, step=step))
+
+        pipeline = OneDiffusionPipeline(model, tokenizer, text_encoder)
+        model_dir = pipeline.save_pretrained(out_dir / "pipeline")
+        pipeline = OneDiffusionPipeline.from_pretrained(model_dir)  # what a user of the trained model loads
+        metrics, grid_path = evaluate(cfg, pipeline, samples, captions, out_dir)
+        first, last = float(np.mean(losses[:20])), float(np.mean(losses[-20:]))
+        metrics.update({"train/loss_first20": first, "train/loss_last20": last})
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(grid_path), artifact_path="samples")
+        run_id = active.info.run_id
+
+    return {
+        "samples": len(samples),
+        "shards": storage.uri(f"{cfg.run.name}/synthetic"),
+        "loss (first 20 -> last 20 steps)": f"{first:.4f} -> {last:.4f}",
+        "depth AbsRel (trained model / constant-depth baseline)":
+            f"{metrics['eval/depth_abs_rel']:.3f} / {metrics['eval/depth_abs_rel_constant']:.3f}",
+        "pipeline folder": str(model_dir),
+        "picture grid (image | generated | true depth | estimated depth)": str(grid_path),
+        "mlflow": f"{mlflow.get_tracking_uri()} run {run_id}",
+        "seconds": f"{time.perf_counter() - started:.0f}",
+    }

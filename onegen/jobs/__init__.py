@@ -1,0 +1,1 @@
+"""Entry points run as Ray jobs: `ray job submit --working-dir . -- python -m onegen.jobs.<name>`."""

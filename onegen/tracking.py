@@ -1,0 +1,140 @@
+"""MLflow runs that carry the resolved config, the git commit and the config hash.
+
+Default store: `sqlite:///<work_dir>/mlflow.db` with artifacts in `<work_dir>/mlartifacts` (a sqlite store would
+otherwise put artifacts in ./mlruns of whatever the CWD is). Set `tracking.uri: http://host:5000` to log to an
+`mlflow server`; that server then decides where artifacts go (`--artifacts-destination`).
+
+    with start_run(cfg) as run:          # params = flattened resolved config, artifact config/resolved.yaml
+        mlflow.log_metric("loss", 0.1, step=1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from onegen.config import OnegenConfig, config_hash, flatten, resolved_dict, resolved_yaml
+
+if TYPE_CHECKING:
+    import mlflow
+
+# MLflow limits (mlflow/utils/validation.py): 100 params per batch, 6000 chars per value, 250 per key.
+_PARAMS_PER_BATCH = 100
+_MAX_PARAM_VALUE = 6000
+_MAX_KEY = 250
+
+TAG_GIT_COMMIT = "onegen.git_commit"
+TAG_GIT_DIRTY = "onegen.git_dirty"
+TAG_CONFIG_HASH = "onegen.config_hash"
+CONFIG_ARTIFACT = "config/resolved.yaml"
+
+# Stores the client writes to directly (so the client picks the artifact root), as opposed to a tracking server.
+_LOCAL_STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file", "")
+
+
+def tracking_uri(cfg: OnegenConfig) -> str:
+    """The resolved MLflow tracking URI (config `tracking.uri`, default sqlite under the work dir)."""
+    assert cfg.tracking.uri is not None  # filled by OnegenConfig's validator
+    return cfg.tracking.uri
+
+
+def is_local_store(uri: str) -> bool:
+    """True when the client writes artifacts itself (database or file store), False for a tracking server."""
+    if uri.startswith("databricks"):
+        return False
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    return scheme in _LOCAL_STORE_SCHEMES
+
+
+def git_state(repo_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(commit, dirty) of the checkout at `repo_dir` (default CWD): dirty is "true"/"false"; ("unknown", "unknown")
+    outside git. ONEGEN_GIT_COMMIT / ONEGEN_GIT_DIRTY win: Ray jobs get them from `job_runtime_env`, because the
+    uploaded working dir has no .git."""
+    if os.environ.get("ONEGEN_GIT_COMMIT"):
+        return os.environ["ONEGEN_GIT_COMMIT"], os.environ.get("ONEGEN_GIT_DIRTY", "unknown")
+    cwd = os.fspath(repo_dir) if repo_dir is not None else None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+    return commit, "true" if status.strip() else "false"
+
+
+def run_tags(cfg: OnegenConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
+    commit, dirty = git_state()
+    tags = {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: dirty, TAG_CONFIG_HASH: config_hash(cfg)}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    tags.update(extra or {})
+    return tags
+
+
+def config_params(cfg: OnegenConfig) -> dict[str, str]:
+    """The flattened resolved config as MLflow params ('train.lr' -> '0.0005'), values cut to MLflow's limit."""
+    params = {}
+    for key, value in flatten(resolved_dict(cfg)).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if len(text) > _MAX_PARAM_VALUE:
+            text = text[: _MAX_PARAM_VALUE - 3] + "..."
+        params[key[:_MAX_KEY]] = text
+    return params
+
+
+def ensure_experiment(cfg: OnegenConfig) -> str:
+    """Point MLflow at the configured store and return the experiment id, creating the experiment if needed
+    (with its artifact root under the work dir when the store is local)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if is_local_store(uri):
+        artifact_root = cfg.tracking.artifact_location
+        assert artifact_root is not None
+        location = artifact_root if "://" in artifact_root else Path(artifact_root).absolute().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        experiment = mlflow.get_experiment_by_name(name)  # another process created it first
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def log_config(cfg: OnegenConfig) -> None:
+    """Log the resolved config to the active run: params (in batches MLflow accepts) and the YAML artifact."""
+    import mlflow
+
+    items = list(config_params(cfg).items())
+    for start in range(0, len(items), _PARAMS_PER_BATCH):
+        mlflow.log_params(dict(items[start:start + _PARAMS_PER_BATCH]))
+    mlflow.log_text(resolved_yaml(cfg), CONFIG_ARTIFACT)
+
+
+@contextlib.contextmanager
+def start_run(cfg: OnegenConfig, run_name: str | None = None, tags: dict[str, str] | None = None, *,
+              nested: bool = False) -> Iterator["mlflow.ActiveRun"]:
+    """Open an MLflow run named `run_name` (default `run.name`) tagged with git commit/dirty and config hash, with
+    the resolved config logged. The run ends FINISHED, or FAILED if the block raises."""
+    import mlflow
+
+    experiment_id = ensure_experiment(cfg)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run.name,
+                          tags=run_tags(cfg, tags), nested=nested) as run:
+        log_config(cfg)
+        yield run

@@ -1,0 +1,101 @@
+"""Shared fixtures for tests that start real local services (moto S3, mlflow server, Ray head) on 127.0.0.1.
+
+Services are started by the test that needs them and stopped by PID: never `ray stop` or name-based kills, other
+people's processes may run on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+
+import psutil
+import pytest
+
+
+def _free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_http(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll `url` until it answers 200; fail after `timeout_s` or as soon as `alive()` turns False."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the service behind {url} exited while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except (urllib.error.URLError, OSError) as err:
+            last = str(err)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout_s:.0f} s ({last})")
+
+
+def _stop_processes(pids: Iterable[int], timeout_s: float = 15) -> list[int]:
+    """SIGTERM the given PIDs, SIGKILL what is left after `timeout_s`; return the PIDs still alive (should be [])."""
+    procs = []
+    for pid in set(pids):
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    return [proc.pid for proc in alive if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """PIDs in session `sid` (a service started with start_new_session=True keeps its descendants there)."""
+    pids = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                pids.append(proc.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return pids
+
+
+@pytest.fixture(scope="session")
+def free_tcp_port() -> Callable[[], int]:
+    """Call it for a TCP port that is free on 127.0.0.1 right now."""
+    return _free_tcp_port
+
+
+@pytest.fixture(scope="session")
+def wait_for_http() -> Callable[..., None]:
+    """wait_for_http(url, timeout_s, alive=callable): poll until HTTP 200, bounded."""
+    return _wait_for_http
+
+
+@pytest.fixture(scope="session")
+def stop_processes() -> Callable[..., list[int]]:
+    """stop_processes(pids, timeout_s=15) -> PIDs still alive: TERM, then KILL, by PID only."""
+    return _stop_processes
+
+
+@pytest.fixture(scope="session")
+def session_pids() -> Callable[[int], list[int]]:
+    """session_pids(sid) -> PIDs of every process in that session."""
+    return _session_pids

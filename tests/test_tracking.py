@@ -1,0 +1,166 @@
+"""MLflow runs carry the resolved config (params + YAML artifact), git commit and config hash; they log to a sqlite
+store under the work dir by default, or to a real `mlflow server` started by the test."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from onegen.config import OnegenConfig, config_hash, load_config, resolved_dict
+from onegen.tracking import (CONFIG_ARTIFACT, TAG_CONFIG_HASH, TAG_GIT_COMMIT, TAG_GIT_DIRTY, config_params,
+                             git_state, is_local_store, start_run, tracking_uri)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(monkeypatch, tmp_path):
+    """No run, URI or git override leaks between tests; the CWD is a scratch folder outside any git checkout."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+                 "ONEGEN_GIT_COMMIT", "ONEGEN_GIT_DIRTY"):
+        monkeypatch.delenv(name, raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def make_config(tmp_path: Path, *overrides: str) -> OnegenConfig:
+    return load_config(None, ["run.name=track-test", f"run.work_dir={tmp_path / 'work'}", *overrides])
+
+
+def test_default_store_is_sqlite_in_the_work_dir(tmp_path: Path):
+    cfg = make_config(tmp_path)
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path}/work/mlflow.db"
+    assert is_local_store(tracking_uri(cfg)) and not is_local_store("http://127.0.0.1:5000")
+
+
+def test_run_logs_config_tags_metrics_and_artifacts_under_the_work_dir(tmp_path: Path):
+    cfg = make_config(tmp_path, "train.lr=1e-4")
+    with start_run(cfg, tags={"stage": "test"}) as run:
+        mlflow.log_metric("loss", 0.5, step=1)
+        mlflow.log_text("hello", "notes/hello.txt")
+    client = MlflowClient(tracking_uri(cfg))
+    logged = client.get_run(run.info.run_id)
+
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "track-test"
+    assert logged.data.params["train.lr"] == "0.0001"
+    assert logged.data.params["run.name"] == "track-test"
+    assert logged.data.params == config_params(cfg)
+    assert logged.data.metrics["loss"] == 0.5
+    assert logged.data.tags[TAG_CONFIG_HASH] == config_hash(cfg)
+    assert logged.data.tags[TAG_GIT_COMMIT] == "unknown"  # the CWD is not a git checkout
+    assert logged.data.tags["stage"] == "test"
+
+    resolved = yaml.safe_load(mlflow.artifacts.load_text(f"{logged.info.artifact_uri}/{CONFIG_ARTIFACT}"))
+    assert resolved == resolved_dict(cfg)
+    # Artifacts land under <work_dir>/mlartifacts, not in ./mlruns of the CWD.
+    artifact_dir = tmp_path / "work" / "mlartifacts"
+    assert logged.info.artifact_uri.startswith(artifact_dir.as_uri())
+    assert (artifact_dir / run.info.run_id / "artifacts" / "notes" / "hello.txt").read_text() == "hello"
+    assert not (Path.cwd() / "mlruns").exists()
+    assert (tmp_path / "work" / "mlflow.db").is_file()
+
+
+def test_a_failing_block_marks_the_run_failed(tmp_path: Path):
+    cfg = make_config(tmp_path)
+    with pytest.raises(RuntimeError):
+        with start_run(cfg) as run:
+            raise RuntimeError("boom")
+    assert MlflowClient(tracking_uri(cfg)).get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_many_and_long_params_fit_mlflow_limits(tmp_path: Path):
+    # >100 params needs several batches; a value over 6000 chars is cut, not rejected.
+    many = [f"ray.runtime_env.env_vars.V{i:03d}={i}" for i in range(150)]
+    cfg = make_config(tmp_path, *many, "ray.runtime_env.env_vars.LONG=" + "x" * 7000)
+    with start_run(cfg) as run:
+        pass
+    params = MlflowClient(tracking_uri(cfg)).get_run(run.info.run_id).data.params
+    assert params["ray.runtime_env.env_vars.V149"] == "149"
+    assert len(params) == len(config_params(cfg)) > 150
+    assert len(params["ray.runtime_env.env_vars.LONG"]) == 6000
+
+
+def test_second_run_reuses_the_experiment(tmp_path: Path):
+    cfg = make_config(tmp_path, "tracking.experiment=shared")
+    with start_run(cfg, run_name="a") as first:
+        pass
+    with start_run(cfg, run_name="b") as second:
+        pass
+    assert first.info.experiment_id == second.info.experiment_id
+    assert first.info.run_id != second.info.run_id
+
+
+def test_git_state_of_the_repo_and_the_job_override(tmp_path: Path, monkeypatch):
+    commit, dirty = git_state(REPO)
+    assert re.fullmatch(r"[0-9a-f]{40}", commit) and dirty in ("true", "false")
+    assert git_state(tmp_path) == ("unknown", "unknown")
+    monkeypatch.setenv("ONEGEN_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("ONEGEN_GIT_DIRTY", "false")
+    assert git_state(tmp_path) == ("abc123", "false")
+    cfg = make_config(tmp_path)
+    with start_run(cfg) as run:
+        pass
+    tags = MlflowClient(tracking_uri(cfg)).get_run(run.info.run_id).data.tags
+    assert tags[TAG_GIT_COMMIT] == "abc123" and tags[TAG_GIT_DIRTY] == "false"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, free_tcp_port, wait_for_http, stop_processes, session_pids):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store; stopped by PID (its whole session) afterwards."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_tcp_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=90, alive=lambda: proc.poll() is None)
+        yield {"uri": f"http://127.0.0.1:{port}", "artifacts": root / "artifacts", "pid": proc.pid}
+    except Exception:
+        log.flush()
+        print((root / "server.log").read_text()[-3000:])
+        raise
+    finally:
+        pids = session_pids(proc.pid) or [proc.pid]  # the server spawns uvicorn/huey workers in its session
+        left = stop_processes(pids, timeout_s=20)
+        proc.wait(timeout=10)
+        log.close()
+        assert left == [], f"mlflow server processes still alive: {left}"
+        assert session_pids(proc.pid) == []
+
+
+@pytest.mark.integration
+def test_run_logged_to_a_real_mlflow_server(tmp_path: Path, mlflow_server):
+    cfg = make_config(tmp_path, f"tracking.uri={mlflow_server['uri']}", "tracking.experiment=server-test")
+    with start_run(cfg) as run:
+        mlflow.log_metric("loss", 0.25, step=3)
+        mlflow.log_text("served", "notes/served.txt")
+    client = MlflowClient(mlflow_server["uri"])
+    logged = client.get_run(run.info.run_id)
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["train.lr"] == "0.0005"
+    assert logged.data.metrics["loss"] == 0.25
+    assert logged.data.tags[TAG_CONFIG_HASH] == config_hash(cfg)
+    assert yaml.safe_load(mlflow.artifacts.load_text(f"{logged.info.artifact_uri}/{CONFIG_ARTIFACT}")) \
+        == resolved_dict(cfg)
+    # The server stored the artifacts (proxied upload), nothing went to the client's work dir.
+    served = list(mlflow_server["artifacts"].rglob("served.txt"))
+    assert len(served) == 1 and served[0].read_text() == "served"
+    assert not (tmp_path / "work" / "mlartifacts").exists()
+    assert not (tmp_path / "work" / "mlflow.db").exists()
+    assert os.path.exists(tmp_path) and not (Path.cwd() / "mlruns").exists()
