@@ -463,6 +463,8 @@ class NextDiT(ModelMixin, ConfigMixin):
         *,
         rope_scale_factor: float = 1.0,
         rope_scale_watershed: float = 1.0,
+        scale_factor: float | None = None,
+        scale_watershed: float | None = None,
     ) -> torch.Tensor:
         """Predict the velocity of every view.
 
@@ -471,9 +473,13 @@ class NextDiT(ModelMixin, ConfigMixin):
             (B, T, C', h, w) / (B, C', h, w) with any C' (averaged over each patch, as the release does).
         encoder_hidden_states: (B, L, caption_channels); encoder_attention_mask: (B, L) of 0/1 (bool or int),
             None = all valid. A row without valid tokens gets zero text conditioning (no NaN).
-        rope_scale_factor / rope_scale_watershed: the release's optional RoPE extrapolation (1, 1 = off).
+        rope_scale_factor / rope_scale_watershed: the release's optional RoPE extrapolation (1, 1 = off);
+            `scale_factor` / `scale_watershed` are the release's names for them, accepted so callers written
+            against the official forward run unchanged.
         Returns (B, T, out_channels, h, w), also for 4-D input (as the release).
         """
+        rope_scale_factor = rope_scale_factor if scale_factor is None else scale_factor
+        rope_scale_watershed = rope_scale_watershed if scale_watershed is None else scale_watershed
         latents = samples[:, None] if samples.ndim == 4 else samples
         if latents.ndim != 5:
             raise ValueError(f"samples must be (B, T, C, h, w) or (B, C, h, w), got shape {tuple(samples.shape)}")

@@ -64,6 +64,7 @@ def render_shards(cfg, storage, prefix: str) -> list[str]:
     from onegen.raycluster import init_ray
 
     demo = cfg.demo
+    started_here = not ray.is_initialized()
     init_ray(cfg)
     render = ray.remote(num_cpus=1)(_render_shard)
     starts = list(range(0, demo.scenes, demo.scenes_per_shard))
@@ -75,6 +76,8 @@ def render_shards(cfg, storage, prefix: str) -> list[str]:
             done, pending = ray.wait(pending, num_returns=1)
             storage.write_bytes(futures[done[0]], ray.get(done[0]))
             bar.update(1)
+    if started_here:
+        ray.shutdown()  # training runs in this process: free the local instance's workers
     return sorted(futures.values())
 
 
