@@ -11,7 +11,7 @@ export WANDB_MODE ?= disabled
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench gpu-bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Benchmarks report ratios measured side by side in one run; --write-results updates bench/RESULTS.md.
 bench: $(STAMP)
-	$(PY) -m bench.run_all
+	$(PY) bench/bench_synthetic.py
+	$(PY) bench/bench_nextdit.py --threads 1 --write-results
+
+# On a machine with a GPU and a CUDA build of torch in .venv (README "GPU install").
+gpu-bench: $(STAMP)
+	$(PY) bench/gpu_bench.py --out bench/gpu_results.json --write-results
 
 clean:
 	rm -rf $(VENV) work/

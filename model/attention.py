@@ -93,6 +93,7 @@ def softcap_self_attention(
 
     # Like the release's flash kernel, half-precision q/k give float32 logits (fp32 products and accumulation, no
     # rounding of q or of the logits to bf16 before the cap and softmax); the probabilities go back to v's dtype.
+    # Autocast is off in here, or it would turn the fp32 score matmul back into a bf16 one.
     if q.dtype in (torch.float16, torch.bfloat16):
         q, k = q.float(), k.float()
     group = heads // kv_heads
@@ -103,14 +104,15 @@ def softcap_self_attention(
     scale = 1.0 / math.sqrt(q.shape[-1])
     if softcap is not None:
         scale /= softcap
-    scores = (q * scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-    if softcap is not None:
-        if scores.requires_grad:
-            scores = torch.tanh(scores) * softcap
-        else:
-            scores = scores.tanh_().mul_(softcap)
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return probs @ v  # (B, heads, N, head_dim)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q * scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+        if softcap is not None:
+            if scores.requires_grad:
+                scores = torch.tanh(scores) * softcap
+            else:
+                scores = scores.tanh_().mul_(softcap)
+        probs = scores.softmax(dim=-1).to(v.dtype)
+        return probs @ v  # (B, heads, N, head_dim)
 
 
 def tiled_cross_attention(
