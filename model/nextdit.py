@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from model.attention import DEFAULT_SOFTCAP, check_attn_impl, softcap_self_attention, tiled_cross_attention
+from model.hub import resolve_pretrained_folder
 from model.presets import PRESETS
 from model.rope import ROPE_THETA, apply_rope, check_rope_head_dim, rope_cos_sin, token_positions
 
@@ -686,20 +686,13 @@ def _resolve_model_folder(name_or_path, subfolder, revision, cache_dir, local_fi
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} does not exist (subfolder={subfolder!r} of {path})")
         return folder
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
-        raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a hub repo id 'owner/name'")
-    from huggingface_hub import snapshot_download
-
     prefix = f"{subfolder}/" if subfolder else ""
-    snapshot = snapshot_download(
-        str(name_or_path),
+    snapshot = resolve_pretrained_folder(
+        name_or_path,
         allow_patterns=[f"{prefix}{CONFIG_NAME}", f"{prefix}*.safetensors", f"{prefix}*.safetensors.index.json"],
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
+        revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
     )
-    return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+    return snapshot / subfolder if subfolder else snapshot
 
 
 def _load_safetensors_folder(folder: Path, device) -> dict[str, torch.Tensor]:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,7 @@ import torch.nn.functional as F
 
 from model import cameras as camera_utils
 from model.flow import FlowConfig, inference_sigmas, sample, tokens_per_view
+from model.hub import resolve_pretrained_folder
 from model.nextdit import NextDiT
 from model.tasks import Task, get_task, parse_prompt
 from model.tokenizers import (
@@ -570,16 +570,7 @@ _EXPECTED_CONTENT = {
 
 
 def _resolve_root(path_or_hub_id: str | Path, **hub_kwargs) -> Path:
-    path = Path(path_or_hub_id)
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; expected a pipeline folder (model_index.json + subfolders).")
-        return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)):
-        raise FileNotFoundError(f"{path_or_hub_id} is neither a local folder nor a hub repo id 'owner/name'.")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path_or_hub_id), **hub_kwargs))
+    return resolve_pretrained_folder(path_or_hub_id, **hub_kwargs)
 
 
 def _load_vae_component(root: Path, entry) -> ImageTokenizer:

@@ -1,0 +1,25 @@
+"""Loading from a hub id that cannot be fetched names the id and the fix (no bare connection error)."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.hub import resolve_pretrained_folder
+from model.nextdit import NextDiT
+from model.pipeline import OneDiffusionPipeline
+
+
+def test_local_folder_is_used_as_is(tmp_path):
+    assert resolve_pretrained_folder(tmp_path) == tmp_path
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_repo_id_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a hub repo id"):
+        resolve_pretrained_folder(tmp_path / "missing" / "deeper" / "folder")
+
+
+@pytest.mark.parametrize("load", [OneDiffusionPipeline.from_pretrained, NextDiT.from_pretrained])
+def test_unreachable_hub_repo_names_the_id_and_the_fix(load, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way; offline mode answers at once
+    with pytest.raises(FileNotFoundError, match=r"onegen-test/not-a-real-repo.*pass its local path"):
+        load("onegen-test/not-a-real-repo", cache_dir=str(tmp_path))
