@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib import metadata
 
@@ -76,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         for line in err.problems:
             print(line, file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except (ValueError, OSError, ConnectionError) as err:
+        # Bad input (arguments, files, paths, unreachable services): one line that names it, not a traceback.
+        # ONEGEN_DEBUG=1 shows the traceback.
+        if os.environ.get("ONEGEN_DEBUG"):
+            raise
+        print(f"onegen {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
         return 130

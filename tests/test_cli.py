@@ -21,7 +21,8 @@ def onegen(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.
 def test_help_lists_the_shipped_commands():
     result = onegen("--help")
     assert result.returncode == 0, result.stderr
-    assert "env" in result.stdout and "config" in result.stdout
+    for shipped in ("env", "config", "synth", "demo"):
+        assert f"    {shipped} " in result.stdout
     for not_yet in ("train", "generate", "evaluate", "retrain"):  # later issues add these with working code
         assert f"    {not_yet} " not in result.stdout
 
@@ -35,6 +36,16 @@ def test_help_does_not_import_heavy_libraries():
 
 def test_unknown_command_fails():
     assert onegen("no-such-command").returncode == 2
+
+
+def test_bad_input_gives_one_line_naming_it_not_a_traceback(tmp_path: Path):
+    result = onegen("synth", "render", "--scenes", "1", "--size", "4", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("onegen synth: error: SyntheticConfig.image_size: must be at least 8 pixels "
+                                     "(got 4)")
+    debug = onegen("synth", "render", "--scenes", "1", "--size", "4", "--out", str(tmp_path / "out"),
+                   env={"ONEGEN_DEBUG": "1"})
+    assert "Traceback" in debug.stderr
 
 
 def test_env_json_reports_versions_devices_and_destinations(tmp_path: Path):
