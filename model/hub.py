@@ -24,6 +24,10 @@ def resolve_pretrained_folder(name_or_path: str | Path, *, allow_patterns: list[
         return path
     if not HUB_REPO_ID.fullmatch(str(name_or_path)):
         raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a hub repo id 'owner/name'")
+    if path.parent.is_dir() and str(path.parent) not in ("", "."):
+        # 'work/pipelin' looks like a repo id too, but 'work/' is a local folder: a typo, not a download
+        raise FileNotFoundError(f"{name_or_path}: no such folder (in {path.parent}: "
+                                f"{sorted(p.name for p in path.parent.iterdir())[:10]})")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -141,7 +141,8 @@ class OneDiffusionOutput:
     images: decoded target views that are pictures (everything but ray frames), sample-major then frame order:
         PIL images (output_type "pil") or (H, W, 3) float32 arrays in [0, 1] ("np"); empty for "latent".
     image_views: the frame index of each entry of `images` within its sample.
-    depth: for depth estimation, one (H, W) float32 array in [0, 1] per sample (mean of RGB of the generated map).
+    depth: for depth estimation, one (H, W) float32 array in [0, 1] per sample (luma of the generated map, ITU-R 601
+        weights as PIL "L", like the release demo).
     cameras: for generated ray frames (pose estimation), one EstimatedCameras per sample.
     latents: the final view sequence (B, T, 16, h, w) float32 (condition views included, rays ×1.658 as sampled).
     noise: the initial noise (B, T, 16, h, w) used; pass it back as `latents=` to repeat the run.
@@ -199,7 +200,7 @@ class OneDiffusionPipeline:
         `torch_dtype` applies to the transformer and the text encoder; the VAE stays float32 (its decode is
         sensitive to bf16 and it is small). hub_kwargs (revision, cache_dir, token, local_files_only) go to
         huggingface_hub.snapshot_download for hub ids."""
-        root = _resolve_root(path_or_hub_id, **hub_kwargs)
+        root = resolve_pretrained_folder(path_or_hub_id, **hub_kwargs)
         index_path = root / MODEL_INDEX_NAME
         if not index_path.is_file():
             if (root / "config.json").is_file() and transformer is None:
@@ -567,10 +568,6 @@ _EXPECTED_CONTENT = {
     "tokenizer": "a T5 tokenizer (spiece.model and/or tokenizer.json + tokenizer_config.json)",
     "scheduler": f"{SCHEDULER_CONFIG_NAME} of a diffusers FlowMatchEulerDiscreteScheduler",
 }
-
-
-def _resolve_root(path_or_hub_id: str | Path, **hub_kwargs) -> Path:
-    return resolve_pretrained_folder(path_or_hub_id, **hub_kwargs)
 
 
 def _load_vae_component(root: Path, entry) -> ImageTokenizer:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.hub import resolve_pretrained_folder
+
 LATENT_CHANNELS = 16
 TEXT_MAX_LENGTH = 300  # the released pipeline truncates prompts at 300 tokens (spec §1.7)
 PIXEL_TOKENIZER_CONFIG = "config.json"
@@ -184,11 +186,12 @@ class VAETokenizer(ImageTokenizer):
         """
         from diffusers import AutoencoderKL
 
-        subfolder = _resolve_local_subfolder(path_or_hub_id, subfolder)
+        root = resolve_pretrained_folder(path_or_hub_id, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+        subfolder = _resolve_local_subfolder(root, subfolder)
         kwargs = {"subfolder": subfolder} if subfolder else {}
         if torch_dtype is not None:
             kwargs["torch_dtype"] = torch_dtype
-        vae = AutoencoderKL.from_pretrained(str(path_or_hub_id), **kwargs)
+        vae = AutoencoderKL.from_pretrained(str(root), **kwargs)
         vae.eval().requires_grad_(False)
         return cls(vae, sample=sample)
 
@@ -243,12 +246,9 @@ def load_image_tokenizer(spec: str | Path, subfolder: str | None = "vae",
     return VAETokenizer.from_pretrained(str(spec), subfolder=subfolder, torch_dtype=torch_dtype)
 
 
-def _resolve_local_subfolder(path_or_hub_id: str | Path, subfolder: str | None) -> str | None:
-    """Local folders: keep `subfolder` only if it exists (a bare component folder works too). Hub ids: keep it."""
-    local = Path(path_or_hub_id)
-    if subfolder and local.exists() and not (local / subfolder).is_dir():
-        return None
-    return subfolder
+def _resolve_local_subfolder(folder: Path, subfolder: str | None) -> str | None:
+    """Keep `subfolder` only if it exists under `folder` (so a bare component folder works too)."""
+    return subfolder if subfolder and (folder / subfolder).is_dir() else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,15 +273,17 @@ class T5TextEncoder(nn.Module):
         """Load from a release-layout root (text_encoder/ + tokenizer/), a hub id, or a folder holding both."""
         from transformers import AutoTokenizer, T5EncoderModel
 
-        encoder_sub = _resolve_local_subfolder(path_or_hub_id, text_encoder_subfolder)
-        tokenizer_sub = _resolve_local_subfolder(path_or_hub_id, tokenizer_subfolder)
+        patterns = [f"{sub}/*" for sub in (text_encoder_subfolder, tokenizer_subfolder) if sub]
+        root = resolve_pretrained_folder(path_or_hub_id, allow_patterns=patterns or None)
+        encoder_sub = _resolve_local_subfolder(root, text_encoder_subfolder)
+        tokenizer_sub = _resolve_local_subfolder(root, tokenizer_subfolder)
         model_kwargs = {"subfolder": encoder_sub} if encoder_sub else {}
         if torch_dtype is not None:
             model_kwargs["dtype"] = torch_dtype
-        model = T5EncoderModel.from_pretrained(str(path_or_hub_id), **model_kwargs)
+        model = T5EncoderModel.from_pretrained(str(root), **model_kwargs)
         model.eval().requires_grad_(False)
         tokenizer_kwargs = {"subfolder": tokenizer_sub} if tokenizer_sub else {}
-        tokenizer = AutoTokenizer.from_pretrained(str(path_or_hub_id), **tokenizer_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(root), **tokenizer_kwargs)
         return cls(model, tokenizer, max_length=max_length)
 
     @property

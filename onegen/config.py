@@ -78,11 +78,12 @@ class StorageSection(_Section):
     def _known_scheme(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        scheme = value.split("://", 1)[0] if "://" in value else ""
-        if scheme not in ("", "file", "s3"):
-            raise ValueError(f"expected a local path, file:// or s3:// URI, got {value!r}")
-        if scheme == "s3" and not value[len("s3://"):].strip("/"):
-            raise ValueError(f"expected s3://BUCKET[/PREFIX], got {value!r}")
+        from onegen.storage import StorageError, parse_root_uri  # the rule Storage applies, checked up front
+
+        try:
+            parse_root_uri(value)
+        except StorageError as err:
+            raise ValueError(str(err)) from None
         return value
 
 

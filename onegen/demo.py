@@ -2,10 +2,12 @@
 
 1. Render the synthetic One-Gen world in Ray tasks (local Ray, or RAY_ADDRESS) and write the samples as WebDataset
    shards under the storage root (local path or s3://), each shard written atomically.
-2. Read the shards back, tokenize images with the exact pixel tokenizer and captions with a tiny T5 built locally
-   (no hub downloads here), and draw the depth condition maps.
-3. Train a small NextDiT with the flow-matching objective on a 50/50 mix of text→image and image→depth, tracked in
-   MLflow (resolved config, git commit, loss curve).
+2. Read the shards back, tokenize images with `data.tokenizer` (default: the exact pixel tokenizer) and captions with
+   a tiny T5 built locally (no hub downloads here), and draw the depth condition maps.
+3. Train a small NextDiT in this process with the flow-matching objective on a 50/50 mix of text→image and
+   image→depth, tracked in MLflow (resolved config, git commit, both tasks' loss curves). It trains in fp32:
+   bf16 is several times slower on CPUs without bf16 matmul units (bench/RESULTS.md); `train.precision` is for the
+   DeepSpeed trainer. The same noise schedule (`demo.shift`) is used to train, to sample and in the saved scheduler.
 4. Save the model in the release layout, load it back through `OneDiffusionPipeline`, generate images for training
    captions and estimate depth for training images, score the depth against the exact ground truth, and log a
    picture grid. The model memorises its small training set: the numbers show the chain works, not generalisation.
@@ -71,13 +73,15 @@ def render_shards(cfg, storage, prefix: str) -> list[str]:
     futures = {render.remote(cfg.run.seed, s, min(demo.scenes_per_shard, demo.scenes - s), demo.views_per_scene,
                              cfg.data.image_size): f"{prefix}/shard-{i:05d}.tar" for i, s in enumerate(starts)}
     pending = list(futures)
-    with tqdm(total=len(pending), desc="render shards (ray)", unit="shard") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            storage.write_bytes(futures[done[0]], ray.get(done[0]))
-            bar.update(1)
-    if started_here:
-        ray.shutdown()  # training runs in this process: free the local instance's workers
+    try:
+        with tqdm(total=len(pending), desc="render shards (ray)", unit="shard") as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                storage.write_bytes(futures[done[0]], ray.get(done[0]))
+                bar.update(1)
+    finally:
+        if started_here:
+            ray.shutdown()  # training runs in this process: free the local instance's workers, also on errors
     return sorted(futures.values())
 
 
@@ -134,20 +138,28 @@ def make_views(samples):
 # 3. Train (in-process for now; the training issue moves this to Ray Train + DeepSpeed)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def train(cfg, model, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask, log_metric):
+def demo_flow_config(cfg):
+    """The one noise schedule of the demo: trained with, sampled with, and saved as the pipeline's scheduler."""
+    from model.flow import FlowConfig
+
+    return FlowConfig(shift=cfg.demo.shift, clean_condition_prob=0.5, text_dropout_prob=0.1)
+
+
+def train(cfg, model, flow_cfg, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask,
+          log_metric):
     """A 50/50 mix of text→image (1 view) and image→depth (2 views, the image a condition) batches."""
     import torch
     from tqdm import tqdm
 
-    from model.flow import FlowConfig, flow_matching_loss
+    from model.flow import flow_matching_loss
 
-    flow_cfg = FlowConfig(shift=cfg.demo.shift, clean_condition_prob=0.5, text_dropout_prob=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - 0.9 * step / cfg.train.steps)  # to 10%
     generator = torch.Generator().manual_seed(cfg.run.seed)
     n = image_latents.shape[0]
     depth_target = torch.tensor([False, True])
     losses = []
+    task_losses: dict[str, list[float]] = {"text2image": [], "depth": []}
     model.train()
     bar = tqdm(range(cfg.train.steps), desc="train (flow matching)", unit="step")
     for step in bar:
@@ -164,8 +176,11 @@ def train(cfg, model, image_latents, depth_latents, text_states, text_mask, unco
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if step % 10 == 0 or step == cfg.train.steps - 1:
-            log_metric(f"train/loss_{task}", float(loss), step)
+        task_losses[task].append(losses[-1])
+        if step % 20 == 19 or step == cfg.train.steps - 1:  # both tasks' running means (even steps t2i, odd depth)
+            for name, values in task_losses.items():
+                if values:
+                    log_metric(f"train/loss_{name}", float(np.mean(values[-10:])), step)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     model.eval()
     return losses
@@ -209,7 +224,7 @@ def evaluate(cfg, pipeline, samples, captions, out_dir: Path):
     count = min(demo.eval_samples, len(samples))
     common = dict(num_inference_steps=demo.sample_steps, guidance_scale=demo.guidance_scale, seed=cfg.run.seed,
                   progress=False, output_type="np", height=cfg.data.image_size, width=cfg.data.image_size)
-    rows, abs_rel, abs_rel_constant, image_error = [], [], [], []
+    rows, abs_rel, abs_rel_constant, image_error = [], [], [], []  # images as floats in [0, 1]
     for i in range(count):
         s = samples[i]
         generated = pipeline("text2image", captions[i], **common).images[0]
@@ -218,9 +233,8 @@ def evaluate(cfg, pipeline, samples, captions, out_dir: Path):
         abs_rel.append(depth_abs_rel(depth_map, s.depth))
         true = s.depth[s.depth > 0]
         abs_rel_constant.append(float(np.mean(np.abs(np.median(true) - true) / true)))  # "no depth knowledge"
-        image_error.append(float(np.abs(generated.astype(np.float64) / 255.0 - s.image / 255.0).mean()))
-        rows.append([s.image, _uint8(generated / 255.0 if generated.dtype == np.uint8 else generated),
-                     _uint8(depth_to_map(s.depth)), _uint8(depth_map)])
+        image_error.append(float(np.abs(generated.astype(np.float64) - s.image / 255.0).mean()))  # "np": [0, 1]
+        rows.append([s.image, _uint8(generated), _uint8(depth_to_map(s.depth)), _uint8(depth_map)])
     grid = picture_grid(rows)
     grid_path = out_dir / "demo_grid.png"
     grid.save(grid_path)
@@ -240,7 +254,7 @@ def run_demo(cfg) -> dict:
 
     from model.nextdit import NextDiT
     from model.pipeline import OneDiffusionPipeline
-    from model.tokenizers import PixelTokenizer, T5TextEncoder, build_tiny_t5
+    from model.tokenizers import T5TextEncoder, build_tiny_t5, load_image_tokenizer
     from onegen.storage import Storage
     from onegen.tracking import start_run
 
@@ -248,6 +262,11 @@ def run_demo(cfg) -> dict:
     out_dir = Path(cfg.run.work_dir) / cfg.run.name
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = Storage.from_config(cfg)
+    tokenizer = load_image_tokenizer(cfg.data.tokenizer)  # "pixel" (exact, CPU-scale) or an AutoencoderKL folder/id
+    multiple = tokenizer.downsample_factor * 2  # latent pixels per 2x2 patch
+    if cfg.data.image_size % multiple:
+        raise ValueError(f"data.image_size={cfg.data.image_size} must be a multiple of {multiple} for the "
+                         f"'{cfg.data.tokenizer}' tokenizer (factor {tokenizer.downsample_factor} x patch 2)")
     started = time.perf_counter()
 
     with start_run(cfg, run_name=cfg.run.name) as active:
@@ -257,19 +276,19 @@ def run_demo(cfg) -> dict:
         images, depth_maps, captions = make_views(samples)
 
         model = NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
+        flow_cfg = demo_flow_config(cfg)
         text_dir = build_tiny_t5(out_dir / "text", d_model=model.config.caption_channels, seed=cfg.run.seed)
         text_encoder = T5TextEncoder.from_pretrained(text_dir)
-        tokenizer = PixelTokenizer()
         with torch.no_grad():
             image_latents, depth_latents = tokenizer.encode(images), tokenizer.encode(depth_maps)
             text_states, text_mask = text_encoder.encode(captions)
             uncond_states, uncond_mask = text_encoder.encode([""])
         mlflow.log_param("model.parameters", sum(p.numel() for p in model.parameters()))
 
-        losses = train(cfg, model, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask,
+        losses = train(cfg, model, flow_cfg, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask,
                        lambda name, value, step: mlflow.log_metric(name, value, step=step))
 
-        pipeline = OneDiffusionPipeline(model, tokenizer, text_encoder)
+        pipeline = OneDiffusionPipeline(model, tokenizer, text_encoder, flow_cfg)
         model_dir = pipeline.save_pretrained(out_dir / "pipeline")
         pipeline = OneDiffusionPipeline.from_pretrained(model_dir)  # what a user of the trained model loads
         metrics, grid_path = evaluate(cfg, pipeline, samples, captions, out_dir)

@@ -40,33 +40,33 @@ class StorageError(OSError):
     """A storage problem that is not "no such file": bad URI, missing bucket, credentials, unreachable endpoint."""
 
 
+def parse_root_uri(root: str) -> tuple[str, str, str, str]:
+    """(scheme "s3"|"file", bucket, prefix, root path) of a storage root: a local path, file:///abs/path or
+    s3://BUCKET[/PREFIX]. Raises StorageError naming the URI and the accepted forms (config validation uses it too)."""
+    if root.startswith("s3://"):
+        bucket, _, prefix = root[len("s3://"):].partition("/")
+        if not bucket:
+            raise StorageError(f"{root}: expected s3://BUCKET[/PREFIX]")
+        prefix = prefix.strip("/")
+        return "s3", bucket, prefix, posixpath.join(bucket, prefix) if prefix else bucket
+    if root.startswith("file://"):
+        local = root[len("file://"):]
+        if not local.startswith("/"):
+            raise StorageError(f"{root}: a file:// URI needs an absolute path (file:///abs/path)")
+        return "file", "", "", str(Path(local).absolute())
+    if "://" in root:
+        raise StorageError(f"{root}: unsupported scheme; use a local path, file:///path or s3://bucket/prefix")
+    return "file", "", "", str(Path(root).expanduser().absolute())
+
+
 class Storage:
     """Files under `root_uri`; every method takes a path relative to the root ('shards/00001.tar')."""
 
     def __init__(self, root_uri: str | os.PathLike, *, endpoint_url: str | None = None, region: str | None = None,
                  profile: str | None = None):
         root = os.fspath(root_uri)
-        if root.startswith("s3://"):
-            self.scheme = "s3"
-            bucket, _, prefix = root[len("s3://"):].partition("/")
-            if not bucket:
-                raise StorageError(f"{root}: expected s3://BUCKET[/PREFIX]")
-            self._bucket, self._prefix = bucket, prefix.strip("/")
-            self._root_path = posixpath.join(bucket, self._prefix) if self._prefix else bucket
-            self.root_uri = f"s3://{self._root_path}"
-        elif root.startswith("file://"):
-            self.scheme = "file"
-            local = root[len("file://"):]
-            if not local.startswith("/"):
-                raise StorageError(f"{root}: a file:// URI needs an absolute path (file:///abs/path)")
-            self._root_path = str(Path(local).absolute())
-            self.root_uri = self._root_path
-        elif "://" in root:
-            raise StorageError(f"{root}: unsupported scheme; use a local path, file:///path or s3://bucket/prefix")
-        else:
-            self.scheme = "file"
-            self._root_path = str(Path(root).expanduser().absolute())
-            self.root_uri = self._root_path
+        self.scheme, self._bucket, self._prefix, self._root_path = parse_root_uri(root)
+        self.root_uri = f"s3://{self._root_path}" if self.scheme == "s3" else self._root_path
         self._endpoint_arg, self._region_arg, self._profile = endpoint_url, region, profile
         self._init_args = (root, endpoint_url, region, profile)
         self._lock = threading.RLock()  # boto3 sessions are not thread-safe; build clients once

@@ -52,12 +52,12 @@ def is_local_store(uri: str) -> bool:
 
 
 def git_state(repo_dir: str | os.PathLike | None = None) -> tuple[str, str]:
-    """(commit, dirty) of the checkout at `repo_dir` (default CWD): dirty is "true"/"false"; ("unknown", "unknown")
-    outside git. ONEGEN_GIT_COMMIT / ONEGEN_GIT_DIRTY win: Ray jobs get them from `job_runtime_env`, because the
-    uploaded working dir has no .git."""
+    """(commit, dirty) of the checkout at `repo_dir` (default: the checkout onegen itself runs from, whatever the
+    CWD): dirty is "true"/"false"; ("unknown", "unknown") outside git. ONEGEN_GIT_COMMIT / ONEGEN_GIT_DIRTY win: Ray
+    jobs get them from `job_runtime_env`, because the uploaded working dir has no .git."""
     if os.environ.get("ONEGEN_GIT_COMMIT"):
         return os.environ["ONEGEN_GIT_COMMIT"], os.environ.get("ONEGEN_GIT_DIRTY", "unknown")
-    cwd = os.fspath(repo_dir) if repo_dir is not None else None
+    cwd = os.fspath(repo_dir) if repo_dir is not None else os.fspath(Path(__file__).resolve().parent.parent)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()

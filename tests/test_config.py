@@ -146,7 +146,8 @@ def test_uri_and_address_shapes_are_checked(tmp_path: Path):
     path = write(tmp_path, "run: {name: r}\nstorage: {root: 'gs://b/x', s3: {endpoint_url: 'localhost:9000'}}\n"
                            "ray: {address: 'not an address'}\n")
     lines = problems(path)
-    assert f"{path}: storage.root: expected a local path, file:// or s3:// URI, got 'gs://b/x'" in lines
+    assert (f"{path}: storage.root: gs://b/x: unsupported scheme; use a local path, file:///path or "
+            "s3://bucket/prefix") in lines
     assert any(line.startswith(f"{path}: storage.s3.endpoint_url: expected an http:// or https:// URL")
                for line in lines)
     assert any(line.startswith(f"{path}: ray.address: expected 'auto', 'local'") for line in lines)
@@ -179,3 +180,12 @@ def test_derived_defaults_are_per_config_not_shared():
     b = load_config(None, ["run.name=b", "run.work_dir=/tmp/onegen-b"])
     assert (a.storage.root, b.storage.root) == ("/tmp/onegen-a/data", "/tmp/onegen-b/data")
     assert a.tracking.uri != b.tracking.uri
+
+
+def test_storage_roots_that_storage_would_refuse_fail_at_config_time():
+    """config check accepts exactly the roots `Storage` can open (one rule, onegen.storage.parse_root_uri)."""
+    for bad, reason in (("s3:///prefix", "expected s3://BUCKET[/PREFIX]"),
+                        ("file://relative/path", "a file:// URI needs an absolute path")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["run.name=r", f"storage.root={bad}"])
+        assert any(f"storage.root: {bad}: {reason}" in line for line in err.value.problems)

@@ -23,3 +23,20 @@ def test_unreachable_hub_repo_names_the_id_and_the_fix(load, tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way; offline mode answers at once
     with pytest.raises(FileNotFoundError, match=r"onegen-test/not-a-real-repo.*pass its local path"):
         load("onegen-test/not-a-real-repo", cache_dir=str(tmp_path))
+
+
+def test_a_mistyped_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "work" / "pipeline").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"work/pipelin: no such folder \(in work: \['pipeline'\]\)"):
+        resolve_pretrained_folder("work/pipelin")
+
+
+@pytest.mark.parametrize("loader", ["vae", "t5"])
+def test_tokenizer_loaders_report_unreachable_hub_repos_the_same_way(loader, tmp_path, monkeypatch):
+    from model.tokenizers import T5TextEncoder, VAETokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load = VAETokenizer.from_pretrained if loader == "vae" else T5TextEncoder.from_pretrained
+    with pytest.raises(FileNotFoundError, match=r"onegen-test/not-a-real-repo.*pass its local path"):
+        load("onegen-test/not-a-real-repo")
