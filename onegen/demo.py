@@ -18,7 +18,6 @@ The data build, Ray Train/DeepSpeed training and evaluation issues replace steps
 from __future__ import annotations
 
 import argparse
-import io
 import time
 from pathlib import Path
 
@@ -47,15 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _render_shard(seed: int, first_scene: int, num_scenes: int, views: int, size: int) -> bytes:
     """One WebDataset tar (bytes) holding the views of scenes first_scene .. first_scene + num_scenes - 1."""
-    import webdataset as wds
+    from pipelines.sources.synthetic import render_shard_bytes, resolve_config
 
-    from pipelines.sources.synthetic import synthetic_samples
-
-    buffer = io.BytesIO()
-    with wds.TarWriter(buffer) as tar:
-        for sample in synthetic_samples(seed, num_scenes, views, size, first_scene=first_scene):
-            tar.write(sample.to_wds())
-    return buffer.getvalue()
+    return render_shard_bytes(seed, first_scene, num_scenes, resolve_config(views_per_scene=views, size=size))
 
 
 def render_shards(cfg, storage, prefix: str) -> list[str]:
@@ -86,20 +79,10 @@ def render_shards(cfg, storage, prefix: str) -> list[str]:
 
 
 def read_samples(storage, shard_paths: list[str]):
-    """The samples of the shards, in order (WebDataset tars: members KEY.EXT grouped by KEY)."""
-    import tarfile
+    """The samples of the shards, in order."""
+    from pipelines.record import samples_from_wds_tar
 
-    from pipelines.record import Sample
-
-    samples = []
-    for path in shard_paths:
-        groups: dict[str, dict] = {}
-        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path))) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                groups.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
-        samples.extend(Sample.from_wds(group) for group in groups.values())
-    return samples
+    return [sample for path in shard_paths for sample in samples_from_wds_tar(storage.read_bytes(path))]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

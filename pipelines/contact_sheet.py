@@ -3,7 +3,8 @@
 Also the small drawing helpers behind it, usable on any `Sample`:
 
 * `colourise_depth`: inverse depth, min–max normalised over valid pixels, reversed Spectral colour map (near = red,
-  far = blue), invalid pixels black (the demo's depth display, spec §5.1).
+  far = blue), invalid pixels black: a display for looking at labels (the demo's depth maps are grayscale relative
+  inverse depth instead, `onegen.demo.depth_to_map`).
 * `render_semantic_rgb`: a semantic id map painted in palette colours per class (spec §5.1 semantic-map condition).
 * `draw_bboxes`: class-coloured boxes (the bounding-box condition).
 * `draw_keypoints`: COCO skeleton over an image; visible joints filled, occluded joints (v = 1) hollow.
@@ -18,7 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.record import Sample, atomic_write_bytes, encode_png
+from pipelines.record import Sample, as_storage, encode_png, storage_location
 from pipelines.sources.synthetic_scene import COCO_SKELETON, PALETTE_HEX, hex_to_rgb
 
 # ColorBrewer "Spectral" (11 classes), reversed: index 0 (far) blue ... index 10 (near) red
@@ -139,6 +140,8 @@ def contact_sheet(samples: Sequence[Sample], scale: int = 1, gap: int = 2) -> Im
     """One row per sample: RGB | depth | segmentation | keypoints; a title row on top."""
     if not samples:
         raise ValueError("contact_sheet needs at least one sample")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"contact_sheet: scale must be a positive integer, got {scale!r}")
     rows = [sample_panels(s, scale) for s in samples]
     names = list(rows[0])
     ph, pw = rows[0]["rgb"].shape[:2]
@@ -164,13 +167,30 @@ def write_contact_sheet(
     size: int = 128,
     scale: int = 1,
     with_figures: bool = True,
-) -> Path:
-    """Render `scenes` x `views` synthetic samples and write their contact sheet PNG to `out` (atomically)."""
+) -> Path | str:
+    """Render `scenes` x `views` synthetic samples and write their contact sheet PNG to `out`: a local path,
+    file:///path.png or s3://bucket/key.png, written atomically by `Storage.write_bytes`. Returns where it went (a
+    `Path` locally, the s3:// URI on S3)."""
     from pipelines.sources.synthetic import synthetic_samples  # the sheet itself works for any source
 
+    folder, name = _split_file_location(out)
+    storage = as_storage(folder)  # a bad location fails before the rendering
     samples = list(synthetic_samples(seed, scenes, views, size, with_figures=with_figures))
     sheet = np.asarray(contact_sheet(samples, scale=scale))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, encode_png(sheet))
-    return out
+    storage.write_bytes(name, encode_png(sheet))
+    return storage_location(storage, name)
+
+
+def _split_file_location(out: str | os.PathLike) -> tuple[str, str]:
+    """'s3://bucket/dir/x.png' -> ('s3://bucket/dir', 'x.png'); a local path -> (its folder, its name)."""
+    text = os.fspath(out)
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        folder, _, name = rest.rpartition("/")
+        if not name or (scheme == "s3" and not folder):
+            raise ValueError(f"{text}: expected a file location, e.g. s3://bucket/sheet.png")
+        return f"{scheme}://{folder or '/'}", name
+    path = Path(text).expanduser()
+    if not path.name:
+        raise ValueError(f"{text}: expected a file path")
+    return str(path.parent), path.name

@@ -31,13 +31,16 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from onegen.storage import Storage
 
 SCHEMA = "onegen.sample/1"
 NUM_KEYPOINTS = 17
@@ -326,47 +329,90 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Folder form: the WebDataset members written as files "<key>.<ext>" (tar the folder and it is a shard)
+# Folder form: the WebDataset members written as files "<key>.<ext>" (tar the folder and it is a shard).
+# Folders are storage roots: a local path, file:///path or s3://bucket/prefix (or a `Storage`). Every file is written
+# atomically by `Storage.write_bytes` (temp file + fsync + rename locally, one PUT on S3).
 
 
-def write_sample_files(sample: Sample, folder: str | os.PathLike, image_format: str = "png") -> list[Path]:
-    """Write each member of `sample.to_wds()` to `folder/<key>.<ext>`, each atomically (temp file + os.replace)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+def as_storage(root: str | os.PathLike | Storage) -> Storage:
+    """`root` as a `Storage` (a local path, file:// or s3:// URI; a `Storage` is returned as is). S3 settings come from
+    the standard AWS environment (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
+    return root if isinstance(root, Storage) else Storage(root)
+
+
+def storage_location(storage: Storage, rel: str) -> Path | str:
+    """Where `rel` lives: a `Path` under a local root, an s3:// URI string otherwise."""
+    return Path(storage.uri(rel)) if storage.scheme == "file" else storage.uri(rel)
+
+
+def write_sample_files(sample: Sample, folder: str | os.PathLike | Storage,
+                       image_format: str = "png") -> list[Path | str]:
+    """Write each member of `sample.to_wds()` to `folder/<key>.<ext>`, each atomically (`Storage.write_bytes`).
+
+    Returns the files written: `Path`s in a local folder, s3:// URIs under an S3 root."""
+    storage = as_storage(folder)
+    written: list[Path | str] = []
     for ext, data in sample.to_wds(image_format).items():
         if ext.startswith("__"):
             continue
-        path = folder / f"{sample.key}.{ext}"
-        atomic_write_bytes(path, data)
-        written.append(path)
+        name = f"{sample.key}.{ext}"
+        storage.write_bytes(name, data)
+        written.append(storage_location(storage, name))
     return written
 
 
-def read_sample_files(folder: str | os.PathLike, key: str) -> Sample:
-    """Inverse of `write_sample_files`."""
-    folder = Path(folder)
+def read_sample_files(folder: str | os.PathLike | Storage, key: str) -> Sample:
+    """Inverse of `write_sample_files` (same kinds of `folder`)."""
+    storage = as_storage(folder)
     members: dict[str, Any] = {"__key__": key}
-    for path in sorted(folder.glob(f"{key}.*")):
-        members[path.name[len(key) + 1:]] = path.read_bytes()
+    for name in storage.list():
+        if name.startswith(f"{key}.") and not name.endswith("/"):
+            members[name[len(key) + 1:]] = storage.read_bytes(name)
     if len(members) == 1:
-        raise FileNotFoundError(f"no files named {key}.* in {folder}")
+        raise FileNotFoundError(f"no files named {key}.* in {storage.root_uri}")
     return Sample.from_wds(members)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename: readers never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# ---------------------------------------------------------------------------------------------------------------------
+# WebDataset tars as bytes (one shard = one object: write it with `Storage.write_bytes`, read it with `read_bytes`)
+
+
+def samples_to_wds_tar(samples: Iterable[Sample], image_format: str = "png") -> bytes:
+    """A WebDataset tar of `samples` (`to_wds` members, in order). Member mtimes are 0, so the same samples give the
+    same bytes on every run."""
+    import webdataset as wds
+
+    buffer = io.BytesIO()
+    writer = wds.TarWriter(buffer, encoder=False, mtime=0)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; published files are world-readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for sample in samples:
+            writer.write(sample.to_wds(image_format))
+    finally:
+        writer.close()
+    return buffer.getvalue()
+
+
+def samples_from_wds_tar(data: bytes) -> list[Sample]:
+    """The samples of a WebDataset tar given as bytes, in order: members KEY.EXT grouped by KEY (split at the first
+    '.' of the member's base name, as WebDataset does), each group decoded by `Sample.from_wds`.
+
+    Raises ValueError for a member without an extension or a KEY.EXT that appears twice; tarfile.TarError if `data`
+    is not a tar."""
+    groups: dict[str, dict[str, Any]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, slash, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not stem or not dot or not ext:
+                raise ValueError(f"tar member {member.name!r}: expected a name KEY.EXT")
+            key = folder + slash + stem
+            group = groups.setdefault(key, {"__key__": key})
+            if ext in group:
+                raise ValueError(f"tar member {member.name!r} appears twice")
+            group[ext] = tar.extractfile(member).read()
+    return [Sample.from_wds(group) for group in groups.values()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

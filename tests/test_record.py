@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+
 import numpy as np
 import pytest
 
-from pipelines.record import Sample, SampleError, read_sample_files, write_sample_files
+from pipelines.record import (
+    Sample, SampleError, read_sample_files, samples_from_wds_tar, samples_to_wds_tar, write_sample_files,
+)
 from pipelines.sources.synthetic import synthetic_samples
 
 
@@ -99,3 +104,40 @@ def test_folder_files_round_trip(tmp_path, synthetic):
                                                    if ext != "__key__")
     assert read_sample_files(tmp_path, synthetic.key).differences(synthetic) == []
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # (Storage's temporaries neither)
+    assert read_sample_files(f"file://{tmp_path}", synthetic.key).differences(synthetic) == []
+    with pytest.raises(FileNotFoundError, match="no-such-key"):
+        read_sample_files(tmp_path, "no-such-key")
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_wds_tar_bytes_round_trip_in_order():
+    samples = [web_image(key=f"laion-{i:06d}", captions={"original": f"caption {i}"}) for i in range(3)]
+    data = samples_to_wds_tar(samples)
+    assert data == samples_to_wds_tar(samples)  # mtime 0: same samples, same bytes
+    back = samples_from_wds_tar(data)
+    assert [b.key for b in back] == [s.key for s in samples]
+    assert all(b.differences(s) == [] for b, s in zip(back, samples))
+    # members of a key need not be adjacent; groups keep the order of each key's first member
+    wds = [s.to_wds() for s in samples[:2]]
+    mixed = [(f"{w['__key__']}.{ext}", w[ext]) for ext in ("json", "png") for w in wds]
+    assert [b.key for b in samples_from_wds_tar(_tar(mixed))] == [s.key for s in samples[:2]]
+
+
+def test_wds_tar_reader_rejects_malformed_members():
+    wds = web_image().to_wds()
+    with pytest.raises(ValueError, match="appears twice"):
+        samples_from_wds_tar(_tar([("laion-000123.json", wds["json"]), ("laion-000123.json", wds["json"])]))
+    with pytest.raises(ValueError, match="KEY.EXT"):
+        samples_from_wds_tar(_tar([("README", b"x")]))
+    with pytest.raises(SampleError, match="'png'"):
+        samples_from_wds_tar(_tar([("laion-000123.json", wds["json"])]))

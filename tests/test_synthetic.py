@@ -12,11 +12,14 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
-from pipelines.sources.synthetic import synthetic_samples
+from model import cameras as model_cameras
+from pipelines.record import samples_from_wds_tar
+from pipelines.sources.synthetic import render_shard_bytes, resolve_config, shard_name, synthetic_samples
 from pipelines.sources.synthetic_camera import (
-    FOCAL_UNIT, camera_from_spherical, opengl_to_opencv_c2w, ray_distance_to_z_depth, release_opencv_c2w,
-    rigid_inverse, sin_cos_deg, z_depth_to_ray_distance,
+    FOCAL_UNIT, POLE_EPS, camera_from_spherical, intrinsics_matrix, opengl_to_opencv_c2w, ray_distance_to_z_depth,
+    release_opencv_c2w, rigid_inverse, sin_cos_deg, z_depth_to_ray_distance,
 )
 from pipelines.sources.synthetic_caption import RELATION_MARGIN_M, RELATION_WORDS
 from pipelines.sources.synthetic_render import render, render_view
@@ -98,17 +101,36 @@ def test_release_conversion_is_the_spec_recipe():
 
 
 def test_cameras_agree_with_the_models_camera_module():
-    cameras = pytest.importorskip("model.cameras")
-    if not all(hasattr(cameras, n) for n in ("camera_from_spherical", "opengl_to_opencv")):
-        pytest.skip("model/cameras.py has no camera_from_spherical/opengl_to_opencv yet")
-    import torch
-
     for az, el, dist in ((0.0, 0.0, 1.5), (47.0, 12.0, 1.7), (-120.0, -30.0, 3.0), (200.0, 89.0, 2.0)):
         mine = camera_from_spherical(az, el, dist).c2w_opengl
-        theirs = cameras.camera_from_spherical(az, el, dist).numpy()
+        theirs = model_cameras.camera_from_spherical(az, el, dist).numpy()
         np.testing.assert_allclose(mine, theirs, atol=1e-12)
         np.testing.assert_array_equal(release_opencv_c2w(mine),
-                                      cameras.opengl_to_opencv(torch.from_numpy(mine)).numpy())
+                                      model_cameras.opengl_to_opencv(torch.from_numpy(mine)).numpy())
+
+
+def test_bit_stable_cameras_are_within_a_few_ulps_of_the_models_and_share_its_constants():
+    # the data's pure-Python cameras and model.cameras' torch ones differ only by libm rounding (a few ulps)
+    rng = np.random.default_rng(0)
+    az, el, dist = rng.uniform(-360, 720, 500), rng.uniform(-90, 90, 500), rng.uniform(0.2, 10, 500)
+    # at, just inside and just outside the near-pole fallback (|horizontal| = dist * cos(el) vs POLE_EPS * dist)
+    az = np.append(az, [30.0] * 6)
+    el = np.append(el, [90.0, -90.0, 89.99999, -89.99999, 89.9999, -89.9999])
+    dist = np.append(dist, [2.0] * 6)
+    mine = np.stack([camera_from_spherical(a, e, d).c2w_opengl for a, e, d in zip(az, el, dist)])
+    theirs = model_cameras.camera_from_spherical(torch.from_numpy(az), torch.from_numpy(el),
+                                                 torch.from_numpy(dist)).numpy()
+    ulps = 10 * np.finfo(np.float64).eps
+    np.testing.assert_allclose(mine[:, :3, :3], theirs[:, :3, :3], rtol=0, atol=ulps)
+    np.testing.assert_allclose(mine[:, :3, 3], theirs[:, :3, 3], rtol=0, atol=ulps * dist.max())
+    np.testing.assert_array_equal(mine[:, 3], theirs[:, 3])
+    assert POLE_EPS == 1e-6  # the threshold model.cameras.camera_from_spherical uses
+    assert FOCAL_UNIT == model_cameras.RELEASE_FOCAL
+    for w, h in ((64, 64), (48, 80)):
+        unit = model_cameras.intrinsics(FOCAL_UNIT).numpy()
+        np.testing.assert_array_equal(intrinsics_matrix(w, h), np.diag([w, h, 1.0]) @ unit)
+        np.testing.assert_array_equal(intrinsics_matrix(w, h),
+                                      [[FOCAL_UNIT * w, 0, w / 2], [0, FOCAL_UNIT * h, h / 2], [0, 0, 1]])
 
 
 def test_z_depth_and_ray_distance_convert_both_ways():
@@ -501,6 +523,20 @@ def test_same_seed_same_bytes_and_scenes_are_independent_of_the_run():
     assert all(x["png"] != y["png"] for x, y in zip(a, c))
     assert [x["__key__"] for x in a] == [
         "synthetic-7-000000-v00", "synthetic-7-000000-v01", "synthetic-7-000001-v00", "synthetic-7-000001-v01"]
+
+
+def test_shard_bytes_are_deterministic_and_read_back_as_the_samples():
+    config = resolve_config(views_per_scene=2, size=32)
+    shard = render_shard_bytes(3, 1, 2, config)
+    assert render_shard_bytes(3, 1, 2, config) == shard  # same scenes, same bytes (member mtimes are 0)
+    back = samples_from_wds_tar(shard)
+    expected = list(synthetic_samples(3, 2, config=config, first_scene=1))
+    assert [s.key for s in back] == [s.key for s in expected] == [
+        "synthetic-3-000001-v00", "synthetic-3-000001-v01", "synthetic-3-000002-v00", "synthetic-3-000002-v01"]
+    assert all(b.differences(e) == [] for b, e in zip(back, expected))
+    assert shard_name(3, 1) == "synthetic-3-000001.tar"
+    jpg = samples_from_wds_tar(render_shard_bytes(3, 1, 1, config, image_format="jpg"))
+    assert [b.differences(e) for b, e in zip(jpg, expected[:2])] == [["image"], ["image"]]  # JPEG is lossy
 
 
 def test_config_errors_name_the_field():

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import io
+import uuid
 
 import numpy as np
 import pytest
 from PIL import Image
+from tqdm import tqdm
 
-from pipelines.record import Sample, read_sample_files
+from onegen.storage import Storage
+from pipelines.record import Sample, read_sample_files, samples_from_wds_tar
 from pipelines.sources import synthetic_cli
+from pipelines.sources.synthetic import resolve_config, synthetic_samples
+
+AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE")
 
 
 def test_render_to_folder_writes_scenes_times_views_samples(tmp_path):
@@ -33,6 +42,7 @@ def test_render_to_webdataset_shards_reads_back_with_webdataset(tmp_path):
     shards = sorted(out.glob("*.tar"))
     assert [p.name for p in shards] == ["synthetic-1-000000.tar", "synthetic-1-000002.tar"]
     assert not list(out.glob(".*.tmp"))
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporaries left
     samples = [Sample.from_wds(d).validate() for d in wds.WebDataset([str(p) for p in shards], shardshuffle=False)]
     assert len(samples) == 6 and len({s.key for s in samples}) == 6
     groups = {}
@@ -65,3 +75,102 @@ def test_add_arguments_plugs_into_a_parent_cli():
     assert args.synth_command == "sheet" and args.scenes == 2 and args.views == 4
     with pytest.raises(SystemExit):
         parser.parse_args(["synth", "render"])  # --out is required
+
+
+def test_skip_existing_leaves_existing_shards_untouched(tmp_path):
+    out = tmp_path / "wds"
+    args = ["render", "--scenes", "2", "--views", "1", "--size", "16", "--seed", "2", "--out", str(out),
+            "--format", "wds", "--scenes-per-shard", "1"]
+    assert synthetic_cli.main(args) == 0
+    first, second = out / "synthetic-2-000000.tar", out / "synthetic-2-000001.tar"
+    complete = second.read_bytes()
+    first.write_bytes(b"left alone")
+    second.unlink()
+    assert synthetic_cli.main(args + ["--skip-existing"]) == 0
+    assert first.read_bytes() == b"left alone" and second.read_bytes() == complete
+    assert synthetic_cli.main(args) == 0  # without it, shards are rewritten
+    assert samples_from_wds_tar(first.read_bytes())[0].key == "synthetic-2-000000-v00"
+
+
+def test_scale_below_one_is_a_value_error_naming_the_option(tmp_path, capsys):
+    out = tmp_path / "sheet.png"
+    with pytest.raises(ValueError, match="--scale"):
+        synthetic_cli.main(["sheet", "--out", str(out), "--scenes", "1", "--views", "1", "--size", "16",
+                            "--scale", "0"])
+    from onegen.cli import main as onegen_main
+
+    capsys.readouterr()
+    assert onegen_main(["synth", "sheet", "--out", str(out), "--scale", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onegen synth: error: --scale must be") and "\n" not in err
+    assert not out.exists()
+
+
+def test_progress_bar_is_closed_when_rendering_fails(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(synthetic_cli, "render_shard_bytes", fail)
+    before = set(tqdm._instances)
+    with pytest.raises(RuntimeError, match="render failed") as failure:
+        synthetic_cli.main(["render", "--scenes", "1", "--views", "1", "--size", "16", "--out", str(tmp_path),
+                            "--format", "wds"])
+    # the traceback (kept alive by `failure`) still references the bar: only an explicit close unregisters it
+    assert failure.traceback and set(tqdm._instances) == before
+    assert list(tmp_path.iterdir()) == []  # and no partial shard
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A moto S3 server on 127.0.0.1 (free port), stopped after this module (as in tests/test_storage.py)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def test_render_and_sheet_to_s3(moto_endpoint, monkeypatch, tmp_path):
+    import boto3
+
+    for name in AWS_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", moto_endpoint)):
+        monkeypatch.setenv(name, value)
+    bucket = f"onegen-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    monkeypatch.chdir(tmp_path)  # a URI taken for a local path would show up here as a folder "s3:"
+
+    root = f"s3://{bucket}/synth"
+    args = ["render", "--scenes", "2", "--views", "2", "--size", "16", "--seed", "6", "--out", root,
+            "--format", "wds", "--scenes-per-shard", "1"]
+    assert synthetic_cli.main(args) == 0
+    storage = Storage(root)
+    assert storage.list() == ["synthetic-6-000000.tar", "synthetic-6-000001.tar"]
+    back = [s for name in storage.list() for s in samples_from_wds_tar(storage.read_bytes(name))]
+    expected = list(synthetic_samples(6, 2, config=resolve_config(views_per_scene=2, size=16)))
+    assert len(back) == 4 and all(b.differences(e) == [] for b, e in zip(back, expected))
+
+    storage.write_bytes("synthetic-6-000000.tar", b"left alone")  # --skip-existing asks Storage.exists
+    assert synthetic_cli.main(args + ["--skip-existing"]) == 0
+    assert storage.read_bytes("synthetic-6-000000.tar") == b"left alone"
+
+    folder = f"s3://{bucket}/folder"
+    assert synthetic_cli.main(["render", "--scenes", "1", "--views", "1", "--size", "16", "--seed", "6",
+                               "--out", folder]) == 0
+    one_view = next(synthetic_samples(6, 1, config=resolve_config(views_per_scene=1, size=16)))
+    assert read_sample_files(folder, one_view.key).differences(one_view) == []
+
+    assert synthetic_cli.main(["sheet", "--out", f"s3://{bucket}/sheets/sheet.png", "--scenes", "1", "--views",
+                               "1", "--size", "16"]) == 0
+    sheet = np.asarray(Image.open(io.BytesIO(Storage(f"s3://{bucket}").read_bytes("sheets/sheet.png"))))
+    assert sheet.shape[1] == 4 * 16 + 3 * 2
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("s3")]  # nothing went to a local "s3:"

@@ -4,9 +4,10 @@
         ...  # sample.image, .depth, .instance, .semantic, .keypoints, .camera, .captions, .entities
 
 `synthetic_samples` is the iterator the build job consumes (it treats the synthetic world as one more source, like
-folders or URL lists); `onegen synth render` (pipelines/sources/synthetic_cli.py) writes the same samples to a folder
-or to WebDataset shards. Scene i of a run with seed s depends only on (s, i) (`SeedSequence([s, i])`), so any range
-of scenes can be rendered independently, by any worker, in any order, with byte-identical results.
+folders or URL lists); `render_shard_bytes` packs whole scenes into one WebDataset tar (named by `shard_name`), the
+shards `onegen synth render` (pipelines/sources/synthetic_cli.py) writes. Scene i of a run with seed s depends only
+on (s, i) (`SeedSequence([s, i])`), so any range of scenes can be rendered independently, by any worker, in any
+order, with byte-identical results.
 
 Pieces: synthetic_scene (palette, classes, figures, generation), synthetic_camera (spherical cameras, spec §2.3),
 synthetic_geometry (ray–primitive kernels), synthetic_render (images and labels), synthetic_caption (captions and
@@ -20,10 +21,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipelines.record import Sample
+from pipelines.record import Sample, samples_to_wds_tar
 from pipelines.sources.synthetic_camera import Camera, camera_from_spherical
 from pipelines.sources.synthetic_caption import (
-    assign_class_colours, captions_for_view, prompt_tags, scene_graph_relations, visible_entity_ids,
+    assign_class_colours, describe_view, prompt_tags, visible_entity_ids,
 )
 from pipelines.sources.synthetic_render import ViewRender, render
 from pipelines.sources.synthetic_scene import (
@@ -36,8 +37,8 @@ GENERATOR_VERSION = "onegen.synthetic/1"
 
 __all__ = [
     "CLASSES", "COCO_KEYPOINTS", "COCO_SKELETON", "PALETTE", "Camera", "Scene", "SceneSpec", "SyntheticConfig",
-    "ViewRender", "camera_from_spherical", "generate_scene", "render", "sample_key", "scene_cameras",
-    "synthetic_samples", "view_to_sample",
+    "ViewRender", "camera_from_spherical", "generate_scene", "render", "render_shard_bytes", "sample_key",
+    "scene_cameras", "shard_name", "synthetic_samples", "view_to_sample",
 ]
 
 
@@ -47,6 +48,11 @@ def sample_key(seed: int, scene_index: int, view_index: int) -> str:
 
 def group_key(seed: int, scene_index: int) -> str:
     return f"synthetic-{seed}-{scene_index:06d}"
+
+
+def shard_name(seed: int, first_scene: int) -> str:
+    """File name of the WebDataset shard whose first scene is `first_scene`: 'synthetic-<seed>-<first:06d>.tar'."""
+    return f"{group_key(seed, first_scene)}.tar"
 
 
 def scene_cameras(scene: Scene, rng: np.random.Generator, config: SyntheticConfig) -> list[Camera]:
@@ -100,6 +106,7 @@ def view_to_sample(
     visible = visible_entity_ids(view.entity_pixels, cam.width, cam.height, config.min_visible_fraction)
     sky_fraction = float(np.count_nonzero(view.semantic == CLASS_ID["sky"])) / view.semantic.size
     entities = _entity_records(scene, view, set(visible))
+    captions, relations = describe_view(spec, cam, visible, sky_fraction)
     present_classes = sorted({e["class"] for e in entities if e["visible"]}, key=lambda c: CLASS_ID[c])
     sun_az, sun_el = spec.sun_azimuth_deg, spec.sun_elevation_deg
     meta = {
@@ -111,7 +118,7 @@ def view_to_sample(
         "depth_valid": "depth > 0 (sky pixels are 0)",
         "keypoint_names": list(COCO_KEYPOINTS),
         "sun": {"azimuth": sun_az, "elevation": sun_el, "direction": list(spec.sun_direction)},
-        "relations": scene_graph_relations(spec, cam, visible),
+        "relations": relations,
         "prompts": {
             "class_colours": {c: {"name": n, "hex": PALETTE_HEX[n]} for c, n in class_colours.items()},
             "semantic": prompt_tags(present_classes, class_colours, "mask"),
@@ -122,7 +129,7 @@ def view_to_sample(
         key=sample_key(seed, scene_index, view_index),
         source=SOURCE,
         image=view.image,
-        captions=captions_for_view(spec, cam, visible, sky_fraction),
+        captions=captions,
         depth=view.depth,
         depth_kind="z",
         instance=view.instance,
@@ -153,6 +160,11 @@ def resolve_config(
 def render_scene(seed: int, scene_index: int, config: SyntheticConfig) -> tuple[Scene, list[ViewRender]]:
     """Scene `scene_index` of seed `seed`, rendered from its cameras (independent of every other scene)."""
     scene_seq, camera_seq, _ = scene_seed_sequence(seed, scene_index).spawn(3)
+    return _render_seeded(scene_seq, camera_seq, config)
+
+
+def _render_seeded(scene_seq: np.random.SeedSequence, camera_seq: np.random.SeedSequence,
+                   config: SyntheticConfig) -> tuple[Scene, list[ViewRender]]:
     scene = generate_scene(np.random.default_rng(scene_seq), config)
     cameras = scene_cameras(scene, np.random.default_rng(camera_seq), config)
     return scene, render(scene, cameras, shadows=config.shadows)
@@ -177,10 +189,21 @@ def synthetic_samples(
         raise ValueError(f"num_scenes and first_scene must be >= 0, got {num_scenes} and {first_scene}")
     person_and_shapes = [c for c in CLASSES if c not in ("sky", "ground")]
     for i in range(first_scene, first_scene + num_scenes):
-        scene, views = render_scene(seed, i, config)
-        _, _, prompt_seq = scene_seed_sequence(seed, i).spawn(3)
+        # scene i's three streams: scene layout, cameras, prompt colours (the split `render_scene` uses)
+        scene_seq, camera_seq, prompt_seq = scene_seed_sequence(seed, i).spawn(3)
+        scene, views = _render_seeded(scene_seq, camera_seq, config)
         class_colours = assign_class_colours(person_and_shapes, np.random.default_rng(prompt_seq))
         for v, view in enumerate(views):
             yield view_to_sample(scene, view, seed=seed, scene_index=i, view_index=v, num_views=len(views),
                                  class_colours=class_colours, config=config)
 
+
+def render_shard_bytes(seed: int, first_scene: int, num_scenes: int, config: SyntheticConfig,
+                       image_format: str = "png") -> bytes:
+    """One WebDataset tar (bytes) of every view of scenes first_scene .. first_scene + num_scenes - 1, in order.
+
+    Member mtimes are 0, so the same scenes give the same bytes; read it back with
+    `pipelines.record.samples_from_wds_tar`. The whole shard is built in memory (write it with `Storage.write_bytes`).
+    """
+    return samples_to_wds_tar(synthetic_samples(seed, num_scenes, config=config, first_scene=first_scene),
+                              image_format)

@@ -12,15 +12,18 @@ Conventions (all matrices float64, 4x4 homogeneous, column vectors: ``X_cam = w2
 * The released pipeline additionally swaps world rows 0/1 and negates world row 2 before it computes rays
   (a fixed proper rotation of the world frame); ``release_opencv_c2w`` reproduces that exactly for code that must match
   the release's ray maps. Relative poses are unaffected by it.
-* Intrinsics: ``f = 1.3887`` on a unit image (NDC focal 2.777, about 39.6 degrees field of view), principal point at the
-  image centre, square images. ``K`` is stored in pixels: ``[[f W, 0, W/2], [0, f H, H/2], [0, 0, 1]]``. Pixel (row i,
-  column j) covers ``[j, j+1) x [i, i+1)`` in continuous image coordinates; its centre is ``(j + 0.5, i + 0.5)``.
+* Intrinsics: ``f = 1.3887`` (``model.cameras.RELEASE_FOCAL``) on a unit image (NDC focal 2.777, about 39.6 degrees
+  field of view), principal point at the image centre, square images. ``K`` is stored in pixels, the unit-image K of
+  ``model.cameras.intrinsics`` with its rows scaled by (W, H, 1): ``[[f W, 0, W/2], [0, f H, H/2], [0, 0, 1]]``.
+  Pixel (row i, column j) covers ``[j, j+1) x [i, i+1)`` in continuous image coordinates; its centre is
+  ``(j + 0.5, i + 0.5)``.
 
 Determinism: everything here uses only +, -, *, / and sqrt (IEEE-754 correctly rounded) plus a polynomial sine and
-cosine (``sin_cos_deg``), never the platform's libm or BLAS, so camera matrices are bit-identical on every machine.
+cosine (``sin_cos_deg``), never the platform's libm or BLAS (what it takes from model.cameras only flips signs,
+permutes rows and builds constants), so camera matrices are bit-identical on every machine.
 
-NOTE: model/cameras.py (Plücker rays for the model) will hold a second spherical-camera helper; the two follow the
-same convention and are to be reconciled by the lead. model/ must not import this module.
+Two spherical cameras exist because model.cameras' torch one uses libm sin/cos (ulps apart across machines); the
+tests hold them within a few ulps. model/ must not import this module.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-FOCAL_UNIT = 1.3887  # focal length on a unit-size image (spec §2.3): NDC focal 2.777, ~39.6 degree FoV
+from model.cameras import RELEASE_FOCAL, intrinsics, opengl_to_opencv
+
+FOCAL_UNIT = RELEASE_FOCAL  # the release's unit-image focal (spec §2.3), under the name this module's callers use
+POLE_EPS = 1e-6  # |world up x backward| below this: looking (almost) straight up or down, use world y as up (as model/)
 
 # 1/n! for the sine and cosine series; Python evaluates these divisions once, in IEEE double.
 _SIN_COEFFS = tuple((-1.0) ** k / math.factorial(2 * k + 1) for k in range(9))
@@ -80,13 +87,13 @@ def look_at_c2w_opengl(position, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
     """OpenGL camera-to-world (x right, y up, z backward) for a camera at `position` looking at `target`.
 
     Same construction as the release: backward = normalise(position - target), right = up x backward,
-    camera up = backward x right; if looking straight along world z, world y is used as up.
+    camera up = backward x right; if |right| < POLE_EPS (looking along world z), world y is used as up.
     """
     position = tuple(float(x) for x in position)
     target = tuple(float(x) for x in target)
     back = _normalised((position[0] - target[0], position[1] - target[1], position[2] - target[2]))
     right = _cross(tuple(float(x) for x in up), back)
-    if right[0] * right[0] + right[1] * right[1] + right[2] * right[2] < 1e-18:
+    if math.sqrt(right[0] * right[0] + right[1] * right[1] + right[2] * right[2]) < POLE_EPS:
         right = _cross((0.0, 1.0, 0.0), back)
     right = _normalised(right)
     cam_up = _cross(back, right)
@@ -117,23 +124,22 @@ def rigid_inverse(transform: np.ndarray) -> np.ndarray:
 
 
 def release_opencv_c2w(c2w_opengl: np.ndarray) -> np.ndarray:
-    """The released pipeline's OpenGL -> "OpenCV" conversion, verbatim (spec §2.3):
+    """The released pipeline's OpenGL -> "OpenCV" conversion (spec §2.3), `model.cameras.opengl_to_opencv` on numpy:
 
     negate rotation columns 1 and 2, swap world rows 0 and 1, negate world row 2. The last two steps re-express the
     camera in a rotated world frame (x' = y, y' = x, z' = -z); use this only to reproduce the release's ray maps.
+    Sign flips and a row swap only, so exact in float64.
     """
-    c2w = opengl_to_opencv_c2w(c2w_opengl)
-    c2w = c2w[[1, 0, 2, 3], :]
-    c2w[2, :] *= -1.0
-    return c2w
+    return opengl_to_opencv(torch.from_numpy(np.array(c2w_opengl, dtype=np.float64))).numpy()
 
 
 def intrinsics_matrix(width: int, height: int, focal_unit: float = FOCAL_UNIT) -> np.ndarray:
-    """K in pixels for a `width` x `height` image with focal `focal_unit` on a unit image (principal point centred)."""
-    return np.array(
-        [[focal_unit * width, 0.0, width / 2.0], [0.0, focal_unit * height, height / 2.0], [0.0, 0.0, 1.0]],
-        dtype=np.float64,
-    )
+    """K in pixels for a `width` x `height` image with focal `focal_unit` on a unit image (principal point centred):
+    `model.cameras.intrinsics` with row x scaled by the width and row y by the height (exact in float64)."""
+    k = intrinsics(float(focal_unit)).numpy()
+    k[0] *= width
+    k[1] *= height
+    return k
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,8 @@ captions for the group.
 * long: scene intro, one sentence per visible entity front to back with size, position and a relation to an entity
   already described, the person's pose and facing, then where the sunlight comes from.
 
-`scene_graph_relations` returns the relations the long caption states, as data, so tests can check every claim.
+`scene_graph_relations` returns the relations the long caption states, as data, so tests can check every claim;
+`describe_view` gives both (captions and relations) from one pass.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def visible_entity_ids(entity_pixels: dict[int, int], width: int, height: int, m
 def scene_graph_relations(spec: SceneSpec, camera: Camera, visible: list[int]) -> list[dict[str, Any]]:
     """The relations the long caption states: each visible entity after the first (front to back) relative to the
     nearest entity described before it. [{"subject": id, "relation": ["behind", "left_of"], "object": id}, ...]"""
-    ents = _entities(spec)
+    return _relations(_entities(spec), camera, visible)
+
+
+def _relations(ents: dict[int, _Entity], camera: Camera, visible: list[int]) -> list[dict[str, Any]]:
     order = _front_to_back(ents, visible, camera)
     out = []
     for i, eid in enumerate(order[1:], start=1):
@@ -159,7 +163,16 @@ def captions_for_view(
     spec: SceneSpec, camera: Camera, visible: list[int], sky_fraction: float = 0.0
 ) -> dict[str, str]:
     """{"short", "long"} captions of one view, naming exactly the `visible` entity ids."""
+    return describe_view(spec, camera, visible, sky_fraction)[0]
+
+
+def describe_view(
+    spec: SceneSpec, camera: Camera, visible: list[int], sky_fraction: float = 0.0
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(`captions_for_view`, `scene_graph_relations`) of one view, computed together (one entity table, the
+    relations once)."""
     ents = _entities(spec)
+    relation_list = _relations(ents, camera, visible)
     uv = {eid: camera.project(np.array([*ents[eid].xy, 0.0]))[0] for eid in visible}
     left_to_right = sorted(visible, key=lambda e: (float(uv[e][0]), e))
     if not visible:
@@ -178,7 +191,7 @@ def captions_for_view(
         f"A rendered 3D scene with {_join(counted) or 'nothing'} on a light grey checkered floor{sky}, "
         f"seen from {angle}."
     ]
-    relations = {r["subject"]: r for r in scene_graph_relations(spec, camera, visible)}
+    relations = {r["subject"]: r for r in relation_list}
     for i, eid in enumerate(_front_to_back(ents, visible, camera)):
         e = ents[eid]
         region = _horizontal_region(float(uv[eid][0]), camera.width)
@@ -200,7 +213,7 @@ def captions_for_view(
                 sentences.append(f"{subject[0].upper()}{subject[1:]} is {_relation_phrase(r['relation'])} "
                                  f"the {ents[r['object']].name}.")
     sentences.append(_sunlight_sentence(spec, camera))
-    return {"short": short, "long": " ".join(sentences)}
+    return {"short": short, "long": " ".join(sentences)}, relation_list
 
 
 def _sunlight_sentence(spec: SceneSpec, camera: Camera) -> str:

@@ -1,16 +1,21 @@
 """`onegen synth ...`: render the synthetic world to a folder or WebDataset shards, or draw a contact sheet.
 
-    onegen synth render --scenes 100 --views 4 --size 128 --seed 0 --out DIR [--format folder|wds]
-    onegen synth sheet --out sheet.png --scenes 3 --views 4 --size 128 --seed 0
+    onegen synth render --scenes 100 --views 4 --size 128 --seed 0 --out DIR|s3://BUCKET/PREFIX [--format folder|wds]
+    onegen synth sheet --out sheet.png|s3://BUCKET/KEY.png --scenes 3 --views 4 --size 128 --seed 0
 
 Also runnable as `python -m pipelines.sources.synthetic_cli ...`.
 The wiring is `add_arguments(subparser)` + `run(args) -> exit code`.
 
+`--out` is a storage root (onegen.storage.Storage): a local path, file:///path or s3://bucket/prefix; S3 settings come
+from the standard AWS environment (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_PROFILE or AWS_ACCESS_KEY_ID, ...).
+Every file is written atomically (locally temp file + fsync + rename; on S3 one PUT), so a file that exists is
+complete.
+
 Folder format: every sample's WebDataset members as files `<key>.<ext>` (png, depth.npy, instance.png, semantic.png,
-json); read one back with `pipelines.record.read_sample_files(folder, key)`. WebDataset format: shards of
+json); read one back with `pipelines.record.read_sample_files(root, key)`. WebDataset format: shards of
 `--scenes-per-shard` whole scenes (all views of a scene stay in one shard), named after their first scene
-(`synthetic-<seed>-<first scene:06d>.tar`), each written to a temporary name and renamed when complete, so a shard
-that exists is complete. Re-running with the same arguments rewrites identical shards; `--skip-existing` skips them.
+(`synthetic-<seed>-<first scene:06d>.tar`, `synthetic.shard_name`) and built by `synthetic.render_shard_bytes`.
+Re-running with the same arguments rewrites identical shards; `--skip-existing` skips shards that exist.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.record import write_sample_files
-from pipelines.sources.synthetic import resolve_config, synthetic_samples
+from onegen.storage import Storage
+from pipelines.record import as_storage, storage_location, write_sample_files
+from pipelines.sources.synthetic import (
+    SyntheticConfig, render_shard_bytes, resolve_config, shard_name, synthetic_samples,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = sub.add_parser("render", help="render N scenes x V views to a folder or WebDataset shards",
                        description="Render synthetic scenes with exact labels (see pipelines/sources/synthetic.py).")
     _common(r, scenes=10)
-    r.add_argument("--out", required=True, help="output folder (created if missing)")
+    r.add_argument("--out", required=True,
+                   help="output folder: a local path (created if missing), file:///path or s3://bucket/prefix")
     r.add_argument("--format", choices=("folder", "wds"), default="folder",
                    help="folder: files <key>.<ext>; wds: WebDataset tar shards (default: folder)")
     r.add_argument("--first-scene", type=int, default=0, help="index of the first scene (to split work)")
@@ -41,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--skip-existing", action="store_true", help="wds: leave shards that already exist untouched")
     s = sub.add_parser("sheet", help="write a contact sheet PNG (RGB | depth | segmentation | keypoints)")
     _common(s, scenes=3)
-    s.add_argument("--out", default="synthetic_contact_sheet.png", help="PNG path to write")
-    s.add_argument("--scale", type=int, default=1, help="integer upscaling of each panel")
+    s.add_argument("--out", default="synthetic_contact_sheet.png",
+                   help="PNG to write: a local path, file:///path.png or s3://bucket/key.png")
+    s.add_argument("--scale", type=int, default=1, help="integer upscaling of each panel (>= 1)")
 
 
 def _common(p: argparse.ArgumentParser, scenes: int) -> None:
@@ -74,73 +83,54 @@ def run(args: argparse.Namespace) -> int:
     if args.synth_command == "sheet":
         from pipelines.contact_sheet import write_contact_sheet
 
+        if args.scale < 1:
+            raise ValueError(f"--scale must be a positive integer (panel upscaling), got {args.scale}")
         path = write_contact_sheet(args.out, seed=args.seed, scenes=args.scenes, views=args.views, size=args.size,
                                    scale=args.scale, with_figures=not args.no_figures)
         print(f"wrote {path}")
         return 0
     config = resolve_config(views_per_scene=args.views, size=args.size, with_figures=not args.no_figures)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    total = args.scenes * args.views
+    storage = as_storage(args.out)
     if args.format == "folder":
         samples = synthetic_samples(args.seed, args.scenes, config=config, first_scene=args.first_scene)
-        for sample in tqdm(samples, total=total, desc="synth render", unit="img"):
-            write_sample_files(sample, out, args.image_format)
-        print(f"wrote {total} samples to {out}")
+        with tqdm(total=args.scenes * args.views, desc="synth render", unit="img") as progress:
+            for sample in samples:
+                write_sample_files(sample, storage, args.image_format)
+                progress.update(1)
+        print(f"wrote {args.scenes * args.views} samples to {storage.root_uri}")
         return 0
-    written = write_wds_shards(out, args.seed, args.scenes, config, first_scene=args.first_scene,
+    written = write_wds_shards(storage, args.seed, args.scenes, config, first_scene=args.first_scene,
                                scenes_per_shard=args.scenes_per_shard, image_format=args.image_format,
                                skip_existing=args.skip_existing)
-    print(f"wrote {len(written)} shard(s) to {out}")
+    print(f"wrote {len(written)} shard(s) to {storage.root_uri}")
     return 0
 
 
-def shard_name(seed: int, first_scene: int) -> str:
-    return f"synthetic-{seed}-{first_scene:06d}.tar"
-
-
 def write_wds_shards(
-    out: str | os.PathLike,
+    out: str | os.PathLike | Storage,
     seed: int,
     num_scenes: int,
-    config,
+    config: SyntheticConfig,
     *,
     first_scene: int = 0,
     scenes_per_shard: int = 100,
     image_format: str = "png",
     skip_existing: bool = False,
-) -> list[Path]:
-    """Write scenes [first_scene, first_scene + num_scenes) as WebDataset shards; returns the shard paths."""
-    import webdataset as wds
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    progress = tqdm(total=num_scenes * config.views_per_scene, desc="synth render", unit="img")
-    for start in range(first_scene, first_scene + num_scenes, scenes_per_shard):
-        count = min(scenes_per_shard, first_scene + num_scenes - start)
-        path = out / shard_name(seed, start)
-        paths.append(path)
-        if skip_existing and path.exists():
+) -> list[Path | str]:
+    """Write scenes [first_scene, first_scene + num_scenes) as WebDataset shards under the storage root `out`, each
+    with one atomic `Storage.write_bytes`; returns their locations (`Path`s locally, s3:// URIs on S3), skipped ones
+    included. skip_existing: leave shards that exist (`Storage.exists`) untouched."""
+    storage = as_storage(out)
+    locations: list[Path | str] = []
+    with tqdm(total=num_scenes * config.views_per_scene, desc="synth render", unit="img") as progress:
+        for start in range(first_scene, first_scene + num_scenes, scenes_per_shard):
+            count = min(scenes_per_shard, first_scene + num_scenes - start)
+            name = shard_name(seed, start)
+            locations.append(storage_location(storage, name))
+            if not (skip_existing and storage.exists(name)):
+                storage.write_bytes(name, render_shard_bytes(seed, start, count, config, image_format))
             progress.update(count * config.views_per_scene)
-            continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                # mtime fixed so the same scenes give the same tar bytes
-                writer = wds.TarWriter(f, encoder=False, mtime=0)
-                for sample in synthetic_samples(seed, count, config=config, first_scene=start):
-                    writer.write(sample.to_wds(image_format))
-                    progress.update(1)
-                writer.close()
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    progress.close()
-    return paths
+    return locations
 
 
 def main(argv: list[str] | None = None) -> int:
