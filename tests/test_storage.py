@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,47 +19,6 @@ import pytest
 from onegen.config import load_config
 from onegen.storage import Storage, StorageError
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
-            "AWS_SHARED_CREDENTIALS_FILE")
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """A moto S3 server on 127.0.0.1 (free port), stopped after this module."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch, tmp_path):
-    """A clean AWS environment with test credentials: nothing from the real ~/.aws leaks in."""
-    for name in AWS_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name, value in S3_ENV.items():
-        monkeypatch.setenv(name, value)
-    return monkeypatch
-
-
-def make_bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"onegen-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
-    return name
-
-
 @pytest.fixture(params=["local", "file-uri", "s3"])
 def storage(request, tmp_path):
     if request.param == "local":
@@ -69,7 +27,7 @@ def storage(request, tmp_path):
         return Storage(f"file://{tmp_path}/root")
     endpoint = request.getfixturevalue("moto_endpoint")
     request.getfixturevalue("aws_env")
-    return Storage(f"s3://{make_bucket(endpoint)}/prefix", endpoint_url=endpoint)
+    return Storage(f"s3://{request.getfixturevalue('make_bucket')()}/prefix", endpoint_url=endpoint)
 
 
 def test_write_read_overwrite_exists(storage: Storage):
@@ -236,16 +194,17 @@ def test_write_file_copies_a_local_file(storage: Storage, tmp_path: Path):
 
 # --- S3 configuration: endpoint and credentials from the standard AWS environment ---------------------------------
 
-def test_endpoint_from_aws_endpoint_url_env(moto_endpoint, aws_env):
-    bucket = make_bucket(moto_endpoint)
+def test_endpoint_from_aws_endpoint_url_env(moto_endpoint, aws_env, make_bucket):
+    bucket = make_bucket()
     aws_env.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     storage = Storage(f"s3://{bucket}")
     storage.write_bytes("k", b"v")
     assert storage.endpoint_url == moto_endpoint and storage.read_bytes("k") == b"v"
 
 
-def test_credentials_from_a_profile_in_the_shared_credentials_file(moto_endpoint, aws_env, tmp_path: Path):
-    bucket = make_bucket(moto_endpoint)
+def test_credentials_from_a_profile_in_the_shared_credentials_file(moto_endpoint, aws_env, make_bucket,
+                                                                   tmp_path: Path):
+    bucket = make_bucket()
     aws_env.delenv("AWS_ACCESS_KEY_ID")
     aws_env.delenv("AWS_SECRET_ACCESS_KEY")
     (tmp_path / "aws-credentials").write_text("[onegen-test]\naws_access_key_id = k1\naws_secret_access_key = s1\n")
@@ -255,8 +214,8 @@ def test_credentials_from_a_profile_in_the_shared_credentials_file(moto_endpoint
     assert storage.list() == ["k"] and storage.read_bytes("k") == b"v"  # pyarrow path
 
 
-def test_storage_from_config(moto_endpoint, aws_env, tmp_path: Path):
-    bucket = make_bucket(moto_endpoint)
+def test_storage_from_config(moto_endpoint, aws_env, make_bucket, tmp_path: Path):
+    bucket = make_bucket()
     cfg = load_config(None, ["run.name=t", f"storage.root=s3://{bucket}/data",
                              f"storage.s3.endpoint_url={moto_endpoint}", "storage.s3.region=us-east-1"])
     storage = Storage.from_config(cfg)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import uuid
 
 import numpy as np
 import pytest
@@ -15,10 +14,6 @@ from onegen.storage import Storage
 from pipelines.record import Sample, read_sample_files, samples_from_wds_tar
 from pipelines.sources import synthetic_cli
 from pipelines.sources.synthetic import resolve_config, synthetic_samples
-
-AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
-            "AWS_SHARED_CREDENTIALS_FILE")
 
 
 def test_render_to_folder_writes_scenes_times_views_samples(tmp_path):
@@ -120,33 +115,9 @@ def test_progress_bar_is_closed_when_rendering_fails(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # and no partial shard
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """A moto S3 server on 127.0.0.1 (free port), stopped after this module (as in tests/test_storage.py)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-def test_render_and_sheet_to_s3(moto_endpoint, monkeypatch, tmp_path):
-    import boto3
-
-    for name in AWS_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL_S3", moto_endpoint)):
-        monkeypatch.setenv(name, value)
-    bucket = f"onegen-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+def test_render_and_sheet_to_s3(moto_endpoint, aws_env, make_bucket, monkeypatch, tmp_path):
+    aws_env.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    bucket = make_bucket()
     monkeypatch.chdir(tmp_path)  # a URI taken for a local path would show up here as a folder "s3:"
 
     root = f"s3://{bucket}/synth"
