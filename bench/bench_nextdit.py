@@ -42,8 +42,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
 import selectors  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
@@ -58,11 +56,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+from bench.results_file import RESULTS, cpu_name, replace_section  # noqa: E402
 from model.flow import FlowConfig, flow_matching_loss  # noqa: E402
 from model.nextdit import NextDiT, reference_forward  # noqa: E402
 from model.presets import PRESETS  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## NextDiT (CPU)"
 BATCH, VIEWS, TEXT_LEN, TEXT_VALID = 2, 2, 32, (23, 9)
 PRESET_NAMES = ("nextdit-small", "nextdit-tiny")
@@ -327,25 +325,6 @@ def reading(rows: list[dict], comp: dict) -> str:
     return "Reading: " + "; ".join(parts) + "."
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.system()}"
-
-
-def write_section(lines: list[str], path: Path = RESULTS) -> None:
-    """Replace this script's section of RESULTS.md (up to the next "## " heading), leaving the others as they are."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = "\n".join(lines) + "\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]), help="torch threads (1)")
@@ -391,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         section = [
             SECTION,
             "",
-            f"`.venv/bin/python bench/bench_nextdit.py --threads {a.threads} --write-results` — {_cpu_name()}, "
+            f"`.venv/bin/python bench/bench_nextdit.py --threads {a.threads} --write-results` — {cpu_name()}, "
             f"{a.threads} thread(s), torch {torch.__version__}, {datetime.date.today().isoformat()}; 1-min load "
             f"average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (shared machine: absolute times vary, the "
             f"ratios are measured side by side, A and B interleaved, medians). B={BATCH} samples x T={VIEWS} views, "
@@ -409,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             *[f"| {c['preset']} | {c['params']:,} |" for c in counts],
             "",
         ]
-        write_section(section)
+        replace_section(SECTION, section)
         print(f"updated {RESULTS}")
     return 0
 

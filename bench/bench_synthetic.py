@@ -20,8 +20,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy/torch load their t
 
 import argparse
 import json
-import platform
-import re
 import statistics
 import sys
 import time
@@ -32,12 +30,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
+from bench.results_file import RESULTS, cpu_name, replace_section
 from pipelines.sources.synthetic import render_scene, resolve_config, synthetic_samples
 from pipelines.sources.synthetic_camera import camera_from_spherical
 from pipelines.sources.synthetic_render import primary_hits, render_view
 from pipelines.sources.synthetic_scene import generate_scene
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Synthetic world"
 
 
@@ -139,25 +137,11 @@ def write_section(result: dict, path: Path = RESULTS) -> None:
         f"{'met' if min(r['samples_per_s_with_figures'], r['samples_per_s_without_figures']) >= 20 else 'MISSED'}.",
         "",
     ]
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = "\n".join(lines) + "\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.system()}"
+    replace_section(SECTION, lines, path)
 
 
 def run(scenes: int = 10, views: int = 4, size: int = 128, repeats: int = 3, loop_size: int = 24) -> dict:
-    result = {"scenes": scenes, "views": views, "size": size, "repeats": repeats, "machine": _cpu_name(),
+    result = {"scenes": scenes, "views": views, "size": size, "repeats": repeats, "machine": cpu_name(),
               "load_average_1min": round(os.getloadavg()[0], 2), "cores_online": os.cpu_count(),
               "numpy": np.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     result.update(sample_rates(scenes, views, size, repeats))

@@ -42,7 +42,6 @@ import gc
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -57,7 +56,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from bench.results_file import RESULTS, replace_section  # noqa: E402
+
 SECTION_PREFIX = "## GPU bench"
 COMMAND = ".venv/bin/python bench/gpu_bench.py --out bench/gpu_results.json"
 NO_CUDA = "no CUDA device: nothing measured"
@@ -406,15 +406,6 @@ def markdown(result: dict) -> list[str]:
     return lines
 
 
-def _replace_section(section_lines: list[str], path: Path = RESULTS) -> None:
-    """Replace the "## GPU bench..." section of RESULTS.md (up to the next "## " heading); other sections stay."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION_PREFIX)}\b[^\n]*\n.*?(?=^## |\Z)", re.S | re.M)
-    section = "\n".join(section_lines) + "\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def prepared_section() -> list[str]:
     return [
         f"{SECTION_PREFIX} (prepared)",
@@ -482,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     if a.write_prepared_section:
-        _replace_section(prepared_section())
+        replace_section(SECTION_PREFIX, prepared_section())
         print(f"updated {RESULTS}")
         return 0
 
@@ -516,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         print(f"wrote {a.out}")
     if a.write_results and not a.smoke_cpu:
-        _replace_section(measured_section(result))
+        replace_section(SECTION_PREFIX, measured_section(result))
         print(f"updated {RESULTS}")
     return 0
 
