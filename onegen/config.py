@@ -123,6 +123,15 @@ class ModelSection(_Section):
     attn_impl: Literal["auto", "flex", "math"] = Field("auto", description="softcap attention path; auto: flex on "
                                                                            "GPU, math on CPU")
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from model.presets import PRESETS  # a plain dict module: no torch import
+
+        if value not in PRESETS:
+            raise ValueError(f"expected one of {', '.join(sorted(PRESETS))}, got {value!r}")
+        return value
+
 
 class DataSection(_Section):
     image_size: int = Field(256, gt=0, description="training resolution in pixels (square bucket side)")

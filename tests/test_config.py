@@ -189,3 +189,10 @@ def test_storage_roots_that_storage_would_refuse_fail_at_config_time():
         with pytest.raises(ConfigError) as err:
             load_config(None, ["run.name=r", f"storage.root={bad}"])
         assert any(f"storage.root: {bad}: {reason}" in line for line in err.value.problems)
+
+
+def test_unknown_model_preset_names_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["run.name=r", "model.preset=nextdit-huge"])
+    assert any("model.preset: expected one of nextdit-small, nextdit-tiny, onediffusion-2.8b, got 'nextdit-huge'"
+               in line for line in err.value.problems)
