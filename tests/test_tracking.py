@@ -60,7 +60,8 @@ def test_run_logs_config_tags_metrics_and_artifacts_under_the_work_dir(tmp_path:
     assert logged.data.params == config_params(cfg)
     assert logged.data.metrics["loss"] == 0.5
     assert logged.data.tags[TAG_CONFIG_HASH] == config_hash(cfg)
-    assert logged.data.tags[TAG_GIT_COMMIT] == "unknown"  # the CWD is not a git checkout
+    # lineage is the onegen checkout's commit, whatever the CWD (a tmp folder outside any checkout here)
+    assert logged.data.tags[TAG_GIT_COMMIT] == git_state(REPO)[0] != "unknown"
     assert logged.data.tags["stage"] == "test"
 
     resolved = yaml.safe_load(mlflow.artifacts.load_text(f"{logged.info.artifact_uri}/{CONFIG_ARTIFACT}"))
