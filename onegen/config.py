@@ -71,6 +71,8 @@ class S3Options(_Section):
 
 class StorageSection(_Section):
     root: str | None = Field(None, description="local path, file:// or s3:// URI; default <work_dir>/data")
+    shared: bool = Field(False, description="true: local paths (storage root, sqlite MLflow store, work dir) are on "
+                                            "a file system every Ray node and job sees (NFS, Lustre, ...)")
     s3: S3Options = S3Options()
 
     @field_validator("root")

@@ -1,0 +1,44 @@
+"""What went wrong, where: the two kinds of failure the `onegen` command line tells apart.
+
+* Bad input the user can fix before anything runs (arguments, config files): `UsageError` here, `ConfigError` in
+  onegen.config. The CLI prints one line per problem and exits 2.
+* A failure while running (a Ray task error, a storage error mid-write, a model that does not load): any other
+  exception. Code marks the step it is in with `step(...)`, so the CLI can say what failed, in which step, with which
+  input; it exits 1 and saves the traceback.
+
+    with step("render shards", input=storage.uri(prefix)):
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+_STEP_ATTR = "onegen_step"
+_INPUT_ATTR = "onegen_input"
+
+
+class UsageError(ValueError):
+    """A bad command-line argument or option value; the message names it and the fix."""
+
+
+@contextlib.contextmanager
+def step(name: str, input: object | None = None) -> Iterator[None]:  # noqa: A002 - "input" is the user's word
+    """Mark exceptions raised inside with the step's name and input. The innermost step wins: it is the most precise
+    place. Usage errors pass through unmarked (they are reported as bad input, not as a failed step)."""
+    try:
+        yield
+    except Exception as err:
+        if not isinstance(err, UsageError) and not hasattr(err, _STEP_ATTR):
+            try:
+                setattr(err, _STEP_ATTR, name)
+                setattr(err, _INPUT_ATTR, None if input is None else str(input))
+            except AttributeError:  # exceptions with __slots__ cannot carry attributes: leave them unmarked
+                pass
+        raise
+
+
+def failed_step(err: BaseException) -> tuple[str | None, str | None]:
+    """(step name, input) recorded by `step`, or (None, None)."""
+    return getattr(err, _STEP_ATTR, None), getattr(err, _INPUT_ATTR, None)
