@@ -7,6 +7,12 @@ torch or ray at import). A command module provides:
     def run(args: argparse.Namespace) -> int          # the exit status
 
 Adding a command is one line in COMMANDS.
+
+Exit status (`run_command`): 0 done; 2 bad input, one line per problem, nothing ran (argparse errors,
+onegen.errors.UsageError, onegen.config.ConfigError); 1 a failure while running: what failed, in which step, with
+which input (onegen.errors.step), and where the traceback was saved (ONEGEN_DEBUG=1 raises it instead); operational
+errors that already name their fix (unreachable Ray, storage errors, a missing input file) stay one line; 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,7 +21,14 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
+
+from onegen.secrets import install_log_redaction, redact  # stdlib only: `onegen --help` stays fast
 
 # (name, module, one-line help). Keep only commands that work.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -25,7 +38,11 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "onegen.demo", "run the demo chain: synthetic world -> Ray -> shards -> train -> sample -> evaluate"),
 ]
 
-EXIT_CONFIG_ERROR = 2
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2  # bad arguments or config, nothing ran: also argparse's own status
+EXIT_INTERRUPTED = 130
+
+_WORK_DIR_ATTR = "_onegen_work_dir"  # set on args by config_from_args: where a failure's traceback is saved
 
 
 def add_config_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -40,15 +57,22 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
 
 
-def config_from_args(args: argparse.Namespace):
-    """The resolved config named by --config/--set (built-in defaults without --config). Raises ConfigError."""
-    from onegen.config import default_config, load_config
+def config_from_args(args: argparse.Namespace, schema=None):
+    """The resolved config named by --config/--set (built-in defaults without --config), validated against `schema`:
+    default the command's own (onegen.config.SCHEMAS[args.command]), else the shared sections. Raises ConfigError.
 
+    Remembers the config's run.work_dir on `args`, so a failure report saves its traceback there."""
+    from onegen.config import SCHEMAS, OnegenConfig, default_config, load_config
+
+    schema = schema or SCHEMAS.get(getattr(args, "command", None), OnegenConfig)
     if getattr(args, "config", None) is None and not args.overrides:
-        return default_config()
-    if getattr(args, "config", None) is None:
-        return load_config(None, ["run.name=onegen", *args.overrides])
-    return load_config(args.config, args.overrides)
+        cfg = default_config(schema)
+    elif getattr(args, "config", None) is None:
+        cfg = load_config(None, ["run.name=onegen", *args.overrides], schema)
+    else:
+        cfg = load_config(args.config, args.overrides, schema)
+    setattr(args, _WORK_DIR_ATTR, cfg.run.work_dir)
+    return cfg
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -67,26 +91,89 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onegen.config import ConfigError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args = build_parser(command).parse_args(argv)  # bad arguments: argparse prints usage and exits 2
+    return run_command(args.command, args._run, args)
+
+
+def run_command(command: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`run(args)`'s exit status, with what it raises reported on stderr by the rules in the module docstring.
+    Also for modules runnable on their own (`python -m ...`), so they report errors the same way."""
+    from onegen.config import ConfigError
+    from onegen.errors import UsageError
+
+    install_log_redaction()  # no log line of this process shows a secret, whichever library writes it
     try:
-        return int(args._run(args))
-    except ConfigError as err:
+        return int(run(args))
+    except KeyboardInterrupt:
+        print(f"onegen {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConfigError as err:  # every problem, one line each, already naming file and key: a traceback adds nothing
         for line in err.problems:
             print(line, file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except (ValueError, OSError, ConnectionError) as err:
-        # Bad input (arguments, files, paths, unreachable services): one line that names it, not a traceback.
-        # ONEGEN_DEBUG=1 shows the traceback.
+        return EXIT_BAD_INPUT
+    except Exception as err:
         if os.environ.get("ONEGEN_DEBUG"):
             raise
-        print(f"onegen {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except KeyboardInterrupt:
-        return 130
+        if isinstance(err, UsageError):
+            print(f"onegen {command}: error: {redact(str(err))}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if _says_what_to_fix(err):
+            print(f"onegen {command}: error{_where(err)}: {redact(str(err))}", file=sys.stderr)
+            return EXIT_FAILED
+        report_failure(command, err, getattr(args, _WORK_DIR_ATTR, None))
+        return EXIT_FAILED
+
+
+def _says_what_to_fix(err: BaseException) -> bool:
+    """Operational errors whose message names the address, URI or file and the fix: one line is the whole story."""
+    from onegen.errors import UnreachableError
+
+    known: tuple[type[BaseException], ...] = (UnreachableError, FileNotFoundError)
+    storage = sys.modules.get("onegen.storage")  # not imported: the error cannot be a StorageError
+    if storage is not None:
+        known += (storage.StorageError,)
+    return isinstance(err, known)
+
+
+def _where(err: BaseException) -> str:
+    """The failed step and its input as marked by onegen.errors.step, e.g. " in step 'render shards' (input:
+    s3://b/p)"; "" when the code marked none."""
+    from onegen.errors import failed_step
+
+    name, given = failed_step(err)
+    if name is None:
+        return ""
+    return f" in step '{name}'" + (f" (input: {given})" if given else "")
+
+
+def report_failure(command: str, err: BaseException, work_dir: str | os.PathLike | None = None) -> Path | None:
+    """Print what failed (step, input, exception type and message) and save the traceback under
+    `<work_dir or the temp dir>/logs/`; returns the file (None if no folder was writable: then it is printed)."""
+    print(f"onegen {command}: failed{_where(err)}: {type(err).__name__}: {redact(str(err))}", file=sys.stderr)
+    saved = save_traceback(command, err, work_dir)
+    if saved is None:
+        print(redact("".join(traceback.format_exception(err))), file=sys.stderr)
+    else:
+        print(f"onegen {command}: traceback saved to {saved} (ONEGEN_DEBUG=1 prints it instead)", file=sys.stderr)
+    return saved
+
+
+def save_traceback(command: str, err: BaseException, work_dir: str | os.PathLike | None = None) -> Path | None:
+    """Write err's traceback to <work_dir>/logs/onegen-<command>-<timestamp>-<pid>.traceback.txt, falling back to
+    the temp dir when the work dir is unknown or not writable. None when neither is writable."""
+    text = redact("".join(traceback.format_exception(err)))
+    name = f"onegen-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.traceback.txt"
+    for base in ([work_dir] if work_dir else []) + [tempfile.gettempdir()]:
+        path = Path(base) / "logs" / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return None
 
 
 def _version() -> str:

@@ -1,16 +1,27 @@
-"""Typed onegen configuration: YAML files under configs/ validated into pydantic models.
+"""Typed onegen configuration: YAML files under configs/ validated into pydantic models, one schema per command.
 
-`load_config(path, overrides)` reads a YAML file, applies `--set a.b.c=value` overrides, validates the result and
-fills the defaults that depend on other fields (work dir, storage root, MLflow store). The returned `OnegenConfig`
-is the *resolved* configuration: what a run logs (`resolved_dict`) and hashes (`config_hash`).
+`load_config(path, overrides, schema)` reads a YAML file, applies `--set a.b.c=value` / `--set a.list[1].b=value`
+overrides, validates the result against `schema` and fills the defaults that depend on other fields (work dir,
+storage root, MLflow store). The returned config is the *resolved* configuration: what a run logs.
+
+Schemas: `OnegenConfig` holds the sections every command shares (`run`, `storage`, `tracking`, `ray`); each command
+that needs more extends it (`DemoConfig`; the build, train, evaluate and retrain schemas follow). A command validates,
+logs and hashes only its own sections, so every key in a schema acts: there is no key "for later".
 
 Every problem is reported at once, one line each, naming the source, the dotted key and what was expected:
 
     configs/x.yaml: train.lr: expected a number, got 'abc'
-    configs/x.yaml: train.lrr: unknown key (valid: lr, steps, batch_size, ...)
+    configs/x.yaml: train.lrr: unknown key (valid: lr, steps, batch_size)
     --set train.steps=-1: train.steps: expected a number > 0, got -1
 
-Later issues extend the sections (data, model, train) with their own fields; keep `extra="forbid"` so typos fail.
+Hashes (INTERFACES §1). Each field has a role:
+  * content (default): changes output bytes or the maths (seeds, sizes, models, tokenizers, lr, ...);
+  * runtime: how or where it runs without changing the result (run name, experiment, CPU counts, worker env);
+  * machine: paths, addresses and endpoints of this machine or cluster.
+`content_hash` covers content fields and gates every "changed config" refusal; `config_hash` (the full hash) covers
+content + runtime fields. Neither covers machine fields, so the same config hashes the same from any directory on
+any machine; machine fields are recorded as MLflow tags instead (`machine_fields`). Secrets are never in a config
+(refused at load time, onegen.secrets).
 """
 
 from __future__ import annotations
@@ -19,14 +30,18 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Keys that look like secrets: credentials come from the standard AWS environment/files, never from configs.
-_CREDENTIAL_KEYS = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "access_key", "secret_key",
-                    "secret_access_key", "session_token", "password", "token"}
+from onegen.secrets import CREDENTIAL_HINT, is_secret_name, redact_value, secret_problems
+
+CONTENT, RUNTIME, MACHINE = "content", "runtime", "machine"
+
+
+def _role(role: str) -> dict[str, Any]:
+    return {"json_schema_extra": {"role": role}}
 
 
 class ConfigError(ValueError):
@@ -38,13 +53,14 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: lr=inf or shift=nan is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunSection(_Section):
-    name: str = Field(min_length=1, description="run name; names the MLflow run and output folders")
+    name: str = Field(min_length=1, description="run name; names the MLflow run and output folders", **_role(RUNTIME))
     work_dir: Path = Field(Path("work"), validate_default=True,
-                           description="outputs, sqlite MLflow store, caches; relative to the CWD")
+                           description="outputs, sqlite MLflow store, caches; relative to the CWD", **_role(MACHINE))
     seed: int = 0
 
     @field_validator("work_dir")
@@ -58,7 +74,7 @@ class S3Options(_Section):
 
     endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000; default: AWS_ENDPOINT_URL_S3 / "
                                                        "AWS_ENDPOINT_URL, else AWS")
-    region: str | None = None
+    region: str | None = Field(None, description="default: the bucket's own region, discovered")
     profile: str | None = Field(None, description="AWS profile name from ~/.aws/config; default: AWS_PROFILE")
 
     @field_validator("endpoint_url")
@@ -70,10 +86,13 @@ class S3Options(_Section):
 
 
 class StorageSection(_Section):
-    root: str | None = Field(None, description="local path, file:// or s3:// URI; default <work_dir>/data")
-    shared: bool = Field(False, description="true: local paths (storage root, sqlite MLflow store, work dir) are on "
-                                            "a file system every Ray node and job sees (NFS, Lustre, ...)")
-    s3: S3Options = S3Options()
+    root: str | None = Field(None, description="local path, file:// or s3:// URI; default <work_dir>/data",
+                             **_role(MACHINE))
+    shared: bool = Field(False, description="true: local paths (storage root, sqlite MLflow store and artifacts) "
+                                            "are on a file system every Ray node sees (NFS, Lustre, ...); never "
+                                            "lifts the refusal of paths inside a submitted job's working dir",
+                         **_role(MACHINE))
+    s3: S3Options = Field(S3Options(), **_role(MACHINE))
 
     @field_validator("root")
     @classmethod
@@ -90,24 +109,35 @@ class StorageSection(_Section):
 
 
 class TrackingSection(_Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<work_dir>/mlflow.db")
-    experiment: str = Field("onegen", min_length=1)
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<work_dir>/mlflow.db",
+                            **_role(MACHINE))
+    experiment: str = Field("onegen", min_length=1, **_role(RUNTIME))
     artifact_location: str | None = Field(None, description="artifact root for a local (sqlite) store; "
-                                                            "default <work_dir>/mlartifacts")
+                                                            "default <work_dir>/mlartifacts", **_role(MACHINE))
 
 
 class RayRuntimeEnv(_Section):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)  # FOO=1 -> "1"
-    env_vars: dict[str, str] = Field(default_factory=dict, description="extra env vars for Ray workers")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="extra env vars for Ray workers (never "
+                                                                       "secrets: the dashboard shows them)")
     excludes: list[str] = Field(default_factory=list, description="extra paths not uploaded with --working-dir .")
+
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _yaml_booleans_as_env_text(cls, value: Any) -> Any:
+        # FOO: false in YAML is a bool; an environment variable holds the text "false", not "False".
+        if isinstance(value, dict):
+            return {key: str(item).lower() if isinstance(item, bool) else item for key, item in value.items()}
+        return value
 
 
 class RaySection(_Section):
     address: str | None = Field(None, description="None: RAY_ADDRESS env, else start a local instance; 'local', "
                                                   "'auto', 'HOST:PORT', 'ray://HOST:PORT' or a job-submission "
-                                                  "'http://HOST:8265'")
-    num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local instance (default: all)")
-    runtime_env: RayRuntimeEnv = RayRuntimeEnv()
+                                                  "'http://HOST:8265'", **_role(MACHINE))
+    num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local instance (default: all)",
+                                 **_role(RUNTIME))
+    runtime_env: RayRuntimeEnv = Field(RayRuntimeEnv(), **_role(RUNTIME))
 
     @field_validator("address")
     @classmethod
@@ -119,6 +149,36 @@ class RaySection(_Section):
         raise ValueError("expected 'auto', 'local', 'HOST:PORT', 'ray://HOST:PORT' or 'http://HOST:PORT', "
                          f"got {value!r}")
 
+
+class OnegenConfig(_Section):
+    """The sections every command shares. Commands with more to configure extend this class."""
+
+    run: RunSection
+    storage: StorageSection = StorageSection()
+    tracking: TrackingSection = TrackingSection()
+    ray: RaySection = RaySection()
+
+    @model_validator(mode="after")
+    def _fill_derived_defaults(self) -> "OnegenConfig":
+        # Defaults that depend on run.work_dir. Idempotent, so a resolved config validates to itself.
+        work_dir = self.run.work_dir
+        root = self.storage.root
+        if root is None:
+            self.storage.root = str(work_dir / "data")
+        elif "://" not in root:
+            self.storage.root = str(Path(root).expanduser().absolute())
+        if self.tracking.uri is None:
+            self.tracking.uri = f"sqlite:///{work_dir / 'mlflow.db'}"
+        if self.tracking.artifact_location is None:
+            self.tracking.artifact_location = str(work_dir / "mlartifacts")
+        return self
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        """(dotted key, problem) for rules that tie fields together; checked after each field is valid."""
+        return []
+
+
+# --- the demo's schema -------------------------------------------------------------------------------------------
 
 class ModelSection(_Section):
     preset: str = Field("nextdit-tiny", min_length=1, description="a name in model.nextdit.PRESETS")
@@ -141,13 +201,13 @@ class DataSection(_Section):
                                                               "or local folder")
 
 
-class TrainSection(_Section):
+class DemoTrainSection(_Section):
+    """The demo's in-process training loop. The DeepSpeed trainer's keys (workers, ZeRO stage, precision) belong to
+    its own schema, where they act."""
+
     lr: float = Field(5e-4, gt=0)
     steps: int = Field(1000, gt=0)
-    batch_size: int = Field(8, gt=0, description="global batch size (samples per optimizer step)")
-    num_workers: int = Field(1, gt=0, description="Ray Train workers")
-    zero_stage: Literal[2, 3] = 2
-    precision: Literal["bf16", "fp32"] = "bf16"
+    batch_size: int = Field(8, gt=0, description="samples per optimizer step")
 
 
 class DemoSection(_Section):
@@ -162,30 +222,63 @@ class DemoSection(_Section):
     eval_samples: int = Field(4, gt=0, description="images generated / depth maps scored after training")
 
 
-class OnegenConfig(_Section):
-    run: RunSection
-    storage: StorageSection = StorageSection()
-    tracking: TrackingSection = TrackingSection()
-    ray: RaySection = RaySection()
+class DemoConfig(OnegenConfig):
+    """`onegen demo`: the shared sections plus the model, data, training loop and demo settings it uses."""
+
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
-    train: TrainSection = TrainSection()
+    train: DemoTrainSection = DemoTrainSection()
     demo: DemoSection = DemoSection()
 
-    @model_validator(mode="after")
-    def _fill_derived_defaults(self) -> "OnegenConfig":
-        # Defaults that depend on run.work_dir. Idempotent, so a resolved config validates to itself.
-        work_dir = self.run.work_dir
-        root = self.storage.root
-        if root is None:
-            self.storage.root = str(work_dir / "data")
-        elif "://" not in root:
-            self.storage.root = str(Path(root).expanduser().absolute())
-        if self.tracking.uri is None:
-            self.tracking.uri = f"sqlite:///{work_dir / 'mlflow.db'}"
-        if self.tracking.artifact_location is None:
-            self.tracking.artifact_location = str(work_dir / "mlartifacts")
-        return self
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        from model.presets import PRESETS
+
+        problems = super().cross_field_problems()
+        factor = image_tokenizer_factor(self.data.tokenizer)
+        patch = PRESETS[self.model.preset]["patch_size"][-1]
+        if factor is not None and self.data.image_size % (factor * patch):
+            problems.append(("data.image_size", f"expected a multiple of {factor * patch} (tokenizer "
+                                        f"'{self.data.tokenizer}' downsamples by {factor}, model.preset "
+                                        f"'{self.model.preset}' has {patch}x{patch} patches), "
+                                        f"got {self.data.image_size}"))
+        return problems
+
+
+def image_tokenizer_factor(tokenizer: str) -> int | None:
+    """Pixels per latent pixel of `data.tokenizer`, read without loading weights: 2 for the pixel tokenizer; for a
+    local AutoencoderKL folder 2^(levels-1) from its config.json; 8 (every SD/Flux-class VAE) for a hub id; None
+    when a local folder has no readable config (loading it reports that)."""
+    if tokenizer == "pixel":
+        return 2
+    folder = Path(tokenizer).expanduser()
+    for config_file in (folder / "config.json", folder / "vae" / "config.json"):
+        if config_file.is_file():
+            try:
+                return 2 ** (len(json.loads(config_file.read_text())["block_out_channels"]) - 1)
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return None if folder.exists() else 8
+
+
+# Schemas by command, for `onegen config check` (which schema a file is for) and for commands that take a config.
+SCHEMAS: dict[str, type[OnegenConfig]] = {"onegen": OnegenConfig, "demo": DemoConfig}
+
+
+def read_sections(path: str | Path) -> set[str]:
+    """The top-level keys of a config file (empty when it cannot be read: loading it then reports why)."""
+    try:
+        raw = _read_yaml_file(Path(path))
+    except ConfigError:
+        return set()
+    return {str(key) for key in raw} if isinstance(raw, dict) else set()
+
+
+def schema_for_sections(sections: set[str]) -> type[OnegenConfig]:
+    """The smallest schema that has all of `sections` (a file's top-level keys); the base one if none has."""
+    for schema in sorted(SCHEMAS.values(), key=lambda s: len(s.model_fields)):
+        if sections <= set(schema.model_fields):
+            return schema
+    return OnegenConfig
 
 
 # --- YAML --------------------------------------------------------------------------------------------------------
@@ -211,26 +304,25 @@ def parse_yaml(text: str) -> Any:
 
 # --- loading -----------------------------------------------------------------------------------------------------
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> OnegenConfig:
-    """Load, override and validate a config. `path=None` starts from no file (run.name must then come from --set).
-
-    Raises ConfigError listing every problem, one per line.
-    """
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[OnegenConfig] = OnegenConfig) -> OnegenConfig:
+    """Load, override and validate a config against `schema`. `path=None` starts from no file (run.name must then
+    come from --set). Raises ConfigError listing every problem, one per line."""
     source = str(path) if path is not None else "<no config file>"
     raw = _read_yaml_file(Path(path)) if path is not None else {}
     override_sources: dict[str, str] = {}
     problems: list[str] = []
     if not isinstance(raw, dict):
-        return validate_config(raw, source)  # raises: the file is not a mapping
+        return validate_config(raw, source, schema=schema)  # raises: the file is not a mapping
     for item in overrides:
         try:
             dotted, value = _parse_override(item)
-            _apply_override(raw, dotted, value, item)
+            _apply_override(raw, dotted, value, item, schema)
             override_sources[dotted] = f"--set {item}"
         except ConfigError as err:
             problems.extend(err.problems)
     try:
-        cfg = validate_config(raw, source, override_sources)
+        cfg = validate_config(raw, source, override_sources, schema=schema)
     except ConfigError as err:
         problems.extend(err.problems)
     if problems:
@@ -238,44 +330,95 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def default_config(**run: Any) -> OnegenConfig:
+def default_config(schema: type[OnegenConfig] = OnegenConfig, **run: Any) -> OnegenConfig:
     """The built-in defaults (no file), for commands that work without a config, e.g. `onegen env`."""
-    return OnegenConfig(run={"name": "onegen", **run})
+    return schema(run={"name": "onegen", **run})
 
 
-def validate_config(raw: Any, source: str, override_sources: dict[str, str] | None = None) -> OnegenConfig:
+def validate_config(raw: Any, source: str, override_sources: dict[str, str] | None = None, *,
+                    schema: type[OnegenConfig] = OnegenConfig) -> OnegenConfig:
     """Validate an already-parsed mapping; errors name `source` (or the `--set` that set the key)."""
     if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: expected a mapping of sections (run:, train:, ...) at the top level, "
+        raise ConfigError([f"{source}: expected a mapping of sections (run:, storage:, ...) at the top level, "
                            f"got {type(raw).__name__}"])
+    override_sources = override_sources or {}
+
+    def origin(dotted: str) -> str:
+        return next((src for key, src in override_sources.items()
+                     if dotted == key or dotted.startswith((key + ".", key + "["))), source)
+
+    secrets = secret_problems(raw)
+    lines = [f"{origin(dotted)}: {dotted}: {reason}: {CREDENTIAL_HINT}" for dotted, reason in secrets]
+    secret_keys = {dotted for dotted, _ in secrets}
     if "run" not in raw:
         raw = {**raw, "run": {}}  # report the missing field (run.name), not just the missing section
     try:
-        return OnegenConfig.model_validate(raw)
+        cfg = schema.model_validate(raw)
     except ValidationError as err:
-        override_sources = override_sources or {}
-        lines = []
         for error in err.errors():
             dotted = _dotted(error["loc"])
-            origin = next((src for key, src in override_sources.items()
-                           if dotted == key or dotted.startswith(key + ".")), source)
-            lines.append(f"{origin}: {dotted or '<top level>'}: {_explain(error)}")
+            if dotted in secret_keys:
+                continue  # already reported as a credential, without its value
+            lines.append(f"{origin(dotted)}: {dotted or '<top level>'}: {_explain(error, schema)}")
         raise ConfigError(lines) from None
+    lines += [f"{origin(dotted)}: {dotted}: {problem}" for dotted, problem in cfg.cross_field_problems()]
+    if lines:
+        raise ConfigError(lines)
+    return cfg
 
+
+# --- what gets logged and hashed -------------------------------------------------------------------------------
 
 def resolved_dict(cfg: OnegenConfig) -> dict[str, Any]:
-    """The resolved config as plain JSON-able data (what gets logged)."""
-    return cfg.model_dump(mode="json")
+    """The resolved config as plain JSON-able data (what the config artifact holds), secrets redacted."""
+    return redact_value("", cfg.model_dump(mode="json"))
 
 
 def resolved_yaml(cfg: OnegenConfig) -> str:
     return yaml.safe_dump(resolved_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
+def fields_by_role(cfg: BaseModel, roles: set[str], prefix: str = "", inherited: str = CONTENT) -> dict[str, Any]:
+    """{dotted key: JSON value} of the fields whose role is in `roles`. A section's role applies to its fields
+    unless they name their own; mappings flatten to dotted keys (env_vars.FOO), lists are leaves."""
+    out: dict[str, Any] = {}
+    for name, info in type(cfg).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        role = extra.get("role", inherited)
+        value = getattr(cfg, name)
+        dotted = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(fields_by_role(value, roles, dotted + ".", role))
+        elif role in roles:
+            value = redact_value(name, _json(value))
+            out.update(flatten(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value})
+    return out
+
+
+def machine_fields(cfg: OnegenConfig) -> dict[str, Any]:
+    """Paths, addresses and endpoints: recorded (MLflow tags), never hashed."""
+    return fields_by_role(cfg, {MACHINE})
+
+
+def content_hash(cfg: OnegenConfig) -> str:
+    """sha256 of the keys that change output bytes or the maths: gates "changed config" refusals."""
+    return _sha256(fields_by_role(cfg, {CONTENT}), type(cfg))
+
+
 def config_hash(cfg: OnegenConfig) -> str:
-    """sha256 (hex) of the canonical JSON of the resolved config."""
-    canonical = json.dumps(resolved_dict(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """The full hash: sha256 of every key but machine paths and addresses (content + runtime)."""
+    return _sha256(fields_by_role(cfg, {CONTENT, RUNTIME}), type(cfg))
+
+
+def _sha256(fields: dict[str, Any], schema: type[OnegenConfig]) -> str:
+    # The schema's name is hashed too: a demo config and a build config with equal shared keys are different runs.
+    canonical = json.dumps({"schema": schema.__name__, "fields": fields}, sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # Path -> str; the form the config artifact holds
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -307,11 +450,17 @@ def _read_yaml_file(path: Path) -> Any:
     return {} if data is None else data
 
 
+# --- --set KEY=VALUE ---------------------------------------------------------------------------------------------
+
+_KEY_PART = re.compile(r"^(?P<name>[^.\[\]]+)(?P<indexes>(?:\[\d+\])*)$")
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError([f"--set {item}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4"])
+    if not sep or not key or any(not _KEY_PART.match(part) for part in key.split(".")):
+        raise ConfigError([f"--set {item}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4 or "
+                           "train.stages[1].steps=500"])
     try:
         value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
@@ -319,30 +468,86 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _apply_override(raw: dict[str, Any], dotted: str, value: Any, item: str) -> None:
-    """Set raw[a][b][c] = value after checking that a.b.c names a field (mapping fields accept any key)."""
-    parts = dotted.split(".")
-    kind: Any = OnegenConfig  # the type of the node being descended into
-    for depth, part in enumerate(parts):  # check the whole path before touching `raw`
+def _key_path(dotted: str) -> list[str | int]:
+    """'a.b[1].c' -> ['a', 'b', 1, 'c']."""
+    path: list[str | int] = []
+    for part in dotted.split("."):
+        match = _KEY_PART.match(part)
+        assert match is not None  # _parse_override checked the shape
+        path.append(match["name"])
+        path += [int(index) for index in re.findall(r"\[(\d+)\]", match["indexes"])]
+    return path
+
+
+def _apply_override(raw: dict[str, Any], dotted: str, value: Any, item: str,
+                    schema: type[OnegenConfig] = OnegenConfig) -> None:
+    """Set raw[a][b][i][c] = value after checking that the path names a field of `schema` (mapping fields accept any
+    key; a list index must name an existing item, from the file or the defaults)."""
+    path = _key_path(dotted)
+    kind: Any = schema  # the type of the node being descended into
+    for depth, part in enumerate(path):  # check the whole path before touching `raw`
+        here = _dotted(tuple(path[: depth + 1]))
+        parent = _dotted(tuple(path[:depth])) or "<top level>"
         model = _section_model(kind)
-        if model is not None:
+        if isinstance(part, int):
+            if get_origin(kind) is not list:
+                raise ConfigError([f"--set {item}: {parent}: is not a list, it has no item [{part}]"])
+            kind = get_args(kind)[0]
+        elif model is not None:
             if part not in model.model_fields:
-                here = ".".join(parts[: depth + 1])
                 valid = ", ".join(model.model_fields)
                 raise ConfigError([f"--set {item}: {here}: unknown key (valid: {valid})"])
-            kind = model.model_fields[part].annotation
+            kind = _unwrap_optional(model.model_fields[part].annotation)
         elif get_origin(kind) is dict:
             kind = get_args(kind)[1]
         else:
-            parent = ".".join(parts[:depth])
             raise ConfigError([f"--set {item}: {parent}: is a value, not a section"])
-    node = raw
-    for part in parts[:-1]:
+    node: Any = raw
+    for depth, part in enumerate(path[:-1]):
+        following = path[depth + 1]
+        if isinstance(part, int):
+            node = _list_item(node, part, path[:depth], item)
+            continue
         child = node.get(part)
-        if not isinstance(child, dict):
+        if isinstance(following, int):
+            if not isinstance(child, list):
+                child = node[part] = _default_list(path[: depth + 1], schema)
+        elif not isinstance(child, dict):
             child = node[part] = {}
         node = child
-    node[parts[-1]] = value
+    last = path[-1]
+    if isinstance(last, int):
+        _list_item(node, last, path[:-1], item)
+        node[last] = value
+    else:
+        node[last] = value
+
+
+def _list_item(items: list[Any], index: int, list_path: list[str | int], item: str) -> Any:
+    if index >= len(items):
+        where = _dotted(tuple(list_path))
+        have = f"has {len(items)} item{'' if len(items) == 1 else 's'}" if items else "is empty"
+        raise ConfigError([f"--set {item}: {where}[{index}]: no such item ({where} {have})"])
+    return items[index]
+
+
+def _default_list(list_path: list[str | int], schema: type[OnegenConfig]) -> list[Any]:
+    """The schema's default for a list field (as raw data), so `--set a.list[0].x=1` can address default items."""
+    node: Any = schema.model_construct()
+    for part in list_path:
+        node = node[part] if isinstance(part, int) else getattr(node, part, None)
+        if node is None:
+            return []
+    dumped = [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in node]
+    return dumped if isinstance(node, list) else []
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """`X | None` -> X (for walking the schema)."""
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) is not None and len(args) == 1 and get_origin(annotation) not in (list, dict):
+        return args[0]
+    return annotation
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
@@ -351,13 +556,17 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = OnegenConfig
+def _model_at(loc: tuple[Any, ...], schema: type[OnegenConfig]) -> type[BaseModel] | None:
+    kind: Any = schema
     for part in loc:
+        if isinstance(part, int):
+            kind = get_args(kind)[0] if get_origin(kind) is list else None
+            continue
+        model = _section_model(kind)
         if model is None or part not in model.model_fields:
             return None
-        model = _section_model(model.model_fields[part].annotation)
-    return model
+        kind = _unwrap_optional(model.model_fields[part].annotation)
+    return _section_model(kind)
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -392,7 +601,7 @@ _EXPECTED = {
 }
 
 
-def _explain(error: dict[str, Any]) -> str:
+def _explain(error: dict[str, Any], schema: type[OnegenConfig]) -> str:
     kind = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}
@@ -400,10 +609,9 @@ def _explain(error: dict[str, Any]) -> str:
         return "required field missing"
     if kind == "extra_forbidden":
         key = error["loc"][-1] if error["loc"] else ""
-        if str(key).lower() in _CREDENTIAL_KEYS:
-            return ("credentials never go in config files: use the standard AWS environment "
-                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE with ~/.aws/credentials)")
-        parent = _model_at(tuple(error["loc"][:-1]))
+        if is_secret_name(str(key)):
+            return CREDENTIAL_HINT
+        parent = _model_at(tuple(error["loc"][:-1]), schema)
         valid = ", ".join(parent.model_fields) if parent is not None else "?"
         return f"unknown key (valid: {valid})"
     if kind in _EXPECTED:

@@ -3,14 +3,17 @@
 1. Render the synthetic One-Gen world in Ray tasks (local Ray, or RAY_ADDRESS) and write the samples as WebDataset
    shards under the storage root (local path or s3://), each shard written atomically.
 2. Read the shards back, tokenize images with `data.tokenizer` (default: the exact pixel tokenizer) and captions with
-   a tiny T5 built locally (no hub downloads here), and draw the depth condition maps.
+   a tiny T5 built locally (no hub downloads here), and draw the depth condition maps (model.depth: 8-bit relative
+   inverse depth, near = white, sky black).
 3. Train a small NextDiT in this process with the flow-matching objective on a 50/50 mix of text→image and
    image→depth, tracked in MLflow (resolved config, git commit, both tasks' loss curves). It trains in fp32:
-   bf16 is several times slower on CPUs without bf16 matmul units (bench/RESULTS.md); `train.precision` is for the
-   DeepSpeed trainer. The same noise schedule (`demo.shift`) is used to train, to sample and in the saved scheduler.
+   bf16 is several times slower on CPUs without bf16 matmul units (bench/RESULTS.md); precision, workers and ZeRO
+   belong to the DeepSpeed trainer's schema. The same noise schedule (`demo.shift`) is used to train, to sample and in the saved scheduler.
 4. Save the model in the release layout, load it back through `OneDiffusionPipeline`, generate images for training
-   captions and estimate depth for training images, score the depth against the exact ground truth, and log a
-   picture grid. The model memorises its small training set: the numbers show the chain works, not generalisation.
+   captions and estimate depth for training images, score the depth against the exact ground truth next to two
+   baselines (a constant map, a "closer at the bottom" ramp) with the one protocol of model.depth.score_depth
+   (scale+shift fit in inverse depth, then AbsRel and δ1), and log a picture grid. The model memorises its small
+   training set: the numbers show the chain works, not generalisation.
 
 The data build, Ray Train/DeepSpeed training and evaluation issues replace steps 1–4 with the real jobs.
 """
@@ -23,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.depth import constant_map, depth_map_to_uint8, depth_to_map, score_depth, vertical_ramp_map
+from onegen import errors
 from onegen.cli import add_config_options, config_from_args
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -65,6 +70,8 @@ def render_shards(cfg, storage, prefix: str) -> list[str]:
     starts = list(range(0, demo.scenes, demo.scenes_per_shard))
     futures = {render.remote(cfg.run.seed, s, min(demo.scenes_per_shard, demo.scenes - s), demo.views_per_scene,
                              cfg.data.image_size): f"{prefix}/shard-{i:05d}.tar" for i, s in enumerate(starts)}
+    # Shards are written as their tasks finish, in any order; each shard's bytes depend only on its scenes and the
+    # returned list is sorted, so what the demo reads back (and trains on) is the same every run.
     pending = list(futures)
     try:
         with tqdm(total=len(pending), desc="render shards (ray)", unit="shard") as bar:
@@ -89,21 +96,15 @@ def read_samples(storage, shard_paths: list[str]):
 # 2. Views: images and depth maps in [-1, 1]
 # ---------------------------------------------------------------------------------------------------------------------
 
-def depth_to_map(depth: np.ndarray) -> np.ndarray:
-    """Metric z-depth (0 = sky) → relative inverse depth in [0, 1] (near = bright, sky = 0), as depth labelers draw it."""
-    valid = depth > 0
-    disparity = np.zeros_like(depth, dtype=np.float64)
-    disparity[valid] = 1.0 / depth[valid]
-    if valid.any():
-        lo, hi = disparity[valid].min(), disparity[valid].max()
-        disparity[valid] = (disparity[valid] - lo) / max(hi - lo, 1e-12) * 0.9 + 0.1  # sky stays 0
-    return disparity
-
-
 def _to_unit_range(rgb01: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(rgb01, dtype=np.float32)).permute(2, 0, 1) * 2 - 1
+
+
+def condition_map(depth: np.ndarray) -> np.ndarray:
+    """The depth condition map as a labeler writes it (model.depth: 8-bit inverse depth, near = white), in [0, 1]."""
+    return depth_map_to_uint8(depth_to_map(depth)) / 255.0
 
 
 def make_views(samples):
@@ -111,7 +112,7 @@ def make_views(samples):
     import torch
 
     images = torch.stack([_to_unit_range(s.image / 255.0) for s in samples])
-    depth_maps = torch.stack([_to_unit_range(np.repeat(depth_to_map(s.depth)[..., None], 3, axis=2))
+    depth_maps = torch.stack([_to_unit_range(np.repeat(condition_map(s.depth)[..., None], 3, axis=2))
                               for s in samples])
     captions = [s.captions["short"] for s in samples]
     return images, depth_maps, captions
@@ -173,16 +174,18 @@ def train(cfg, model, flow_cfg, image_latents, depth_latents, text_states, text_
 # 4. Evaluate through the pipeline
 # ---------------------------------------------------------------------------------------------------------------------
 
-def depth_abs_rel(predicted_map: np.ndarray, true_depth: np.ndarray) -> float:
-    """AbsRel of a predicted relative-inverse-depth map after a least-squares scale+shift fit in disparity space
-    (the affine-invariant protocol of Marigold-style depth evaluation), on pixels with ground truth."""
-    valid = true_depth > 0
-    disparity = 1.0 / true_depth[valid]
-    a = np.stack([predicted_map[valid], np.ones(valid.sum())], axis=1)
-    (scale, shift), *_ = np.linalg.lstsq(a, disparity, rcond=None)
-    # a fit can go non-positive where the prediction is poor: clip to the true disparity range (no infinite depth)
-    aligned = np.clip(scale * predicted_map[valid] + shift, disparity.min(), disparity.max())
-    return float(np.mean(np.abs(1.0 / aligned - true_depth[valid]) / true_depth[valid]))
+# Every depth number goes through model.depth.score_depth (scale+shift fit in inverse depth, AbsRel and δ1): the
+# model's estimate and the baselines alike, so they compare like with like.
+DEPTH_BASELINES = {"constant": constant_map, "ramp": vertical_ramp_map}
+
+
+def depth_scores(estimated_map: np.ndarray, true_depth: np.ndarray) -> dict[str, float]:
+    """Metric name -> value for one image: the estimate's AbsRel and δ1, and each baseline's."""
+    scores = {"": score_depth(estimated_map, true_depth)}
+    scores.update({f"_{name}": score_depth(make(true_depth.shape), true_depth)
+                   for name, make in DEPTH_BASELINES.items()})
+    return {f"eval/depth_{metric}{suffix}": getattr(score, metric)
+            for suffix, score in scores.items() for metric in ("abs_rel", "delta1")}
 
 
 def picture_grid(rows: list[list[np.ndarray]]):
@@ -207,24 +210,30 @@ def evaluate(cfg, pipeline, samples, captions, out_dir: Path):
     count = min(demo.eval_samples, len(samples))
     common = dict(num_inference_steps=demo.sample_steps, guidance_scale=demo.guidance_scale, seed=cfg.run.seed,
                   progress=False, output_type="np", height=cfg.data.image_size, width=cfg.data.image_size)
-    rows, abs_rel, abs_rel_constant, image_error = [], [], [], []  # images as floats in [0, 1]
+    rows, per_image = [], []  # images as floats in [0, 1]
     for i in range(count):
         s = samples[i]
         generated = pipeline("text2image", captions[i], **common).images[0]
         estimated = pipeline("depth2image", captions[i], images=[s.image], direction="estimate", **common)
         depth_map = estimated.depth[0]
-        abs_rel.append(depth_abs_rel(depth_map, s.depth))
-        true = s.depth[s.depth > 0]
-        abs_rel_constant.append(float(np.mean(np.abs(np.median(true) - true) / true)))  # "no depth knowledge"
-        image_error.append(float(np.abs(generated.astype(np.float64) - s.image / 255.0).mean()))  # "np": [0, 1]
-        rows.append([s.image, _uint8(generated), _uint8(depth_to_map(s.depth)), _uint8(depth_map)])
+        image_error = float(np.abs(generated.astype(np.float64) - s.image / 255.0).mean())  # "np": [0, 1]
+        per_image.append({**depth_scores(depth_map, s.depth), "eval/t2i_mean_abs_error": image_error})
+        rows.append([s.image, _uint8(generated), depth_map_to_uint8(depth_to_map(s.depth)), _uint8(depth_map)])
     grid = picture_grid(rows)
     grid_path = out_dir / "demo_grid.png"
     grid.save(grid_path)
-    metrics = {"eval/depth_abs_rel": float(np.mean(abs_rel)),
-               "eval/depth_abs_rel_constant": float(np.mean(abs_rel_constant)),
-               "eval/t2i_mean_abs_error": float(np.mean(image_error))}
+    metrics = {name: float(np.mean([scores[name] for scores in per_image])) for name in per_image[0]}
     return metrics, grid_path
+
+
+def depth_summary(metrics: dict) -> dict[str, str]:
+    """The summary lines of the depth scores: the model against both baselines, same protocol."""
+    def line(metric: str) -> str:
+        return " / ".join(f"{metrics[f'eval/depth_{metric}{suffix}']:.3f}"
+                          for suffix in ("", *(f"_{name}" for name in DEPTH_BASELINES)))
+
+    label = "(trained model / constant / closer-at-the-bottom ramp; each scale+shift fitted)"
+    return {f"depth AbsRel {label}": line("abs_rel"), f"depth delta1 {label}": line("delta1")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,40 +250,53 @@ def run_demo(cfg) -> dict:
     from onegen.storage import Storage
     from onegen.tracking import start_run
 
+    from onegen.raycluster import check_ray_target
+
+    check_ray_target(cfg)  # a bad Ray address or paths a cluster cannot keep: refused before anything is written
     torch.manual_seed(cfg.run.seed)
     out_dir = Path(cfg.run.work_dir) / cfg.run.name
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = Storage.from_config(cfg)
-    tokenizer = load_image_tokenizer(cfg.data.tokenizer)  # "pixel" (exact, CPU-scale) or an AutoencoderKL folder/id
+    shards = storage.uri(f"{cfg.run.name}/synthetic")
+    with errors.step("load the image tokenizer", input=f"data.tokenizer={cfg.data.tokenizer}"):
+        tokenizer = load_image_tokenizer(cfg.data.tokenizer)  # "pixel" (exact, CPU-scale) or an AutoencoderKL
     multiple = tokenizer.downsample_factor * 2  # latent pixels per 2x2 patch
-    if cfg.data.image_size % multiple:
-        raise ValueError(f"data.image_size={cfg.data.image_size} must be a multiple of {multiple} for the "
-                         f"'{cfg.data.tokenizer}' tokenizer (factor {tokenizer.downsample_factor} x patch 2)")
+    if cfg.data.image_size % multiple:  # config validation assumed 8 for a hub VAE; this one says otherwise
+        from onegen.config import ConfigError
+
+        raise ConfigError([f"data.image_size: expected a multiple of {multiple} (tokenizer '{cfg.data.tokenizer}' "
+                           f"downsamples by {tokenizer.downsample_factor}, 2x2 patches), got {cfg.data.image_size}"])
     started = time.perf_counter()
 
     with start_run(cfg, run_name=cfg.run.name) as active:
-        shard_paths = render_shards(cfg, storage, prefix=f"{cfg.run.name}/synthetic")
-        samples = read_samples(storage, shard_paths)
+        with errors.step("render shards", input=shards):
+            shard_paths = render_shards(cfg, storage, prefix=f"{cfg.run.name}/synthetic")
+        with errors.step("read shards", input=shards):
+            samples = read_samples(storage, shard_paths)
         mlflow.log_metric("data/samples", len(samples))
-        images, depth_maps, captions = make_views(samples)
-
-        model = NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
-        flow_cfg = demo_flow_config(cfg)
-        text_dir = build_tiny_t5(out_dir / "text", d_model=model.config.caption_channels, seed=cfg.run.seed)
-        text_encoder = T5TextEncoder.from_pretrained(text_dir)
-        with torch.no_grad():
-            image_latents, depth_latents = tokenizer.encode(images), tokenizer.encode(depth_maps)
-            text_states, text_mask = text_encoder.encode(captions)
-            uncond_states, uncond_mask = text_encoder.encode([""])
+        with errors.step("encode views and captions", input=shards):
+            images, depth_maps, captions = make_views(samples)
+            model = NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
+            flow_cfg = demo_flow_config(cfg)
+            text_dir = build_tiny_t5(out_dir / "text", d_model=model.config.caption_channels, seed=cfg.run.seed)
+            text_encoder = T5TextEncoder.from_pretrained(text_dir)
+            with torch.no_grad():
+                image_latents, depth_latents = tokenizer.encode(images), tokenizer.encode(depth_maps)
+                text_states, text_mask = text_encoder.encode(captions)
+                uncond_states, uncond_mask = text_encoder.encode([""])
         mlflow.log_param("model.parameters", sum(p.numel() for p in model.parameters()))
 
-        losses = train(cfg, model, flow_cfg, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask,
-                       lambda name, value, step: mlflow.log_metric(name, value, step=step))
+        with errors.step("train", input=f"model.preset={cfg.model.preset}, train.steps={cfg.train.steps}"):
+            losses = train(cfg, model, flow_cfg, image_latents, depth_latents, text_states, text_mask,
+                           uncond_states, uncond_mask,
+                           lambda name, value, at: mlflow.log_metric(name, value, step=at))
 
-        pipeline = OneDiffusionPipeline(model, tokenizer, text_encoder, flow_cfg)
-        model_dir = pipeline.save_pretrained(out_dir / "pipeline")
-        pipeline = OneDiffusionPipeline.from_pretrained(model_dir)  # what a user of the trained model loads
-        metrics, grid_path = evaluate(cfg, pipeline, samples, captions, out_dir)
+        with errors.step("save and reload the pipeline", input=out_dir / "pipeline"):
+            pipeline = OneDiffusionPipeline(model, tokenizer, text_encoder, flow_cfg)
+            model_dir = pipeline.save_pretrained(out_dir / "pipeline")
+            pipeline = OneDiffusionPipeline.from_pretrained(model_dir)  # what a user of the trained model loads
+        with errors.step("evaluate", input=model_dir):
+            metrics, grid_path = evaluate(cfg, pipeline, samples, captions, out_dir)
         first, last = float(np.mean(losses[:20])), float(np.mean(losses[-20:]))
         metrics.update({"train/loss_first20": first, "train/loss_last20": last})
         mlflow.log_metrics(metrics)
@@ -283,10 +305,9 @@ def run_demo(cfg) -> dict:
 
     return {
         "samples": len(samples),
-        "shards": storage.uri(f"{cfg.run.name}/synthetic"),
+        "shards": shards,
         "loss (first 20 -> last 20 steps)": f"{first:.4f} -> {last:.4f}",
-        "depth AbsRel (trained model / constant-depth baseline)":
-            f"{metrics['eval/depth_abs_rel']:.3f} / {metrics['eval/depth_abs_rel_constant']:.3f}",
+        **depth_summary(metrics),
         "pipeline folder": str(model_dir),
         "picture grid (image | generated | true depth | estimated depth)": str(grid_path),
         "mlflow": f"{mlflow.get_tracking_uri()} run {run_id}",

@@ -4,7 +4,9 @@
   onegen.config. The CLI prints one line per problem and exits 2.
 * A failure while running (a Ray task error, a storage error mid-write, a model that does not load): any other
   exception. Code marks the step it is in with `step(...)`, so the CLI can say what failed, in which step, with which
-  input; it exits 1 and saves the traceback.
+  input; it exits 1 and saves the traceback. Operational errors whose message already says what to fix
+  (`UnreachableError` here, onegen.storage.StorageError, FileNotFoundError of an input) exit 1 with one line and no
+  traceback file.
 
     with step("render shards", input=storage.uri(prefix)):
         ...
@@ -21,6 +23,11 @@ _INPUT_ATTR = "onegen_input"
 
 class UsageError(ValueError):
     """A bad command-line argument or option value; the message names it and the fix."""
+
+
+class UnreachableError(ConnectionError):
+    """A service the run needs (the Ray cluster, a tracking server) does not answer. The message names its address
+    and how to start or reach it, so the CLI prints it as one line (exit 1) without saving a traceback."""
 
 
 @contextlib.contextmanager

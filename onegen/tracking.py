@@ -4,8 +4,13 @@ Default store: `sqlite:///<work_dir>/mlflow.db` with artifacts in `<work_dir>/ml
 otherwise put artifacts in ./mlruns of whatever the CWD is). Set `tracking.uri: http://host:5000` to log to an
 `mlflow server`; that server then decides where artifacts go (`--artifacts-destination`).
 
-    with start_run(cfg) as run:          # params = flattened resolved config, artifact config/resolved.yaml
+    with start_run(cfg) as run:          # params = the config's content + runtime keys, artifact config/resolved.yaml
         mlflow.log_metric("loss", 0.1, step=1)
+
+What a run records: params = every key that is not a machine path or address (`onegen.config.fields_by_role`);
+tags = git commit/dirty, the content hash and the full config hash, and the machine keys as `onegen.machine.KEY`
+(where the run wrote, not what it computed); the artifact = the whole resolved config. Everything passes through
+`onegen.secrets.redact` first (configs refuse secrets already; this is the second line of defence).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from onegen.config import OnegenConfig, config_hash, flatten, resolved_dict, resolved_yaml
+from onegen.config import (CONTENT, RUNTIME, OnegenConfig, config_hash, content_hash, fields_by_role, machine_fields,
+                           resolved_yaml)
+from onegen.secrets import install_log_redaction, redact, redact_value
 
 if TYPE_CHECKING:
     import mlflow
@@ -30,7 +37,9 @@ _MAX_KEY = 250
 
 TAG_GIT_COMMIT = "onegen.git_commit"
 TAG_GIT_DIRTY = "onegen.git_dirty"
-TAG_CONFIG_HASH = "onegen.config_hash"
+TAG_CONFIG_HASH = "onegen.config_hash"  # the full hash: content + runtime keys
+TAG_CONTENT_HASH = "onegen.content_hash"
+TAG_MACHINE_PREFIX = "onegen.machine."
 CONFIG_ARTIFACT = "config/resolved.yaml"
 
 # Stores the client writes to directly (so the client picks the artifact root), as opposed to a tracking server.
@@ -70,22 +79,25 @@ def git_state(repo_dir: str | os.PathLike | None = None) -> tuple[str, str]:
 
 def run_tags(cfg: OnegenConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
     commit, dirty = git_state()
-    tags = {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: dirty, TAG_CONFIG_HASH: config_hash(cfg)}
+    tags = {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: dirty, TAG_CONFIG_HASH: config_hash(cfg),
+            TAG_CONTENT_HASH: content_hash(cfg)}
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
-    tags.update(extra or {})
+    for key, value in machine_fields(cfg).items():
+        if value is not None:
+            tags[(TAG_MACHINE_PREFIX + key)[:_MAX_KEY]] = _text(value)
+    tags.update({key: _text(redact_value(key, value)) for key, value in (extra or {}).items()})
     return tags
 
 
 def config_params(cfg: OnegenConfig) -> dict[str, str]:
-    """The flattened resolved config as MLflow params ('train.lr' -> '0.0005'), values cut to MLflow's limit."""
-    params = {}
-    for key, value in flatten(resolved_dict(cfg)).items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        if len(text) > _MAX_PARAM_VALUE:
-            text = text[: _MAX_PARAM_VALUE - 3] + "..."
-        params[key[:_MAX_KEY]] = text
-    return params
+    """The config's content and runtime keys as MLflow params ('train.lr' -> '0.0005'), cut to MLflow's limits."""
+    return {key[:_MAX_KEY]: _text(value) for key, value in fields_by_role(cfg, {CONTENT, RUNTIME}).items()}
+
+
+def _text(value: object) -> str:
+    text = redact(value if isinstance(value, str) else json.dumps(value))
+    return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
 
 
 def ensure_experiment(cfg: OnegenConfig) -> str:
@@ -133,6 +145,7 @@ def start_run(cfg: OnegenConfig, run_name: str | None = None, tags: dict[str, st
     the resolved config logged. The run ends FINISHED, or FAILED if the block raises."""
     import mlflow
 
+    install_log_redaction()
     experiment_id = ensure_experiment(cfg)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run.name,
                           tags=run_tags(cfg, tags), nested=nested) as run:

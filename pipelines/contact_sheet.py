@@ -3,8 +3,8 @@
 Also the small drawing helpers behind it, usable on any `Sample`:
 
 * `colourise_depth`: inverse depth, min–max normalised over valid pixels, reversed Spectral colour map (near = red,
-  far = blue), invalid pixels black: a display for looking at labels (the demo's depth maps are grayscale relative
-  inverse depth instead, `onegen.demo.depth_to_map`).
+  far = blue), invalid pixels black: a display for looking at labels. The normalisation is
+  `model.depth.normalised_inverse_depth`, shared with the grayscale condition maps (`model.depth.depth_to_map`).
 * `render_semantic_rgb`: a semantic id map painted in palette colours per class (spec §5.1 semantic-map condition).
 * `draw_bboxes`: class-coloured boxes (the bounding-box condition).
 * `draw_keypoints`: COCO skeleton over an image; visible joints filled, occluded joints (v = 1) hollow.
@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from model.depth import normalised_inverse_depth, valid_depth
 from pipelines.record import Sample, as_storage, encode_png, storage_location
 from pipelines.sources.synthetic_scene import COCO_SKELETON, PALETTE_HEX, hex_to_rgb
 
@@ -35,17 +36,14 @@ _LIMB_COLOURS = (
 
 
 def colourise_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """(H, W) depth -> (H, W, 3) uint8. Valid pixels default to depth > 0 and finite; invalid ones are black."""
-    depth = np.asarray(depth, dtype=np.float64)
-    if valid is None:
-        valid = np.isfinite(depth) & (depth > 0)
-    out = np.zeros(depth.shape + (3,), dtype=np.uint8)
+    """(H, W) depth -> (H, W, 3) uint8. Valid pixels default to depth > 0 and finite; invalid ones are black.
+
+    The normalised inverse depth is model.depth's (the one the condition maps use), only the colours differ."""
+    valid = valid_depth(depth) if valid is None else np.asarray(valid, dtype=bool)
+    out = np.zeros(np.shape(depth) + (3,), dtype=np.uint8)
     if not valid.any():
         return out
-    inv = 1.0 / depth[valid]
-    lo, hi = inv.min(), inv.max()
-    x = (inv - lo) / (hi - lo) if hi > lo else np.ones_like(inv)
-    pos = x * (len(_SPECTRAL_R) - 1)
+    pos = normalised_inverse_depth(depth, valid)[valid] * (len(_SPECTRAL_R) - 1)
     anchors = np.arange(len(_SPECTRAL_R), dtype=np.float64)
     rgb = np.stack([np.interp(pos, anchors, _SPECTRAL_R[:, c]) for c in range(3)], axis=-1)
     out[valid] = np.floor(rgb + 0.5).astype(np.uint8)

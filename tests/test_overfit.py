@@ -1,8 +1,7 @@
 """End to end on CPU: the real NextDiT (small preset) memorises a handful of latents with `flow_matching_loss`, and
 the Euler sampler then reproduces them, for text → image (1 view) and image → depth (2 views, view 0 a clean
-condition). Deterministic: fixed seeds, one thread."""
-
-import time
+condition). Deterministic: fixed seeds, one thread. Only behaviour is asserted here; the CPU time of this workload is
+measured by bench/bench_overfit.py (a time limit in a test fails on a loaded machine, not on a slow model)."""
 
 import pytest
 import torch
@@ -14,10 +13,9 @@ PRESET = "nextdit-tiny"
 NUM_LATENTS = 4
 TRAIN_STEPS = 1000
 SAMPLE_STEPS = 20
-# Measured (torch 2.13 CPU, one thread): T2I loss 1.80 -> 0.0071 (254x) in 21 s of CPU time, sample relative errors
-# 0.047-0.063; image->depth loss 1.84 -> 0.0059 (311x) in 30 s, relative errors 0.049-0.058; errors against the
-# other memorised latents 1.39-1.54.
-CPU_SECONDS_LIMIT = 60.0  # "loss falls >= 10x in under a minute" (CPU time of this process, robust to shared cores)
+# Measured (torch 2.13 CPU, one thread; bench/bench_overfit.py, bench/RESULTS.md "Overfit (CPU)", also CPU seconds):
+# T2I loss 1.80 -> 0.0062 (291x), largest sample relative error 0.063; image->depth 1.84 -> 0.0059 (309x), 0.051;
+# errors against the other memorised latents 1.39-1.54.
 MAX_RELATIVE_ERROR = 0.15
 
 
@@ -49,7 +47,6 @@ def memorise_and_sample(num_views: int, target: torch.Tensor, cfg: FlowConfig):
     # linear decay to 10 %: the last steps polish the memorised velocity field instead of bouncing around it
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - 0.9 * step / TRAIN_STEPS)
     losses = []
-    start = time.process_time()
     for _ in range(TRAIN_STEPS):
         loss, _ = flow_matching_loss(model, batch_latents, batch_text, batch_mask, target, cfg, generator)
         optimizer.zero_grad()
@@ -57,7 +54,6 @@ def memorise_and_sample(num_views: int, target: torch.Tensor, cfg: FlowConfig):
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    cpu_seconds = time.process_time() - start
 
     model.eval()
     conditions = ~target
@@ -70,13 +66,16 @@ def memorise_and_sample(num_views: int, target: torch.Tensor, cfg: FlowConfig):
 
     sampled = draw(0)
     assert torch.equal(sampled, draw(0)), "the sampler is not deterministic for a fixed seed"
-    return latents, losses, cpu_seconds, sampled
+    return latents, losses, sampled
 
 
-def check_memorised(latents, losses, cpu_seconds, sampled, target):
-    initial, final = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert final <= initial / 10, f"loss fell only from {initial:.3f} to {final:.3f}"
-    assert cpu_seconds < CPU_SECONDS_LIMIT, f"training took {cpu_seconds:.1f} s of CPU time"
+def loss_drop(losses) -> float:
+    """Mean of the first 20 losses over the mean of the last 20."""
+    return (sum(losses[:20]) / 20) / (sum(losses[-20:]) / 20)
+
+
+def check_memorised(latents, losses, sampled, target):
+    assert loss_drop(losses) >= 10, f"loss fell only from {sum(losses[:20]) / 20:.3f} to {sum(losses[-20:]) / 20:.3f}"
     errors = relative_errors(sampled[:, target], latents[:, target])
     assert errors.max().item() < MAX_RELATIVE_ERROR, f"relative errors {errors.tolist()}"
     # each caption selects its own latent, not another memorised one
@@ -87,13 +86,13 @@ def check_memorised(latents, losses, cpu_seconds, sampled, target):
 def test_text_to_image_overfits_and_samples_the_memorised_latents(one_thread):
     target = torch.tensor([True])
     cfg = FlowConfig(text_dropout_prob=0.0)
-    latents, losses, cpu_seconds, sampled = memorise_and_sample(1, target, cfg)
-    check_memorised(latents, losses, cpu_seconds, sampled, target)
+    latents, losses, sampled = memorise_and_sample(1, target, cfg)
+    check_memorised(latents, losses, sampled, target)
 
 
 def test_image_to_depth_overfits_and_estimates_the_memorised_depth(one_thread):
     target = torch.tensor([False, True])  # frame 0 image (clean condition), frame 1 depth (generated)
     cfg = FlowConfig(text_dropout_prob=0.0, clean_condition_prob=0.5)
-    latents, losses, cpu_seconds, sampled = memorise_and_sample(2, target, cfg)
-    check_memorised(latents, losses, cpu_seconds, sampled, target)
+    latents, losses, sampled = memorise_and_sample(2, target, cfg)
+    check_memorised(latents, losses, sampled, target)
     torch.testing.assert_close(sampled[:, 0], latents[:, 0])  # the condition view comes back untouched

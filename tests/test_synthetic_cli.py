@@ -13,7 +13,20 @@ from tqdm import tqdm
 from onegen.storage import Storage
 from pipelines.record import Sample, read_sample_files, samples_from_wds_tar
 from pipelines.sources import synthetic_cli
-from pipelines.sources.synthetic import resolve_config, synthetic_samples
+from pipelines.sources.synthetic import resolve_config, shard_name, shard_settings_digest, synthetic_samples
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments `synthetic_cli.run` takes (`main` also turns what `run` raises into messages and exit codes)."""
+    parser = argparse.ArgumentParser(prog="onegen synth")
+    synthetic_cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def names(seed: int, counts_by_start: dict[int, int], **config) -> list[str]:
+    """The shard names the CLI gives scenes [start, start + count) rendered with `config` (png)."""
+    resolved = resolve_config(**config)
+    return [shard_name(seed, start, shard_settings_digest(count, resolved)) for start, count in counts_by_start.items()]
 
 
 def test_render_to_folder_writes_scenes_times_views_samples(tmp_path):
@@ -35,7 +48,8 @@ def test_render_to_webdataset_shards_reads_back_with_webdataset(tmp_path):
             "--format", "wds", "--scenes-per-shard", "2"]
     assert synthetic_cli.main(args) == 0
     shards = sorted(out.glob("*.tar"))
-    assert [p.name for p in shards] == ["synthetic-1-000000.tar", "synthetic-1-000002.tar"]
+    assert [p.name for p in shards] == names(1, {0: 2, 2: 1}, views_per_scene=2, size=32)
+    assert all(p.name.startswith(f"synthetic-1-{start:06d}-") for p, start in zip(shards, (0, 2)))
     assert not list(out.glob(".*.tmp"))
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporaries left
     samples = [Sample.from_wds(d).validate() for d in wds.WebDataset([str(p) for p in shards], shardshuffle=False)]
@@ -77,7 +91,7 @@ def test_skip_existing_leaves_existing_shards_untouched(tmp_path):
     args = ["render", "--scenes", "2", "--views", "1", "--size", "16", "--seed", "2", "--out", str(out),
             "--format", "wds", "--scenes-per-shard", "1"]
     assert synthetic_cli.main(args) == 0
-    first, second = out / "synthetic-2-000000.tar", out / "synthetic-2-000001.tar"
+    first, second = (out / name for name in names(2, {0: 1, 1: 1}, views_per_scene=1, size=16))
     complete = second.read_bytes()
     first.write_bytes(b"left alone")
     second.unlink()
@@ -87,11 +101,46 @@ def test_skip_existing_leaves_existing_shards_untouched(tmp_path):
     assert samples_from_wds_tar(first.read_bytes())[0].key == "synthetic-2-000000-v00"
 
 
+def test_skip_existing_renders_shards_of_other_settings_instead_of_keeping_stale_ones(tmp_path):
+    out = tmp_path / "wds"
+    base = ["render", "--scenes", "2", "--views", "1", "--seed", "3", "--out", str(out), "--format", "wds",
+            "--scenes-per-shard", "1", "--skip-existing"]
+
+    def image_sizes() -> dict[str, set[int]]:
+        return {p.name: {s.image.shape[0] for s in samples_from_wds_tar(p.read_bytes())} for p in out.glob("*.tar")}
+
+    assert synthetic_cli.main(base + ["--size", "32"]) == 0
+    small = sorted(image_sizes())
+    assert synthetic_cli.main(base + ["--size", "48"]) == 0
+    sizes = image_sizes()
+    large = sorted(set(sizes) - set(small))
+    assert len(large) == 2 and all(sizes[name] == {48} for name in large)  # rendered, not the stale 32 px shards
+    assert all(sizes[name] == {32} for name in small)  # shards of other settings are left as they are
+
+    # identical settings: every shard skipped, bytes and mtimes untouched
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+    assert synthetic_cli.main(base + ["--size", "48"]) == 0
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.tar")} == before
+
+
+@pytest.mark.parametrize("change", [
+    dict(views_per_scene=2), dict(size=48), dict(with_figures=False), dict(num_scenes=3), dict(image_format="jpg"),
+])
+def test_every_setting_that_changes_a_shard_changes_its_name(change):
+    settings = dict(views_per_scene=1, size=32, with_figures=True)
+    num_scenes, image_format = change.pop("num_scenes", 2), change.pop("image_format", "png")
+    reference = shard_settings_digest(2, resolve_config(**settings))
+    digest = shard_settings_digest(num_scenes, resolve_config(**{**settings, **change}), image_format)
+    assert digest != reference and len(digest) == 8
+    assert shard_settings_digest(2, resolve_config(**settings)) == reference  # deterministic
+    assert shard_name(0, 7, digest) == f"synthetic-0-000007-{digest}.tar"
+
+
 def test_scale_below_one_is_a_value_error_naming_the_option(tmp_path, capsys):
     out = tmp_path / "sheet.png"
-    with pytest.raises(ValueError, match="--scale"):
-        synthetic_cli.main(["sheet", "--out", str(out), "--scenes", "1", "--views", "1", "--size", "16",
-                            "--scale", "0"])
+    with pytest.raises(ValueError, match="--scale"):  # `run` raises; `main` reports it (below, as `onegen` does)
+        synthetic_cli.run(parse(["sheet", "--out", str(out), "--scenes", "1", "--views", "1", "--size", "16",
+                                 "--scale", "0"]))
     from onegen.cli import main as onegen_main
 
     capsys.readouterr()
@@ -108,8 +157,8 @@ def test_progress_bar_is_closed_when_rendering_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic_cli, "render_shard_bytes", fail)
     before = set(tqdm._instances)
     with pytest.raises(RuntimeError, match="render failed") as failure:
-        synthetic_cli.main(["render", "--scenes", "1", "--views", "1", "--size", "16", "--out", str(tmp_path),
-                            "--format", "wds"])
+        synthetic_cli.run(parse(["render", "--scenes", "1", "--views", "1", "--size", "16", "--out", str(tmp_path),
+                                 "--format", "wds"]))
     # the traceback (kept alive by `failure`) still references the bar: only an explicit close unregisters it
     assert failure.traceback and set(tqdm._instances) == before
     assert list(tmp_path.iterdir()) == []  # and no partial shard
@@ -125,14 +174,15 @@ def test_render_and_sheet_to_s3(moto_endpoint, aws_env, make_bucket, monkeypatch
             "--format", "wds", "--scenes-per-shard", "1"]
     assert synthetic_cli.main(args) == 0
     storage = Storage(root)
-    assert storage.list() == ["synthetic-6-000000.tar", "synthetic-6-000001.tar"]
+    shards = names(6, {0: 1, 1: 1}, views_per_scene=2, size=16)
+    assert storage.list() == shards
     back = [s for name in storage.list() for s in samples_from_wds_tar(storage.read_bytes(name))]
     expected = list(synthetic_samples(6, 2, config=resolve_config(views_per_scene=2, size=16)))
     assert len(back) == 4 and all(b.differences(e) == [] for b, e in zip(back, expected))
 
-    storage.write_bytes("synthetic-6-000000.tar", b"left alone")  # --skip-existing asks Storage.exists
+    storage.write_bytes(shards[0], b"left alone")  # --skip-existing asks Storage.exists
     assert synthetic_cli.main(args + ["--skip-existing"]) == 0
-    assert storage.read_bytes("synthetic-6-000000.tar") == b"left alone"
+    assert storage.read_bytes(shards[0]) == b"left alone"
 
     folder = f"s3://{bucket}/folder"
     assert synthetic_cli.main(["render", "--scenes", "1", "--views", "1", "--size", "16", "--seed", "6",

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from onegen.config import OnegenConfig, config_hash, load_config, resolved_dict
-from onegen.tracking import (CONFIG_ARTIFACT, TAG_CONFIG_HASH, TAG_GIT_COMMIT, TAG_GIT_DIRTY, config_params,
-                             git_state, is_local_store, start_run, tracking_uri)
+from onegen.config import DemoConfig, OnegenConfig, config_hash, content_hash, load_config, resolved_dict
+from onegen.tracking import (CONFIG_ARTIFACT, TAG_CONFIG_HASH, TAG_CONTENT_HASH, TAG_GIT_COMMIT, TAG_GIT_DIRTY,
+                             TAG_MACHINE_PREFIX, config_params, git_state, is_local_store, start_run, tracking_uri)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def isolated_mlflow(monkeypatch, tmp_path):
 
 
 def make_config(tmp_path: Path, *overrides: str) -> OnegenConfig:
-    return load_config(None, ["run.name=track-test", f"run.work_dir={tmp_path / 'work'}", *overrides])
+    return load_config(None, ["run.name=track-test", f"run.work_dir={tmp_path / 'work'}", *overrides], DemoConfig)
 
 
 def test_default_store_is_sqlite_in_the_work_dir(tmp_path: Path):
@@ -60,6 +60,11 @@ def test_run_logs_config_tags_metrics_and_artifacts_under_the_work_dir(tmp_path:
     assert logged.data.params == config_params(cfg)
     assert logged.data.metrics["loss"] == 0.5
     assert logged.data.tags[TAG_CONFIG_HASH] == config_hash(cfg)
+    assert logged.data.tags[TAG_CONTENT_HASH] == content_hash(cfg)
+    # machine paths are tags, not params (so params compare across machines and folders)
+    assert logged.data.tags[TAG_MACHINE_PREFIX + "run.work_dir"] == str(tmp_path / "work")
+    assert logged.data.tags[TAG_MACHINE_PREFIX + "storage.root"] == str(tmp_path / "work" / "data")
+    assert not any(key.startswith(("run.work_dir", "storage.", "tracking.uri")) for key in logged.data.params)
     # lineage is the onegen checkout's commit, whatever the CWD (a tmp folder outside any checkout here)
     assert logged.data.tags[TAG_GIT_COMMIT] == git_state(REPO)[0] != "unknown"
     assert logged.data.tags["stage"] == "test"
@@ -92,6 +97,21 @@ def test_many_and_long_params_fit_mlflow_limits(tmp_path: Path):
     assert params["ray.runtime_env.env_vars.V149"] == "149"
     assert len(params) == len(config_params(cfg)) > 150
     assert len(params["ray.runtime_env.env_vars.LONG"]) == 6000
+
+
+def test_secrets_that_reach_a_run_are_redacted(tmp_path: Path, caplog):
+    """Configs refuse secrets (tests/test_config.py); tags passed by code and log lines are redacted as well."""
+    cfg = make_config(tmp_path)
+    token = "hf_" + "a" * 34
+    with start_run(cfg, tags={"HF_TOKEN": token, "source": "https://user:hunter2@example.com/data.csv"}) as run:
+        import logging
+
+        logging.getLogger("onegen.test").warning("downloading with %s from %s", token,
+                                                 "s3://bucket/x?X-Amz-Signature=1 https://u:pw@host/")
+    tags = MlflowClient(tracking_uri(cfg)).get_run(run.info.run_id).data.tags
+    assert tags["HF_TOKEN"] == "***"
+    assert tags["source"] == "https://user:***@example.com/data.csv"
+    assert token not in caplog.text and "pw@" not in caplog.text and "***" in caplog.text
 
 
 def test_second_run_reuses_the_experiment(tmp_path: Path):

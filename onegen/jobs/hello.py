@@ -3,7 +3,10 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m onegen.jobs.hello
 
 Connects with `init_ray` (inside a job: the job's cluster), runs a few Ray tasks, prints MARKER with their results,
-the environment the tasks saw and the cluster resources, and exits 0.
+the environment the tasks saw and the cluster resources, and exits 0. Like every project job it takes the project
+config (--config/--set) and `init_ray` checks its paths first: a job writes nothing inside its own temporary working
+dir, so pass an absolute run.work_dir outside it (`--set run.work_dir=/shared/onegen`); errors exit 2 (config) or 1
+(cluster), reported as the `onegen` command does.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import json
 import os
 import sys
 
-from onegen.cli import add_config_options, config_from_args
+from onegen.cli import add_config_options, config_from_args, run_command
+from onegen.errors import UsageError, step
 from onegen.raycluster import init_ray
 
 MARKER = "onegen hello: ok"
@@ -30,13 +34,19 @@ def _task_view(x: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m onegen.jobs.hello", description=__doc__.splitlines()[0])
     add_config_options(parser)
-    parser.add_argument("--tasks", type=int, default=4)
-    args = parser.parse_args(argv)
+    parser.add_argument("--tasks", type=int, default=4, help="Ray tasks to run (>= 1)")
+    return run_command("hello", run, parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.tasks < 1:
+        raise UsageError(f"--tasks must be >= 1, got {args.tasks}")
     cfg = config_from_args(args)
 
     ray = init_ray(cfg)
     view = ray.remote(num_cpus=0.5)(_task_view)
-    results = ray.get([view.remote(i) for i in range(args.tasks)], timeout=120)
+    with step("run hello tasks"):
+        results = ray.get([view.remote(i) for i in range(args.tasks)], timeout=120)
     squares = [r["square"] for r in results]
     print(f"{MARKER} squares={squares}")
     seen = results[0]

@@ -4,8 +4,9 @@
         ...  # sample.image, .depth, .instance, .semantic, .keypoints, .camera, .captions, .entities
 
 `synthetic_samples` is the iterator the build job consumes (it treats the synthetic world as one more source, like
-folders or URL lists); `render_shard_bytes` packs whole scenes into one WebDataset tar (named by `shard_name`), the
-shards `onegen synth render` (pipelines/sources/synthetic_cli.py) writes. Scene i of a run with seed s depends only
+folders or URL lists); `render_shard_bytes` packs whole scenes into one WebDataset tar, the shards `onegen synth
+render` (pipelines/sources/synthetic_cli.py) writes, named by `shard_name` from the seed, the first scene and a digest
+of every other setting that changes their bytes (`shard_settings_digest`). Scene i of a run with seed s depends only
 on (s, i) (`SeedSequence([s, i])`), so any range of scenes can be rendered independently, by any worker, in any
 order, with byte-identical results.
 
@@ -17,6 +18,8 @@ prompt fields). Conventions (depth = z-depth with sky = 0, COCO visibility, capt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Iterator
 
 import numpy as np
@@ -38,7 +41,7 @@ GENERATOR_VERSION = "onegen.synthetic/1"
 __all__ = [
     "CLASSES", "COCO_KEYPOINTS", "COCO_SKELETON", "PALETTE", "Camera", "Scene", "SceneSpec", "SyntheticConfig",
     "ViewRender", "camera_from_spherical", "generate_scene", "render", "render_shard_bytes", "sample_key",
-    "scene_cameras", "shard_name", "synthetic_samples", "view_to_sample",
+    "scene_cameras", "shard_name", "shard_settings_digest", "synthetic_samples", "view_to_sample",
 ]
 
 
@@ -50,9 +53,23 @@ def group_key(seed: int, scene_index: int) -> str:
     return f"synthetic-{seed}-{scene_index:06d}"
 
 
-def shard_name(seed: int, first_scene: int) -> str:
-    """File name of the WebDataset shard whose first scene is `first_scene`: 'synthetic-<seed>-<first:06d>.tar'."""
-    return f"{group_key(seed, first_scene)}.tar"
+def shard_settings_digest(num_scenes: int, config: SyntheticConfig, image_format: str = "png") -> str:
+    """8 hex digits naming everything but (seed, first scene) that changes a shard's bytes: the scene count, every
+    `SyntheticConfig` field (size, views, figures, ...), the image format and `GENERATOR_VERSION` (bump it when the
+    renderer or the sample encoding changes what the same arguments produce). Stable across runs and machines."""
+    settings = {"generator": GENERATOR_VERSION, "num_scenes": int(num_scenes), "image_format": image_format,
+                "config": dataclasses.asdict(config)}
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def shard_name(seed: int, first_scene: int, settings_digest: str | None = None) -> str:
+    """File name of the WebDataset shard whose first scene is `first_scene`:
+    'synthetic-<seed>-<first:06d>-<settings_digest>.tar' (digest from `shard_settings_digest`), so a shard rendered
+    with other settings never takes the name of this one (`--skip-existing` keeps only shards of equal content).
+    Without a digest, 'synthetic-<seed>-<first:06d>.tar' names the scenes only, not how they were rendered."""
+    suffix = f"-{settings_digest}" if settings_digest else ""
+    return f"{group_key(seed, first_scene)}{suffix}.tar"
 
 
 def scene_cameras(scene: Scene, rng: np.random.Generator, config: SyntheticConfig) -> list[Camera]:

@@ -13,9 +13,13 @@ complete.
 
 Folder format: every sample's WebDataset members as files `<key>.<ext>` (png, depth.npy, instance.png, semantic.png,
 json); read one back with `pipelines.record.read_sample_files(root, key)`. WebDataset format: shards of
-`--scenes-per-shard` whole scenes (all views of a scene stay in one shard), named after their first scene
-(`synthetic-<seed>-<first scene:06d>.tar`, `synthetic.shard_name`) and built by `synthetic.render_shard_bytes`.
-Re-running with the same arguments rewrites identical shards; `--skip-existing` skips shards that exist.
+`--scenes-per-shard` whole scenes (all views of a scene stay in one shard), built by `synthetic.render_shard_bytes`
+and named `synthetic-<seed>-<first scene:06d>-<settings>.tar` (`synthetic.shard_name`), where <settings> is 8 hex
+digits of everything else that changes the shard's bytes: its number of scenes, --size, --views, --no-figures,
+--image-format and the generator version (`synthetic.shard_settings_digest`). Re-running with the same arguments
+rewrites identical shards; `--skip-existing` skips shards that exist, and since a name fixes the content, a rerun
+with other settings renders new shards instead of keeping stale ones (the old ones stay beside them: give each
+dataset its own --out).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from onegen.storage import Storage
+from onegen.cli import run_command
+from onegen.errors import UsageError, step
+from onegen.storage import Storage, StorageError
 from pipelines.record import as_storage, storage_location, write_sample_files
 from pipelines.sources.synthetic import (
-    SyntheticConfig, render_shard_bytes, resolve_config, shard_name, synthetic_samples,
+    SyntheticConfig, render_shard_bytes, resolve_config, shard_name, shard_settings_digest, synthetic_samples,
 )
 
 
@@ -46,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--first-scene", type=int, default=0, help="index of the first scene (to split work)")
     r.add_argument("--scenes-per-shard", type=int, default=100, help="scenes per WebDataset shard (wds only)")
     r.add_argument("--image-format", choices=("png", "jpg"), default="png", help="image encoding (png: lossless)")
-    r.add_argument("--skip-existing", action="store_true", help="wds: leave shards that already exist untouched")
+    r.add_argument("--skip-existing", action="store_true",
+                   help="wds: leave shards that already exist untouched (a shard's name encodes every setting that "
+                        "changes its content, so only shards identical to what would be rendered are skipped)")
     s = sub.add_parser("sheet", help="write a contact sheet PNG (RGB | depth | segmentation | keypoints)")
     _common(s, scenes=3)
     s.add_argument("--out", default="synthetic_contact_sheet.png",
@@ -62,46 +70,54 @@ def _common(p: argparse.ArgumentParser, scenes: int) -> None:
     p.add_argument("--no-figures", action="store_true", help="objects only, no human figures")
 
 
-def _check(args: argparse.Namespace) -> str | None:
+def _check(args: argparse.Namespace) -> None:
+    """Raise UsageError (exit 2, nothing rendered) for the first bad argument."""
     for name in ("scenes", "views", "size"):
         if getattr(args, name) < 1:
-            return f"--{name} must be >= 1, got {getattr(args, name)}"
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.seed < 0:
-        return f"--seed must be >= 0, got {args.seed}"
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if getattr(args, "first_scene", 0) < 0:
-        return f"--first-scene must be >= 0, got {args.first_scene}"
+        raise UsageError(f"--first-scene must be >= 0, got {args.first_scene}")
     if getattr(args, "scenes_per_shard", 1) < 1:
-        return f"--scenes-per-shard must be >= 1, got {args.scenes_per_shard}"
-    return None
+        raise UsageError(f"--scenes-per-shard must be >= 1, got {args.scenes_per_shard}")
+    if getattr(args, "scale", 1) < 1:
+        raise UsageError(f"--scale must be a positive integer (panel upscaling), got {args.scale}")
 
 
 def run(args: argparse.Namespace) -> int:
-    problem = _check(args)
-    if problem:
-        print(f"onegen synth {args.synth_command}: {problem}", file=sys.stderr)
-        return 2
+    _check(args)
+    try:  # SyntheticConfig checks --size/--views further (e.g. at least 8 pixels)
+        config = resolve_config(views_per_scene=args.views, size=args.size, with_figures=not args.no_figures)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.synth_command == "sheet":
         from pipelines.contact_sheet import write_contact_sheet
 
-        if args.scale < 1:
-            raise ValueError(f"--scale must be a positive integer (panel upscaling), got {args.scale}")
-        path = write_contact_sheet(args.out, seed=args.seed, scenes=args.scenes, views=args.views, size=args.size,
-                                   scale=args.scale, with_figures=not args.no_figures)
+        with step("write contact sheet", input=args.out):
+            path = write_contact_sheet(args.out, seed=args.seed, scenes=args.scenes, views=args.views,
+                                       size=args.size, scale=args.scale, with_figures=not args.no_figures)
         print(f"wrote {path}")
         return 0
-    config = resolve_config(views_per_scene=args.views, size=args.size, with_figures=not args.no_figures)
-    storage = as_storage(args.out)
+    try:
+        storage = as_storage(args.out)
+    except StorageError as err:  # not a local path, file:// or s3:// URI
+        raise UsageError(f"--out {err}") from None
+    last = args.first_scene + args.scenes - 1
+    output = f"{storage.root_uri}, seed {args.seed}, scenes {args.first_scene}..{last}"
     if args.format == "folder":
         samples = synthetic_samples(args.seed, args.scenes, config=config, first_scene=args.first_scene)
-        with tqdm(total=args.scenes * args.views, desc="synth render", unit="img") as progress:
+        with step("render samples", input=output), \
+                tqdm(total=args.scenes * args.views, desc="synth render", unit="img") as progress:
             for sample in samples:
                 write_sample_files(sample, storage, args.image_format)
                 progress.update(1)
         print(f"wrote {args.scenes * args.views} samples to {storage.root_uri}")
         return 0
-    written = write_wds_shards(storage, args.seed, args.scenes, config, first_scene=args.first_scene,
-                               scenes_per_shard=args.scenes_per_shard, image_format=args.image_format,
-                               skip_existing=args.skip_existing)
+    with step("render shards", input=output):
+        written = write_wds_shards(storage, args.seed, args.scenes, config, first_scene=args.first_scene,
+                                   scenes_per_shard=args.scenes_per_shard, image_format=args.image_format,
+                                   skip_existing=args.skip_existing)
     print(f"wrote {len(written)} shard(s) to {storage.root_uri}")
     return 0
 
@@ -119,13 +135,14 @@ def write_wds_shards(
 ) -> list[Path | str]:
     """Write scenes [first_scene, first_scene + num_scenes) as WebDataset shards under the storage root `out`, each
     with one atomic `Storage.write_bytes`; returns their locations (`Path`s locally, s3:// URIs on S3), skipped ones
-    included. skip_existing: leave shards that exist (`Storage.exists`) untouched."""
+    included. Names: `shard_name` with `shard_settings_digest`. skip_existing: leave shards that exist
+    (`Storage.exists`) untouched: same name, same content."""
     storage = as_storage(out)
     locations: list[Path | str] = []
     with tqdm(total=num_scenes * config.views_per_scene, desc="synth render", unit="img") as progress:
         for start in range(first_scene, first_scene + num_scenes, scenes_per_shard):
             count = min(scenes_per_shard, first_scene + num_scenes - start)
-            name = shard_name(seed, start)
+            name = shard_name(seed, start, shard_settings_digest(count, config, image_format))
             locations.append(storage_location(storage, name))
             if not (skip_existing and storage.exists(name)):
                 storage.write_bytes(name, render_shard_bytes(seed, start, count, config, image_format))
@@ -136,7 +153,7 @@ def write_wds_shards(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="onegen synth", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command("synth", run, parser.parse_args(argv))  # errors reported as `onegen synth` does
 
 
 if __name__ == "__main__":
