@@ -36,6 +36,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_synthetic.py
 	$(PY) bench/bench_nextdit.py --threads 1 --write-results
+	$(PY) bench/bench_overfit.py --write-results
 
 # On a machine with a GPU and a CUDA build of torch in .venv (README "GPU install").
 gpu-bench: $(STAMP)
