@@ -30,7 +30,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -211,7 +211,7 @@ class DemoTrainSection(_Section):
 
 
 class DemoSection(_Section):
-    """`onegen demo` (onegen/demo.py): the synthetic world, rendered, trained on and sampled at CPU scale."""
+    """`onegen demo` (onegen/cli/demo.py): the synthetic world, rendered, trained on and sampled at CPU scale."""
 
     scenes: int = Field(32, gt=0, description="synthetic scenes rendered")
     scenes_per_shard: int = Field(8, gt=0, description="scenes per WebDataset shard (one Ray task each)")

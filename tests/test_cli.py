@@ -130,7 +130,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
 @pytest.fixture
 def render_bug(monkeypatch, tmp_path):
     """`onegen synth render` hits a bug while writing; tracebacks without a work dir go under tmp_path."""
-    from pipelines.sources import synthetic_cli
+    from onegen.cli import synth as synthetic_cli
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -212,3 +212,10 @@ def test_demo_with_an_unreachable_ray_address_fails_in_one_line(free_tcp_port, t
         f"port {address.rsplit(':', 1)[1]}). Start a cluster there (`ray start --head`), fix ray.address / "
         "RAY_ADDRESS, or unset both to start a local instance"]
     assert "Traceback" not in result.stderr and "Failed to connect to GCS" not in result.stderr
+
+
+def test_demo_reads_the_shipped_demo_config_by_default():
+    """`make demo` runs `onegen demo` without --config: it must be configs/demo.yaml, not the built-in defaults."""
+    args = cli.build_parser("demo").parse_args(["demo"])
+    assert Path(args.config) == REPO / "configs" / "demo.yaml"
+    assert cli.config_from_args(args).demo.scenes == 8  # configs/demo.yaml's value (the schema default is 32)

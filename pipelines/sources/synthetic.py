@@ -5,7 +5,7 @@
 
 `synthetic_samples` is the iterator the build job consumes (it treats the synthetic world as one more source, like
 folders or URL lists); `render_shard_bytes` packs whole scenes into one WebDataset tar, the shards `onegen synth
-render` (pipelines/sources/synthetic_cli.py) writes, named by `shard_name` from the seed, the first scene and a digest
+render` (onegen/cli/synth.py, through `write_wds_shards`) writes, named by `shard_name` from the seed, the first scene and a digest
 of every other setting that changes their bytes (`shard_settings_digest`). Scene i of a run with seed s depends only
 on (s, i) (`SeedSequence([s, i])`), so any range of scenes can be rendered independently, by any worker, in any
 order, with byte-identical results.
@@ -20,11 +20,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
-from pipelines.record import Sample, samples_to_wds_tar
+from onegen.storage import Storage
+from pipelines.record import Sample, as_storage, samples_to_wds_tar, storage_location
 from pipelines.sources.synthetic_camera import Camera, camera_from_spherical
 from pipelines.sources.synthetic_caption import (
     assign_class_colours, describe_view, prompt_tags, visible_entity_ids,
@@ -41,7 +45,7 @@ GENERATOR_VERSION = "onegen.synthetic/1"
 __all__ = [
     "CLASSES", "COCO_KEYPOINTS", "COCO_SKELETON", "PALETTE", "Camera", "Scene", "SceneSpec", "SyntheticConfig",
     "ViewRender", "camera_from_spherical", "generate_scene", "render", "render_shard_bytes", "sample_key",
-    "scene_cameras", "shard_name", "shard_settings_digest", "synthetic_samples", "view_to_sample",
+    "scene_cameras", "shard_name", "shard_settings_digest", "synthetic_samples", "view_to_sample", "write_wds_shards",
 ]
 
 
@@ -224,3 +228,31 @@ def render_shard_bytes(seed: int, first_scene: int, num_scenes: int, config: Syn
     """
     return samples_to_wds_tar(synthetic_samples(seed, num_scenes, config=config, first_scene=first_scene),
                               image_format)
+
+
+def write_wds_shards(
+    out: str | os.PathLike | Storage,
+    seed: int,
+    num_scenes: int,
+    config: SyntheticConfig,
+    *,
+    first_scene: int = 0,
+    scenes_per_shard: int = 100,
+    image_format: str = "png",
+    skip_existing: bool = False,
+) -> list[Path | str]:
+    """Write scenes [first_scene, first_scene + num_scenes) as WebDataset shards under the storage root `out`, each
+    with one atomic `Storage.write_bytes`; returns their locations (`Path`s locally, s3:// URIs on S3), skipped ones
+    included. Names: `shard_name` with `shard_settings_digest`. skip_existing: leave shards that exist
+    (`Storage.exists`) untouched: same name, same content."""
+    storage = as_storage(out)
+    locations: list[Path | str] = []
+    with tqdm(total=num_scenes * config.views_per_scene, desc="synth render", unit="img") as progress:
+        for start in range(first_scene, first_scene + num_scenes, scenes_per_shard):
+            count = min(scenes_per_shard, first_scene + num_scenes - start)
+            name = shard_name(seed, start, shard_settings_digest(count, config, image_format))
+            locations.append(storage_location(storage, name))
+            if not (skip_existing and storage.exists(name)):
+                storage.write_bytes(name, render_shard_bytes(seed, start, count, config, image_format))
+            progress.update(count * config.views_per_scene)
+    return locations

@@ -3,7 +3,7 @@
     onegen synth render --scenes 100 --views 4 --size 128 --seed 0 --out DIR|s3://BUCKET/PREFIX [--format folder|wds]
     onegen synth sheet --out sheet.png|s3://BUCKET/KEY.png --scenes 3 --views 4 --size 128 --seed 0
 
-Also runnable as `python -m pipelines.sources.synthetic_cli ...`.
+Also runnable as `python -m onegen.cli.synth ...`. The shard writing itself is `pipelines.sources.synthetic.write_wds_shards`.
 The wiring is `add_arguments(subparser)` + `run(args) -> exit code`.
 
 `--out` is a storage root (onegen.storage.Storage): a local path, file:///path or s3://bucket/prefix; S3 settings come
@@ -25,19 +25,15 @@ dataset its own --out).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
 from onegen.cli import run_command
 from onegen.errors import UsageError, step
-from onegen.storage import Storage, StorageError
-from pipelines.record import as_storage, storage_location, write_sample_files
-from pipelines.sources.synthetic import (
-    SyntheticConfig, render_shard_bytes, resolve_config, shard_name, shard_settings_digest, synthetic_samples,
-)
+from onegen.storage import StorageError
+from pipelines.record import as_storage, write_sample_files
+from pipelines.sources.synthetic import resolve_config, synthetic_samples, write_wds_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,34 +116,6 @@ def run(args: argparse.Namespace) -> int:
                                    skip_existing=args.skip_existing)
     print(f"wrote {len(written)} shard(s) to {storage.root_uri}")
     return 0
-
-
-def write_wds_shards(
-    out: str | os.PathLike | Storage,
-    seed: int,
-    num_scenes: int,
-    config: SyntheticConfig,
-    *,
-    first_scene: int = 0,
-    scenes_per_shard: int = 100,
-    image_format: str = "png",
-    skip_existing: bool = False,
-) -> list[Path | str]:
-    """Write scenes [first_scene, first_scene + num_scenes) as WebDataset shards under the storage root `out`, each
-    with one atomic `Storage.write_bytes`; returns their locations (`Path`s locally, s3:// URIs on S3), skipped ones
-    included. Names: `shard_name` with `shard_settings_digest`. skip_existing: leave shards that exist
-    (`Storage.exists`) untouched: same name, same content."""
-    storage = as_storage(out)
-    locations: list[Path | str] = []
-    with tqdm(total=num_scenes * config.views_per_scene, desc="synth render", unit="img") as progress:
-        for start in range(first_scene, first_scene + num_scenes, scenes_per_shard):
-            count = min(scenes_per_shard, first_scene + num_scenes - start)
-            name = shard_name(seed, start, shard_settings_digest(count, config, image_format))
-            locations.append(storage_location(storage, name))
-            if not (skip_existing and storage.exists(name)):
-                storage.write_bytes(name, render_shard_bytes(seed, start, count, config, image_format))
-            progress.update(count * config.views_per_scene)
-    return locations
 
 
 def main(argv: list[str] | None = None) -> int:

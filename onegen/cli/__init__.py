@@ -32,10 +32,10 @@ from onegen.secrets import install_log_redaction, redact  # stdlib only: `onegen
 
 # (name, module, one-line help). Keep only commands that work.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("env", "onegen.envinfo", "show versions, devices, Ray address, MLflow URI and storage root"),
-    ("config", "onegen.config_cli", "check a config file and print it resolved"),
-    ("synth", "pipelines.sources.synthetic_cli", "render the synthetic world (exact labels) or draw a contact sheet"),
-    ("demo", "onegen.demo", "run the demo chain: synthetic world -> Ray -> shards -> train -> sample -> evaluate"),
+    ("env", "onegen.cli.env", "show versions, devices, Ray address, MLflow URI and storage root"),
+    ("config", "onegen.cli.config_check", "check a config file and print it resolved"),
+    ("synth", "onegen.cli.synth", "render the synthetic world (exact labels) or draw a contact sheet"),
+    ("demo", "onegen.cli.demo", "run the demo chain: synthetic world -> Ray -> shards -> train -> sample -> evaluate"),
 ]
 
 EXIT_FAILED = 1

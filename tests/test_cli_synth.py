@@ -1,4 +1,4 @@
-"""`onegen synth render|sheet` (pipelines.sources.synthetic_cli): folders, WebDataset shards, contact sheets."""
+"""`onegen synth render|sheet` (onegen.cli.synth): folders, WebDataset shards, contact sheets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from onegen.storage import Storage
 from pipelines.record import Sample, read_sample_files, samples_from_wds_tar
-from pipelines.sources import synthetic_cli
+from onegen.cli import synth as synthetic_cli
 from pipelines.sources.synthetic import resolve_config, shard_name, shard_settings_digest, synthetic_samples
 
 
@@ -154,7 +154,9 @@ def test_progress_bar_is_closed_when_rendering_fails(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("render failed")
 
-    monkeypatch.setattr(synthetic_cli, "render_shard_bytes", fail)
+    from pipelines.sources import synthetic
+
+    monkeypatch.setattr(synthetic, "render_shard_bytes", fail)
     before = set(tqdm._instances)
     with pytest.raises(RuntimeError, match="render failed") as failure:
         synthetic_cli.run(parse(["render", "--scenes", "1", "--views", "1", "--size", "16", "--out", str(tmp_path),

@@ -30,7 +30,7 @@ from model.depth import constant_map, depth_map_to_uint8, depth_to_map, score_de
 from onegen import errors
 from onegen.cli import add_config_options, config_from_args
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
