@@ -133,21 +133,26 @@ def test_failed_write_leaves_no_partial_file(storage: Storage):
 
 
 KILLED_WRITER = """
-import sys, time
+import errno, os, sys, time
 from onegen.storage import Storage
+if sys.argv[3] == "no-hard-links":
+    def refuse_hard_links(src, dst, **_):
+        raise PermissionError(errno.EPERM, "Operation not permitted", src)
+    os.link = refuse_hard_links
 def chunks():
     yield b"x" * 1000
     print("writing", flush=True)
     time.sleep(60)
     yield b"never"
-Storage(sys.argv[1]).write_bytes("victim.bin", chunks())
+getattr(Storage(sys.argv[1]), sys.argv[2])("victim.bin", chunks())
 """
 
 
-def test_writer_killed_mid_write_leaves_no_target(tmp_path: Path):
-    storage = Storage(tmp_path / "root")
-    storage.write_bytes("victim.bin", b"old")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, storage.root_uri], stdout=subprocess.PIPE, text=True)
+def kill_writer_mid_write(storage: Storage, method: str, *, hard_links: bool = True) -> None:
+    """Run `storage.<method>("victim.bin", chunks)` in a subprocess and SIGKILL it while it is writing."""
+    args = [sys.executable, "-c", KILLED_WRITER, storage.root_uri, method, "hard-links" if hard_links else
+            "no-hard-links"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"
         proc.send_signal(signal.SIGKILL)
@@ -155,6 +160,12 @@ def test_writer_killed_mid_write_leaves_no_target(tmp_path: Path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_writer_killed_mid_write_leaves_no_target(tmp_path: Path):
+    storage = Storage(tmp_path / "root")
+    storage.write_bytes("victim.bin", b"old")
+    kill_writer_mid_write(storage, "write_bytes")
     assert storage.read_bytes("victim.bin") == b"old"
     assert storage.list() == ["victim.bin"]  # the orphaned temp file is not listed
 
@@ -418,34 +429,12 @@ def test_put_if_absent_without_hard_links_commits_complete_files_atomically(tmp_
     assert sorted(os.listdir(storage.path)) == ["marker"]  # the losers' temp files are gone
 
 
-KILLED_CREATOR = """
-import errno, os, sys, time
-from onegen.storage import Storage
-def refuse_hard_links(src, dst, **_):
-    raise PermissionError(errno.EPERM, "Operation not permitted", src)
-os.link = refuse_hard_links
-def chunks():
-    yield b"x" * 1000
-    print("writing", flush=True)
-    time.sleep(60)
-    yield b"never"
-Storage(sys.argv[1]).put_if_absent("marker", chunks())
-"""
-
-
 def test_put_if_absent_writer_killed_without_hard_links_leaves_no_marker(tmp_path: Path):
     storage = Storage(tmp_path / "root")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_CREATOR, storage.root_uri], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "writing"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not storage.exists("marker") and storage.list() == []
-    assert storage.put_if_absent("marker", b"ok") is True
-    assert sorted(os.listdir(storage.path)) == ["marker"]  # and the dead writer's temp file was swept
+    kill_writer_mid_write(storage, "put_if_absent", hard_links=False)
+    assert not storage.exists("victim.bin") and storage.list() == []
+    assert storage.put_if_absent("victim.bin", b"ok") is True
+    assert sorted(os.listdir(storage.path)) == ["victim.bin"]  # and the dead writer's temp file was swept
 
 
 def test_put_if_absent_refuses_a_file_system_without_links_or_exclusive_rename(tmp_path: Path, monkeypatch):
