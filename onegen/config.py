@@ -231,17 +231,25 @@ class DemoConfig(OnegenConfig):
     demo: DemoSection = DemoSection()
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
-        from model.presets import PRESETS
-
         problems = super().cross_field_problems()
         factor = image_tokenizer_factor(self.data.tokenizer)
-        patch = PRESETS[self.model.preset]["patch_size"][-1]
-        if factor is not None and self.data.image_size % (factor * patch):
-            problems.append(("data.image_size", f"expected a multiple of {factor * patch} (tokenizer "
-                                        f"'{self.data.tokenizer}' downsamples by {factor}, model.preset "
-                                        f"'{self.model.preset}' has {patch}x{patch} patches), "
-                                        f"got {self.data.image_size}"))
+        problem = image_size_problem(self, factor) if factor is not None else None
+        if problem:
+            problems.append(("data.image_size", problem))
         return problems
+
+
+def image_size_problem(cfg: DemoConfig, factor: int) -> str | None:
+    """Why `data.image_size` does not fit a tokenizer that downsamples by `factor` and the preset's patches, or None.
+    Config validation uses the factor read without loading (`image_tokenizer_factor`); a command that has loaded the
+    tokenizer checks again with the factor it really has."""
+    from model.presets import PRESETS
+
+    patch = PRESETS[cfg.model.preset]["patch_size"][-1]
+    if cfg.data.image_size % (factor * patch) == 0:
+        return None
+    return (f"expected a multiple of {factor * patch} (tokenizer '{cfg.data.tokenizer}' downsamples by {factor}, "
+            f"model.preset '{cfg.model.preset}' has {patch}x{patch} patches), got {cfg.data.image_size}")
 
 
 def image_tokenizer_factor(tokenizer: str) -> int | None:
@@ -517,10 +525,8 @@ def _apply_override(raw: dict[str, Any], dotted: str, value: Any, item: str,
         node = child
     last = path[-1]
     if isinstance(last, int):
-        _list_item(node, last, path[:-1], item)
-        node[last] = value
-    else:
-        node[last] = value
+        _list_item(node, last, path[:-1], item)  # the item must exist: an override replaces, never appends
+    node[last] = value
 
 
 def _list_item(items: list[Any], index: int, list_path: list[str | int], item: str) -> Any:
@@ -538,8 +544,9 @@ def _default_list(list_path: list[str | int], schema: type[OnegenConfig]) -> lis
         node = node[part] if isinstance(part, int) else getattr(node, part, None)
         if node is None:
             return []
-    dumped = [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in node]
-    return dumped if isinstance(node, list) else []
+    if not isinstance(node, list):
+        return []
+    return [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in node]
 
 
 def _unwrap_optional(annotation: Any) -> Any:

@@ -155,34 +155,27 @@ def job_working_dir() -> Path | None:
 
 
 def _local_location(value: str | None) -> str | None:
-    """The local path of a storage root or artifact location (a path or file:// URI); None for s3:// and others."""
+    """The local path of a storage root or artifact location (a path or file:// URI, by the rule Storage applies);
+    None for s3:// and any other scheme."""
+    from onegen.storage import StorageError, parse_root_uri
+
     if not value:
         return None
-    if value.startswith("file://"):
-        return value[len("file://"):]
-    return None if "://" in value else value
-
-
-def _tracking_store_file(uri: str) -> str | None:
-    """The local file or folder an MLflow tracking URI writes to (sqlite database, file store); None for tracking
-    servers (http/https, databricks) and network databases (postgresql://, mysql://, ...)."""
-    if uri.startswith("sqlite:///"):
-        return uri[len("sqlite:///"):] or None  # sqlite:////abs/mlflow.db -> /abs/mlflow.db; sqlite:/// -> memory
-    if uri.startswith("file:"):
-        return uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]
-    if "://" in uri or uri.startswith("databricks"):
+    try:
+        scheme, _, _, path = parse_root_uri(value)
+    except StorageError:  # another scheme (e.g. an artifact location on gs://): not a local path
         return None
-    return uri  # a plain path: MLflow's file store
+    return path if scheme == "file" else None
 
 
 def local_config_paths(cfg: OnegenConfig) -> dict[str, tuple[str, Path]]:
     """{dotted key: (configured value, absolute local path)} for every config value that names a local location."""
-    from onegen.tracking import is_local_store
+    from onegen.tracking import is_local_store, local_store_path
 
     uri = cfg.tracking.uri or ""
     candidates = {"run.work_dir": (str(cfg.run.work_dir), str(cfg.run.work_dir)),
                   "storage.root": (cfg.storage.root, _local_location(cfg.storage.root)),
-                  "tracking.uri": (uri, _tracking_store_file(uri))}
+                  "tracking.uri": (uri, local_store_path(uri))}
     if is_local_store(uri):  # a tracking server picks its own artifact store: artifact_location is not used then
         location = cfg.tracking.artifact_location
         candidates["tracking.artifact_location"] = (location, _local_location(location))
@@ -212,8 +205,9 @@ def check_paths_reach_cluster(cfg: OnegenConfig, address: str | None, *, other_n
        not: the entry point runs in Ray's temporary copy of the upload (so every relative path lands there), and the
        copy is deleted when the job ends, outputs included.
     2. When the cluster is another machine (the address's host is neither loopback nor one of this machine's
-       interface addresses), or, once connected, has nodes on other machines (`init_ray` checks), local paths are refused unless `storage.shared: true` says they are on a file system
-       every node mounts: Ray tasks write to the disk of whichever node they run on. run.work_dir is exempt: only
+       interface addresses), or, once connected, has nodes on other machines (`init_ray` checks), local paths are
+       refused unless `storage.shared: true` says they are on a file system every node mounts: Ray tasks write to
+       the disk of whichever node they run on. run.work_dir is exempt: only
        this driver process, on this machine, writes it.
     s3:// locations, http(s):// tracking servers and network databases are always fine, and a local instance or a
     `ray start --head` on this machine accepts any path (a job there still obeys rule 1).

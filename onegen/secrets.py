@@ -95,18 +95,15 @@ def secret_problems(data: Any, prefix: str = "") -> list[tuple[str, str]]:
     return found
 
 
-class RedactingFilter(logging.Filter):
-    """Redacts each record's message (rendered with its args) before any handler formats it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: let logging report it as usual
-            return True
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
+def _redact_record(record: logging.LogRecord) -> None:
+    """Redact a record's message (rendered with its args) before any handler formats it."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed record: let logging report it as usual
+        return
+    cleaned = redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
 
 
 _installed = False
@@ -121,11 +118,10 @@ def install_log_redaction() -> None:
     if _installed:
         return
     previous = logging.getLogRecordFactory()
-    redactor = RedactingFilter()
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        redactor.filter(record)
+        _redact_record(record)
         return record
 
     logging.setLogRecordFactory(factory)

@@ -60,6 +60,18 @@ def is_local_store(uri: str) -> bool:
     return scheme in _LOCAL_STORE_SCHEMES
 
 
+def local_store_path(uri: str) -> str | None:
+    """The local file or folder an MLflow tracking URI writes to (sqlite database, file store); None for tracking
+    servers (http/https, databricks) and network databases (postgresql://, mysql://, ...)."""
+    if uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///"):] or None  # sqlite:////abs/mlflow.db -> /abs/mlflow.db; sqlite:/// -> memory
+    if uri.startswith("file:"):
+        return uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]
+    if "://" in uri or uri.startswith("databricks"):
+        return None
+    return uri  # a plain path: MLflow's file store
+
+
 def git_state(repo_dir: str | os.PathLike | None = None) -> tuple[str, str]:
     """(commit, dirty) of the checkout at `repo_dir` (default: the checkout onegen itself runs from, whatever the
     CWD): dirty is "true"/"false"; ("unknown", "unknown") outside git. ONEGEN_GIT_COMMIT / ONEGEN_GIT_DIRTY win: Ray
@@ -107,8 +119,9 @@ def ensure_experiment(cfg: OnegenConfig) -> str:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    store = local_store_path(uri)
+    if uri.startswith("sqlite:///") and store:
+        Path(store).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     name = cfg.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)

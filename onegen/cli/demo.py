@@ -8,7 +8,8 @@
 3. Train a small NextDiT in this process with the flow-matching objective on a 50/50 mix of text→image and
    image→depth, tracked in MLflow (resolved config, git commit, both tasks' loss curves). It trains in fp32:
    bf16 is several times slower on CPUs without bf16 matmul units (bench/RESULTS.md); precision, workers and ZeRO
-   belong to the DeepSpeed trainer's schema. The same noise schedule (`demo.shift`) is used to train, to sample and in the saved scheduler.
+   belong to the DeepSpeed trainer's schema. The same noise schedule (`demo.shift`) is used to train, to sample
+   and in the saved scheduler.
 4. Save the model in the release layout, load it back through `OneDiffusionPipeline`, generate images for training
    captions and estimate depth for training images, score the depth against the exact ground truth next to two
    baselines (a constant map, a "closer at the bottom" ramp) with the one protocol of model.depth.score_depth
@@ -29,6 +30,7 @@ import numpy as np
 from model.depth import constant_map, depth_map_to_uint8, depth_to_map, score_depth, vertical_ramp_map
 from onegen import errors
 from onegen.cli import add_config_options, config_from_args
+from onegen.config import ConfigError, image_size_problem
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -260,12 +262,10 @@ def run_demo(cfg) -> dict:
     shards = storage.uri(f"{cfg.run.name}/synthetic")
     with errors.step("load the image tokenizer", input=f"data.tokenizer={cfg.data.tokenizer}"):
         tokenizer = load_image_tokenizer(cfg.data.tokenizer)  # "pixel" (exact, CPU-scale) or an AutoencoderKL
-    multiple = tokenizer.downsample_factor * 2  # latent pixels per 2x2 patch
-    if cfg.data.image_size % multiple:  # config validation assumed 8 for a hub VAE; this one says otherwise
-        from onegen.config import ConfigError
-
-        raise ConfigError([f"data.image_size: expected a multiple of {multiple} (tokenizer '{cfg.data.tokenizer}' "
-                           f"downsamples by {tokenizer.downsample_factor}, 2x2 patches), got {cfg.data.image_size}"])
+    # Config validation assumed 8 for a hub VAE; the loaded one may say otherwise.
+    problem = image_size_problem(cfg, tokenizer.downsample_factor)
+    if problem:
+        raise ConfigError([f"data.image_size: {problem}"])
     started = time.perf_counter()
 
     with start_run(cfg, run_name=cfg.run.name) as active:

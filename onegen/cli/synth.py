@@ -3,7 +3,8 @@
     onegen synth render --scenes 100 --views 4 --size 128 --seed 0 --out DIR|s3://BUCKET/PREFIX [--format folder|wds]
     onegen synth sheet --out sheet.png|s3://BUCKET/KEY.png --scenes 3 --views 4 --size 128 --seed 0
 
-Also runnable as `python -m onegen.cli.synth ...`. The shard writing itself is `pipelines.sources.synthetic.write_wds_shards`.
+Also runnable as `python -m onegen.cli.synth ...`. The shard writing itself is
+`pipelines.sources.synthetic.write_wds_shards`.
 The wiring is `add_arguments(subparser)` + `run(args) -> exit code`.
 
 `--out` is a storage root (onegen.storage.Storage): a local path, file:///path or s3://bucket/prefix; S3 settings come

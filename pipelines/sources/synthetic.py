@@ -5,10 +5,10 @@
 
 `synthetic_samples` is the iterator the build job consumes (it treats the synthetic world as one more source, like
 folders or URL lists); `render_shard_bytes` packs whole scenes into one WebDataset tar, the shards `onegen synth
-render` (onegen/cli/synth.py, through `write_wds_shards`) writes, named by `shard_name` from the seed, the first scene and a digest
-of every other setting that changes their bytes (`shard_settings_digest`). Scene i of a run with seed s depends only
-on (s, i) (`SeedSequence([s, i])`), so any range of scenes can be rendered independently, by any worker, in any
-order, with byte-identical results.
+render` (onegen/cli/synth.py, through `write_wds_shards`) writes, named by `shard_name` from the seed, the first
+scene and a digest of every other setting that changes their bytes (`shard_settings_digest`). Scene i of a run
+with seed s depends only on (s, i) (`SeedSequence([s, i])`), so any range of scenes can be rendered independently,
+by any worker, in any order, with byte-identical results.
 
 Pieces: synthetic_scene (palette, classes, figures, generation), synthetic_camera (spherical cameras, spec §2.3),
 synthetic_geometry (ray–primitive kernels), synthetic_render (images and labels), synthetic_caption (captions and
