@@ -53,13 +53,15 @@ from pathlib import Path  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the float64 reference is test code
 
 import torch  # noqa: E402
 
 from bench.results_file import RESULTS, cpu_name, replace_section  # noqa: E402
 from model.flow import FlowConfig, flow_matching_loss  # noqa: E402
-from model.nextdit import NextDiT, reference_forward  # noqa: E402
+from model.nextdit import NextDiT  # noqa: E402
 from model.presets import PRESETS  # noqa: E402
+from reference_nextdit import reference_forward  # noqa: E402
 
 SECTION = "## NextDiT (CPU)"
 BATCH, VIEWS, TEXT_LEN, TEXT_VALID = 2, 2, 32, (23, 9)

@@ -28,16 +28,26 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 sys.path.insert(0, str(ROOT / "tests"))  # the workload is the test's, so the number stays about that test
 
 import torch  # noqa: E402
-from test_overfit import MAX_RELATIVE_ERROR, TRAIN_STEPS, loss_drop, memorise_and_sample, relative_errors  # noqa: E402
+from test_overfit import (  # noqa: E402
+    MAX_RELATIVE_ERROR,
+    SAMPLE_STEPS,
+    SAMPLING_SCHEDULE,
+    TRAIN_STEPS,
+    loss_drop,
+    memorise_and_sample,
+    relative_errors,
+)
 
 from bench.results_file import RESULTS, cpu_name, replace_section  # noqa: E402
 from model.flow import FlowConfig  # noqa: E402
 
 SECTION = "## Overfit (CPU)"
 CPU_SECONDS_BUDGET = 60.0
+_SAMPLED = dict(sampling_schedule=SAMPLING_SCHEDULE, condition_steps=SAMPLE_STEPS)
 TASKS = {  # name -> (views, target mask, flow config), as in the two tests
-    "text -> image": (1, torch.tensor([True]), FlowConfig(text_dropout_prob=0.0)),
-    "image -> depth": (2, torch.tensor([False, True]), FlowConfig(text_dropout_prob=0.0, clean_condition_prob=0.5)),
+    "text -> image": (1, torch.tensor([True]), FlowConfig(text_dropout_prob=0.0, **_SAMPLED)),
+    "image -> depth": (2, torch.tensor([False, True]),
+                       FlowConfig(text_dropout_prob=0.0, clean_condition_prob=0.5, **_SAMPLED)),
 }
 
 

@@ -3,10 +3,12 @@
 `OneDiffusionPipeline` only orchestrates; the pieces live elsewhere in model/:
 
     text      T5TextEncoder (model.tokenizers)       prompt with the task token -> (B, 300, C) states + mask
-    views     ImageTokenizer (model.tokenizers)      condition images -> 16-channel latents (VAE or exact pixel)
-              model.cameras                          cameras -> Plücker ray frames (multiview), and rays -> poses
-    task      model.tasks                            frame order, which views are targets, prompt syntax
-    sampler   model.flow.sample                      Euler, clean condition views, text CFG, dynamic shift
+    images    model.images                           paths / URLs / PIL / arrays -> (3, H, W) in [-1, 1], crop-resize
+    latents   ImageTokenizer (model.tokenizers)      condition images -> 16-channel latents (VAE or exact pixel)
+    views     model.views (+ model.tasks)            frame order, targets, prompt syntax, ray frames: the same
+                                                     layer the trainer builds its batches with
+    schedule  model.schedule                         diffusers' FlowMatchEulerDiscreteScheduler, set as the release
+    sampler   model.sampler.sample                   Euler, clean condition views, text CFG
     denoiser  model.nextdit.NextDiT
 
 On disk it reads and writes the release layout (ONEDIFFUSION_SPEC.md §9):
@@ -27,17 +29,20 @@ noise was drawn or given; with an explicit `generator`, it continues that genera
 
 Behaviour of the release's pipeline (onediffusion/diffusion/pipelines/onediffusion.py) that this one reproduces:
 text-to-image is `__call__`, every other task `img2img` with a `denoise_mask`; the schedule, condition time
-`timesteps[-1]`, CFG batch order [negative, prompt] and default negative prompt "" are model.flow's; condition images
-are centre-cropped to the target aspect and resized bilinearly (`_center_crop_resize`), mapped to [-1, 1] and VAE
+`timesteps[-1]`, CFG batch order [negative, prompt] and default negative prompt "" are model.sampler's; condition
+images are centre-cropped to the target aspect and resized bilinearly (model.images.center_crop_resize), mapped to [-1, 1] and VAE
 encoded (sample × scaling_factor); image-conditioned sizes default to the ASPECT_RATIO_512 bucket of the first image;
 `noise_scale` scales the dynamic-shift token count; multiview ray frames are built from the given poses relative to
 the first of them (model.cameras); the outputs are the decoded target frames (`/ scaling_factor`, `x / 2 + 0.5`,
 clamped), an image→X estimate (e.g. depth) being the decoded condition map.
 
 Intentional deviations (interface or robustness, not the model's inputs for valid calls):
-* RGBA inputs are composited on white; the release's `convert("RGB")` drops alpha. White is what the release's
-  multiview training loader composites on, and opaque images are unaffected.
-* The Euler update runs in float32 whatever the transformer dtype; the release keeps bf16 latents between steps.
+* Inputs with alpha are composited on white; the release's `convert("RGB")` drops alpha. White is what the release's
+  multiview training loader composites on, and opaque images are unaffected. 16-bit images are scaled by their range
+  (`convert("RGB")` clips them to white), EXIF orientation is applied, and non-finite arrays are refused
+  (model.images).
+* The Euler update (diffusers' `scheduler.step`) runs on float32 latents whatever the transformer dtype; the release
+  keeps bf16 latents between steps.
 * Ray frames are never decoded by the VAE (the release decodes every denoised frame, rays included) and
   `result.latents` keeps them ×1.658 as sampled (the release returns all latents / 1.658); poses are read back
   from generated rays instead (`result.cameras`).
@@ -45,10 +50,16 @@ Intentional deviations (interface or robustness, not the model's inputs for vali
   (the release's `img2img` then replaces both by the bucket); task tokens are added to prompts that lack one;
   `guidance_scale` defaults to 4 (the README's value; the release signature says 5).
 * The initial noise is drawn on the CPU (float32), so runs match across devices but not the release's CUDA draws.
+* Condition images are normalised to [-1, 1] once. The release's image processor normalises a second time when
+  the stacked images have no value below 0 after its first normalisation (every pixel >= 128), stretching bright
+  images; that is a bug, not the trained input distribution.
+* tests/test_release_reference.py: with the same noise and condition latent, this pipeline
+  lands ~1e-6 relative from the official code's final latents (text→image and image→depth).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections.abc import Sequence
@@ -58,13 +69,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model import cameras as camera_utils
-from model.flow import FlowConfig, inference_sigmas, sample, tokens_per_view
 from model.hub import resolve_pretrained_folder
+from model.images import as_image_list, bucket_size, center_crop_resize, image_to_tensor
 from model.nextdit import NextDiT
-from model.tasks import Task, get_task, parse_prompt
+from model.sampler import sample
+from model.schedule import (
+    RELEASE_SCHEDULER_CONFIG,
+    SCHEDULER_CONFIG_NAME,
+    load_scheduler,
+    release_num_tokens,
+    set_release_timesteps,
+)
+from model.tasks import Task, get_task
 from model.tokenizers import (
     ImageTokenizer,
     PixelTokenizer,
@@ -72,9 +90,9 @@ from model.tokenizers import (
     VAETokenizer,
     load_image_tokenizer,
 )
+from model.views import DEPTH_ROLE, RAY_ROLE, ViewLayout, build_sample, full_prompt, stack, view_layout
 
 MODEL_INDEX_NAME = "model_index.json"
-SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 PIPELINE_CLASS_NAME = "OneDiffusionPipeline"
 # The release's model_index names its own module for the transformer; onegen's NextDiT replaces it, whatever it names.
 RELEASE_TRANSFORMER_ENTRY = ["onediffusion.models.denoiser.nextdit.modeling_nextdit", "NextDiT"]
@@ -86,34 +104,8 @@ COMPONENT_ENTRIES = {
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
 }
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-# The release's scheduler/scheduler_config.json (spec §4.4, from the bf16 mirror): dynamic shift on.
-RELEASE_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-# Image-conditioned tasks default to the release's ASPECT_RATIO_512 bucket (onediffusion/dataset/utils.py) whose
-# ratio height/width is closest to the first image's: ratio key -> (height, width) in pixels at VAE factor 8. Ties go
-# to the first key in this (ascending) order, as the release's `min` over the dict keys does.
-ASPECT_RATIO_512 = {
-    "0.25": (256, 1024), "0.26": (256, 992), "0.27": (256, 960), "0.28": (256, 928), "0.32": (288, 896),
-    "0.33": (288, 864), "0.35": (288, 832), "0.4": (320, 800), "0.42": (320, 768), "0.48": (352, 736),
-    "0.5": (352, 704), "0.52": (352, 672), "0.57": (384, 672), "0.6": (384, 640), "0.68": (416, 608),
-    "0.72": (416, 576), "0.78": (448, 576), "0.82": (448, 544), "0.88": (480, 544), "0.94": (480, 512),
-    "1.0": (512, 512), "1.07": (512, 480), "1.13": (544, 480), "1.21": (544, 448), "1.29": (576, 448),
-    "1.38": (576, 416), "1.46": (608, 416), "1.67": (640, 384), "1.75": (672, 384), "2.0": (704, 352),
-    "2.09": (736, 352), "2.4": (768, 320), "2.5": (800, 320), "2.89": (832, 288), "3.0": (864, 288),
-    "3.11": (896, 288), "3.62": (928, 256), "3.75": (960, 256), "3.88": (992, 256), "4.0": (1024, 256),
-}
-ASPECT_RATIO_VAE_FACTOR = 8  # the buckets are pixel sizes for f = 8; other tokenizers keep the same latent grid
 # Reading a generated depth map as the release demo does (PIL "L"): ITU-R 601-2 luma weights.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-RAY_ROLE = "rays"
-DEPTH_ROLE = "depth"
 
 ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -167,7 +159,7 @@ class OneDiffusionPipeline:
     """transformer (NextDiT) + image tokenizer + T5 text encoder + flow sampler settings, run for any task."""
 
     def __init__(self, transformer: NextDiT, image_tokenizer: ImageTokenizer, text_encoder: T5TextEncoder,
-                 flow_config: FlowConfig | None = None):
+                 scheduler=None):
         caption_channels = int(transformer.config.caption_channels)
         if text_encoder.hidden_size != caption_channels:
             raise ValueError(
@@ -180,9 +172,8 @@ class OneDiffusionPipeline:
         self.transformer = transformer.eval()
         self.image_tokenizer = image_tokenizer.eval()
         self.text_encoder = text_encoder.eval()
-        patch = int(transformer.config.patch_size[-1])
-        self.flow_config = (flow_config or FlowConfig.from_scheduler_config(RELEASE_SCHEDULER_CONFIG)).replace(
-            patch_size=patch)
+        # diffusers' FlowMatchEulerDiscreteScheduler (or a config / folder for one); None = the release's config
+        self.scheduler = scheduler if hasattr(scheduler, "set_timesteps") else load_scheduler(scheduler)
 
     # ------------------------------------------------------------------ loading / saving
 
@@ -191,7 +182,7 @@ class OneDiffusionPipeline:
                         transformer: NextDiT | str | Path | None = None,
                         image_tokenizer: ImageTokenizer | str | Path | None = None,
                         text_encoder: T5TextEncoder | str | Path | None = None,
-                        flow_config: FlowConfig | None = None, device: str | torch.device = "cpu",
+                        scheduler=None, device: str | torch.device = "cpu",
                         **hub_kwargs) -> "OneDiffusionPipeline":
         """Load a folder (or hub repo) in the release layout, or a bare NextDiT checkpoint folder.
 
@@ -204,7 +195,7 @@ class OneDiffusionPipeline:
         index_path = root / MODEL_INDEX_NAME
         if not index_path.is_file():
             if (root / "config.json").is_file() and transformer is None:
-                return cls._from_transformer_folder(root, torch_dtype, image_tokenizer, text_encoder, flow_config,
+                return cls._from_transformer_folder(root, torch_dtype, image_tokenizer, text_encoder, scheduler,
                                                     device)
             raise FileNotFoundError(
                 f"{index_path} not found: expected a OneDiffusion folder with {MODEL_INDEX_NAME} and the subfolders "
@@ -216,7 +207,7 @@ class OneDiffusionPipeline:
                   if not ((c == "transformer" and transformer is not None)
                           or (c == "vae" and image_tokenizer is not None)
                           or (c in ("text_encoder", "tokenizer") and text_encoder is not None)
-                          or (c == "scheduler" and flow_config is not None))]
+                          or (c == "scheduler" and scheduler is not None))]
         for component in needed:
             if component not in index:
                 raise ValueError(f"{index_path} has no {component!r} entry; expected one per component: "
@@ -242,12 +233,12 @@ class OneDiffusionPipeline:
         elif not isinstance(text_encoder, T5TextEncoder):
             text_encoder = T5TextEncoder.from_pretrained(text_encoder, torch_dtype=torch_dtype)
 
-        if flow_config is None:
-            flow_config = FlowConfig.from_scheduler_config(root / "scheduler" / SCHEDULER_CONFIG_NAME)
-        return cls(transformer, image_tokenizer, text_encoder, flow_config).to(device)
+        if scheduler is None:
+            scheduler = load_scheduler(root / "scheduler")
+        return cls(transformer, image_tokenizer, text_encoder, scheduler).to(device)
 
     @classmethod
-    def _from_transformer_folder(cls, folder: Path, torch_dtype, image_tokenizer, text_encoder, flow_config, device):
+    def _from_transformer_folder(cls, folder: Path, torch_dtype, image_tokenizer, text_encoder, scheduler, device):
         missing = [name for name, value in (("image_tokenizer", image_tokenizer), ("text_encoder", text_encoder))
                    if value is None]
         if missing:
@@ -258,7 +249,7 @@ class OneDiffusionPipeline:
             image_tokenizer = load_image_tokenizer(image_tokenizer)
         if not isinstance(text_encoder, T5TextEncoder):
             text_encoder = T5TextEncoder.from_pretrained(text_encoder, torch_dtype=torch_dtype)
-        return cls(transformer, image_tokenizer, text_encoder, flow_config).to(device)
+        return cls(transformer, image_tokenizer, text_encoder, scheduler).to(device)
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Write the release layout; `from_pretrained(save_directory)` restores the pipeline.
@@ -270,9 +261,7 @@ class OneDiffusionPipeline:
         self.transformer.save_pretrained(root / "transformer")
         self.image_tokenizer.save_pretrained(root / "vae")
         self.text_encoder.save_pretrained(root)
-        (root / "scheduler").mkdir(exist_ok=True)
-        (root / "scheduler" / SCHEDULER_CONFIG_NAME).write_text(
-            json.dumps(scheduler_config_from_flow(self.flow_config), indent=2) + "\n")
+        self.scheduler.save_pretrained(root / "scheduler")
         vae_entry = COMPONENT_ENTRIES["pixel_vae"] if isinstance(self.image_tokenizer, PixelTokenizer) \
             else COMPONENT_ENTRIES["vae"]
         index = {
@@ -312,22 +301,23 @@ class OneDiffusionPipeline:
 
         Text-only image generation: the transformer's `input_size` in latent pixels × the tokenizer factor (the
         release: 96 × 8 = 768). Otherwise the release's ASPECT_RATIO_512 bucket closest to the first image's
-        height/width ratio (square without an image), as latent sizes (bucket / 8) × the tokenizer factor.
-        Multiview is always square (the release asserts height == width)."""
+        height/width ratio (square without an image), as latent sizes (bucket / 8) × the tokenizer factor
+        (model.images.bucket_size). Multiview is always square (the release asserts height == width)."""
         f = self.image_tokenizer.downsample_factor
         if first_image is None and task.view_layout != "camera_pairs":
             size = self.transformer.config.input_size
             return int(size[-2]) * f, int(size[-1]) * f
-        key = "1.0"
-        if first_image is not None and task.view_layout != "camera_pairs":
-            ratio = first_image.shape[-2] / first_image.shape[-1]
-            key = min(ASPECT_RATIO_512, key=lambda k: abs(float(k) - ratio))
-        height, width = ASPECT_RATIO_512[key]
-        return height // ASPECT_RATIO_VAE_FACTOR * f, width // ASPECT_RATIO_VAE_FACTOR * f
+        if first_image is None or task.view_layout == "camera_pairs":
+            return bucket_size(1, 1, f)
+        return bucket_size(first_image.shape[-2], first_image.shape[-1], f)
 
     def size_multiple(self) -> int:
         """H and W must be multiples of this: tokenizer factor × transformer patch (16 px for the release)."""
-        return self.image_tokenizer.downsample_factor * int(self.transformer.config.patch_size[-1])
+        return self.image_tokenizer.downsample_factor * self.patch_size
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer.config.patch_size[-1])
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         states, mask = self.text_encoder.encode(prompts)
@@ -363,8 +353,9 @@ class OneDiffusionPipeline:
             unless the prompt already starts with a task token. A list runs a batch (condition views are shared).
         images: the condition images, in frame order of the condition views that are pictures (e.g. the depth map
             for depth2image "generate", the RGB image for "estimate", the references for faceid, the known images of
-            a multiview sequence). PIL images, (H, W[, 3|4]) uint8 arrays or float arrays in [0, 1], or (3, H, W)
-            tensors in [-1, 1]. Each is center-crop-resized to (height, width).
+            a multiview sequence): paths, http(s) URLs, PIL images (any mode: 16-bit, CMYK, palette, alpha on white,
+            EXIF orientation applied, first frame of animations), (H, W[, 3|4]) uint8/uint16 arrays or float arrays
+            in [0, 1], or (3, H, W) tensors in [-1, 1] (model.images). Each is center-crop-resized to (height, width).
         direction: one of the task's directions (default: its first, "generate" / "novel_view_synthesis");
             denoise_mask: an explicit 0/1 per frame (1 = generated) instead, e.g. [0, 1] for estimation.
         cameras: multiview cameras, one per camera in order: (azimuth°, elevation°[, distance]) tuples on the
@@ -386,32 +377,19 @@ class OneDiffusionPipeline:
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'latent'.")
         spec = get_task(task)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
+        captions = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not captions:
             raise ValueError("prompt is an empty list; pass a string or at least one prompt.")
-        condition_images = _as_image_list(images)
+        condition_images = as_image_list(images)
+        layout = view_layout(spec, direction=direction, denoise_mask=denoise_mask, num_images=len(condition_images),
+                             num_cameras=None if cameras is None else len(cameras))
+        layout.check_images(len(condition_images))
+        tensors = [image_to_tensor(image, name=f"images[{i}]") for i, image in enumerate(condition_images)]
 
-        target_mask, roles = self._views(spec, direction, denoise_mask, condition_images, cameras)
-        picture_conditions = [i for i, (role, target) in enumerate(zip(roles, target_mask))
-                              if not target and role != RAY_ROLE]
-        if len(condition_images) != len(picture_conditions):
-            raise ValueError(
-                f"task {spec.name} with target mask {[int(t) for t in target_mask]} (roles {list(roles)}) has "
-                f"{len(picture_conditions)} condition image view(s) (frames {picture_conditions}); got "
-                f"{len(condition_images)} image(s)."
-            )
-
-        tensors = [_image_to_tensor(image) for image in condition_images]
-        if height is None or width is None:
-            default_h, default_w = self.default_size(spec, tensors[0] if tensors else None)
-            height, width = height or default_h, width or default_w
-        multiple = self.size_multiple()
-        if height % multiple or width % multiple:
-            raise ValueError(f"height={height}, width={width} must be multiples of {multiple} "
-                             f"(image tokenizer factor {self.image_tokenizer.downsample_factor} × patch 2).")
+        height, width = self._output_size(spec, tensors, height, width)
         f = self.image_tokenizer.downsample_factor
         h, w = height // f, width // f
-        batch, num_views = len(prompts), len(target_mask)
+        batch, num_views = len(captions), layout.num_views
         shape = (batch, num_views, self.image_tokenizer.latent_channels, h, w)
 
         # randomness: noise generator and, separately, the VAE posterior generator (see module docstring)
@@ -424,93 +402,74 @@ class OneDiffusionPipeline:
             encode_generator = generator
         noise = self._initial_noise(latents, shape, generator)
 
-        # condition views: clean latents (1, T, 16, h, w)
-        condition = torch.zeros(1, *shape[1:], dtype=torch.float32, device=self.device)
-        if tensors:
-            pixels = torch.stack([_center_crop_resize(t, height, width) for t in tensors]).to(self.device)
-            encoded = self.image_tokenizer.encode(pixels, generator=encode_generator).to(self.device)
-            condition[0, picture_conditions] = encoded
-        ray_conditions = [i for i, (role, target) in enumerate(zip(roles, target_mask))
-                          if not target and role == RAY_ROLE]
-        if ray_conditions:
-            if cameras is None:
-                raise ValueError(f"task {spec.name}: ray frames {ray_conditions} are conditions, so pass cameras= "
-                                 "((azimuth, elevation[, distance]) per camera, or (V, 4, 4) OpenGL c2w).")
-            ray_frames = _ray_latents(cameras, num_views // 2, [i // 2 for i in ray_conditions], h, w, focal_length)
-            condition[0, ray_conditions] = ray_frames.to(self.device)
+        # the view sequence: clean condition latents (pictures encoded, rays from cameras), prompts with task syntax
+        picture_latents = self._encode_conditions(layout, tensors, height, width, encode_generator)
+        views = stack([build_sample(layout, full_prompt(spec, caption, prompt_kwargs), size=(h, w),
+                                    channels=shape[2], picture_latents=picture_latents, cameras=cameras,
+                                    focal=focal_length) for caption in captions]).to(self.device)
 
-        # text
-        prompts = [self._full_prompt(spec, p, prompt_kwargs) for p in prompts]
-        states, mask = self.encode_prompts(prompts)
-        do_cfg = guidance_scale > 1.0
+        states, mask = self.encode_prompts(views.prompts)
         negative_states = negative_mask = None
-        if do_cfg:
+        if guidance_scale > 1.0:
             negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) != batch:
                 raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts; give one or one per prompt.")
             negative_states, negative_mask = self.encode_prompts(negatives)
 
-        num_targets = sum(target_mask)
-        num_tokens = noise_scale * num_targets * tokens_per_view(h, w, self.flow_config.patch_size)
-        sigmas = inference_sigmas(num_inference_steps, self.flow_config,
-                                  num_tokens if self.flow_config.dynamic_shift else None)
+        num_tokens = release_num_tokens(sum(layout.target_mask), h, w, self.patch_size, noise_scale, num_views)
         from tqdm.auto import tqdm
 
         with tqdm(total=num_inference_steps, disable=not progress, desc=spec.name) as bar:
             final = sample(
                 self.transformer, text_states=states, text_mask=mask, noise=noise,
-                condition_latents=condition, condition_mask=[not t for t in target_mask],
+                condition_latents=views.latents, condition_mask=views.condition_mask,
                 negative_text_states=negative_states, negative_text_mask=negative_mask,
-                guidance_scale=guidance_scale, num_steps=num_inference_steps, cfg=self.flow_config,
-                num_tokens=num_tokens, model_dtype=self.dtype if self.dtype != torch.float32 else None,
+                guidance_scale=guidance_scale, num_steps=num_inference_steps, scheduler=self.scheduler,
+                num_tokens=num_tokens, patch_size=self.patch_size,
+                model_dtype=self.dtype if self.dtype != torch.float32 else None,
                 callback=lambda *_: bar.update(1),
             )
 
         result = OneDiffusionOutput(images=[], image_views=[], depth=None, cameras=None, latents=final,
-                                    noise=noise, seed=seed, sigmas=sigmas, prompts=prompts,
-                                    target_mask=target_mask, task=spec.name)
+                                    noise=noise, seed=seed, sigmas=self.sigmas(num_inference_steps, num_tokens),
+                                    prompts=views.prompts, target_mask=layout.target_mask, task=spec.name)
         if output_type != "latent":
-            self._decode_targets(result, roles, output_type)
-        self._estimate_cameras(result, roles, focal_length, estimate_focal)
+            self._decode_targets(result, layout.roles, output_type)
+        self._estimate_cameras(result, layout.roles, focal_length, estimate_focal)
         return result
 
     # ------------------------------------------------------------------ helpers of __call__
 
-    def _views(self, spec: Task, direction, denoise_mask, condition_images, cameras):
-        """(target mask, view roles) in frame order."""
-        if denoise_mask is not None:
-            if direction is not None:
-                raise ValueError("pass either direction= or denoise_mask=, not both.")
-            target_mask = tuple(bool(int(b)) for b in denoise_mask)
-            return target_mask, spec.view_roles_for(len(target_mask))
-        direction = direction or next(iter(spec.directions))
-        if spec.view_layout == "fixed":
-            num_views = spec.num_views
-        elif spec.view_layout == "references":
-            num_views = 1 + len(condition_images)  # frame 0 is the target, every image a reference
-        else:
-            num_cameras = None if cameras is None else len(cameras)
-            if num_cameras is None:
-                if direction != "pose_estimation":
-                    raise ValueError(f"task {spec.name} direction {direction!r} needs cameras= to know the number "
-                                     "of cameras (and their ray frames).")
-                num_cameras = len(condition_images)
-            num_views = 2 * num_cameras
-        return spec.target_mask(direction, num_views), spec.view_roles_for(num_views)
+    def sigmas(self, num_inference_steps: int, num_tokens) -> torch.Tensor:
+        """The schedule a call with `num_tokens` denoised tokens uses, (N + 1,) ending in 0 (the scheduler's)."""
+        scheduler = copy.deepcopy(self.scheduler)
+        set_release_timesteps(scheduler, num_inference_steps, num_tokens)
+        return scheduler.sigmas.clone()
 
-    @staticmethod
-    def _full_prompt(spec: Task, prompt: str, prompt_kwargs: dict | None) -> str:
-        task_in_prompt, _ = parse_prompt(prompt)
-        if task_in_prompt is not None:
-            if task_in_prompt.name != spec.name:
-                raise ValueError(f"prompt carries the token {task_in_prompt.token} but task={spec.name!r}.")
-            return prompt
-        return spec.build_prompt(prompt, **(prompt_kwargs or {}))
+    def _output_size(self, spec: Task, tensors: list[torch.Tensor], height, width) -> tuple[int, int]:
+        if height is None or width is None:
+            default_h, default_w = self.default_size(spec, tensors[0] if tensors else None)
+            height, width = height or default_h, width or default_w
+        multiple = self.size_multiple()
+        if height % multiple or width % multiple:
+            raise ValueError(f"height={height}, width={width} must be multiples of {multiple} "
+                             f"(image tokenizer factor {self.image_tokenizer.downsample_factor} × patch "
+                             f"{self.patch_size}).")
+        return height, width
+
+    def _encode_conditions(self, layout: ViewLayout, tensors: list[torch.Tensor], height: int, width: int,
+                           generator: torch.Generator) -> dict[int, torch.Tensor]:
+        """Frame index -> latent (16, h, w) of every picture condition, as the release: centre-crop-resize, encode."""
+        if not tensors:
+            return {}
+        pixels = torch.stack([center_crop_resize(t, height, width) for t in tensors]).to(self.device)
+        encoded = self.image_tokenizer.encode(pixels, generator=generator).float().cpu()
+        return dict(zip(layout.picture_conditions, encoded))
 
     @staticmethod
     def _initial_noise(latents, shape, generator) -> torch.Tensor:
         if latents is None:
-            # drawn on the CPU (generator's device) as model.flow does, so runs match across devices
+            # drawn on the CPU (generator's device) as model.sampler does, so runs match across devices
             return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
         noise = torch.as_tensor(latents, dtype=torch.float32).cpu()
         if noise.ndim == 4:
@@ -580,115 +539,10 @@ def _load_vae_component(root: Path, entry) -> ImageTokenizer:
     return VAETokenizer.from_pretrained(root, subfolder="vae")
 
 
-def scheduler_config_from_flow(cfg: FlowConfig) -> dict:
-    """diffusers FlowMatchEulerDiscreteScheduler config holding the sampler settings of `cfg`."""
-    return {
-        "_class_name": COMPONENT_ENTRIES["scheduler"][1],
-        "_diffusers_version": _diffusers_version(),
-        "num_train_timesteps": cfg.num_train_timesteps,
-        "shift": cfg.shift,
-        "use_dynamic_shifting": cfg.dynamic_shift,
-        "base_shift": cfg.base_shift,
-        "max_shift": cfg.max_shift,
-        "base_image_seq_len": cfg.base_seq_len,
-        "max_image_seq_len": cfg.max_seq_len,
-    }
-
-
 def _diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Image and camera inputs
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _as_image_list(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
-        return list(images)
-    return [images]
-
-
-def _image_to_tensor(image: ImageInput) -> torch.Tensor:
-    """(3, H, W) float32 in [-1, 1]. PIL / numpy (uint8 0..255 or float 0..1, RGBA composited on white, grayscale
-    repeated); tensors are taken as (3, H, W) or (1, 3, H, W) in [-1, 1] (the image tokenizer's convention)."""
-    if isinstance(image, torch.Tensor):
-        tensor = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
-        if tensor.ndim != 3 or tensor.shape[0] != 3:
-            raise ValueError(f"image tensors must be (3, H, W) in [-1, 1]; got shape {tuple(image.shape)}.")
-        return tensor.detach().float().cpu()
-    if not isinstance(image, np.ndarray):
-        from PIL import Image
-
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"images must be PIL images, numpy arrays or tensors; got {type(image).__name__}.")
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        image = np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}.")
-    values = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
-    if values.shape[-1] == 4:
-        alpha = values[..., 3:]
-        values = values[..., :3] * alpha + (1 - alpha)
-    if values.shape[-1] == 1:
-        values = np.repeat(values, 3, axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(values)).permute(2, 0, 1) * 2 - 1
-
-
-def _center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The release's CenterCropResizeImage on (3, H, W): crop the centred box of the target aspect ratio (box corner
-    and size truncated to whole pixels), then resize it bilinearly (align_corners=False, no antialiasing) to
-    height × width. Bilinear weights sum to 1, so resizing the [-1, 1] tensor equals resizing [0, 1] then
-    normalising, as the release does."""
-    in_h, in_w = float(image.shape[-2]), float(image.shape[-1])
-    target_aspect = width / height
-    if in_w / in_h > target_aspect:
-        crop_h, crop_w = in_h, in_h * target_aspect
-    else:
-        crop_h, crop_w = in_w / target_aspect, in_w
-    top, left = int((in_h - crop_h) / 2), int((in_w - crop_w) / 2)
-    cropped = image[:, top:top + int(crop_h), left:left + int(crop_w)]
-    return F.interpolate(cropped[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-
-
-def _ray_latents(cameras, num_cameras: int, indices: list[int], h: int, w: int, focal: float) -> torch.Tensor:
-    """(len(indices), 16, h, w) ray frames of the cameras `indices` (ascending), relative to the first of them, as
-    the release computes the ray frames of the poses it is given (model.cameras conventions)."""
-    if len(cameras) != num_cameras:
-        raise ValueError(f"{len(cameras)} cameras for a sequence of {num_cameras} cameras (give None for cameras "
-                         "whose rays are generated).")
-    missing = [i for i in indices if cameras[i] is None]
-    if missing:
-        raise ValueError(f"the ray frames of camera {', '.join(map(str, missing))} are conditions but the camera is "
-                         "None; give its pose or generate its rays.")
-    if isinstance(cameras, (torch.Tensor, np.ndarray)) and tuple(np.shape(cameras))[-2:] == (4, 4):
-        c2w_gl = torch.as_tensor(np.asarray(cameras), dtype=torch.float64)[indices]
-        c2w = camera_utils.relative_to_first(camera_utils.opengl_to_opencv(c2w_gl))
-        rays = camera_utils.plucker_rays(c2w, h, w, focal)
-        return camera_utils.rays_to_latent(rays).float()
-    if all(np.shape(cameras[i]) == (4, 4) for i in indices):
-        return _ray_latents(np.stack([np.asarray(c, dtype=np.float64) if c is not None else np.eye(4)
-                                      for c in cameras]), num_cameras, indices, h, w, focal)
-    params = [tuple(float(v) for v in cameras[i]) for i in indices]
-    if any(len(p) not in (2, 3) for p in params):
-        raise ValueError("cameras must be (azimuth°, elevation°[, distance]) per camera or (V, 4, 4) OpenGL c2w.")
-    azimuths = [p[0] for p in params]
-    elevations = [p[1] for p in params]
-    distances = [p[2] if len(p) == 3 else camera_utils.RELEASE_DISTANCE for p in params]
-    return camera_utils.ray_latents_from_spherical(azimuths, elevations, distances, height=h, width=w, focal=focal)
 
 
 __all__ = [
@@ -697,5 +551,4 @@ __all__ = [
     "EstimatedCameras",
     "RELEASE_SCHEDULER_CONFIG",
     "RELEASE_TRANSFORMER_ENTRY",
-    "scheduler_config_from_flow",
 ]

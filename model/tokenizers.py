@@ -60,6 +60,17 @@ class ImageTokenizer(nn.Module, abc.ABC):
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write the tokenizer so that `load_image_tokenizer(save_directory)` restores it."""
 
+    # latent channels that carry no image content (always 0 after encode, ignored by decode)
+    pad_latent_channels: tuple[int, ...] = ()
+
+    @property
+    def loss_channel_mask(self) -> torch.Tensor:
+        """(latent_channels,) bool: the channels a training loss should count (False for the pad channels, whose
+        trivially predictable target would otherwise dilute the loss)."""
+        mask = torch.ones(self.latent_channels, dtype=torch.bool)
+        mask[list(self.pad_latent_channels)] = False
+        return mask
+
     @property
     def device(self) -> torch.device:
         for tensor in list(self.parameters()) + list(self.buffers()):

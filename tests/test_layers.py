@@ -54,3 +54,31 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from pipelines.record import Sample\n    import training.x\n")
     assert {"pipelines.record", "pipelines.record.Sample", "training.x"} <= imported_modules(module)
+
+
+# ------------------------------------------------------------------------------------------ one thing, one place
+
+PRODUCT_PACKAGES = ("model", "onegen", "pipelines", "training")
+
+
+def product_sources() -> list[Path]:
+    return [path for package in PRODUCT_PACKAGES for path in sorted((REPO / package).rglob("*.py"))]
+
+
+def test_one_palette_and_one_prompt_tag_formatter():
+    """The 20 prompt colours and the `<#HEX name mask: label>` syntax are written in model/tasks.py only; every other
+    module (synthetic world, labelers, evaluation) imports them."""
+    owner = REPO / "model" / "tasks.py"
+    hex_literal = '"#DA70D6"'  # orchid, the palette's last entry
+    tag_pattern = "{kind}: "
+    for path in product_sources():
+        if path == owner:
+            continue
+        text = path.read_text()
+        assert hex_literal not in text.upper(), f"{path.relative_to(REPO)} spells out the palette; import it"
+        assert tag_pattern not in text, f"{path.relative_to(REPO)} formats prompt colour tags; use colour_entry"
+
+
+def test_the_float64_reference_is_test_code():
+    for path in product_sources():
+        assert "def reference_forward" not in path.read_text(), f"{path.relative_to(REPO)} holds test code"

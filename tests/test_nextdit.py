@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.attention import softcap_self_attention, tiled_cross_attention
-from model.nextdit import PRESETS, NextDiT, reference_forward
+from model.nextdit import PRESETS, NextDiT
+from reference_nextdit import reference_forward
 from model.rope import apply_rope, rope_cos_sin, rope_frequencies, token_positions
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -875,3 +876,66 @@ def test_math_attention_keeps_float32_logits_under_autocast():
         autocast = softcap_self_attention(q, k, v, attn_impl="math")
     assert autocast.dtype == plain.dtype == torch.bfloat16
     assert torch.equal(autocast, plain)
+
+
+# ------------------------------------------------------------------------------------- timesteps as the release
+
+def release_patch_mean(timesteps: torch.Tensor, samples_shape, patch=(1, 2, 2)) -> torch.Tensor:
+    """The release's timestep path, transcribed: (B,) times are `expand_as(samples)` (a broadcast view), 5-D times
+    are used as given, then `patchify(...)` (view, permute, reshape) and a float32 `mean(-1)` per token."""
+    if timesteps.ndim == 1:
+        timesteps = timesteps[:, None, None, None, None].expand(samples_shape)
+    B, T, C, H, W = timesteps.size()
+    pT, pH, pW = patch
+    x = timesteps.view(B, T // pT, pT, C, H // pH, pH, W // pW, pW).permute(0, 1, 4, 6, 2, 5, 7, 3)
+    return x.reshape(B, -1, pT * pH * pW * C).mean(dim=-1)
+
+
+def test_timestep_patch_mean_is_the_release_float32_value_not_the_exact_one():
+    """The release's float32 patch mean of 64 equal values is often not that value, and differs between the
+    broadcast (text-to-image) and dense (img2img) layouts: NextDiT reproduces both, (B, T) taking the dense form."""
+    model = tiny_model()
+    seen = []
+    model.t_embedder.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    batch, views, h, w = 3, 2, 4, 6
+    samples, text, mask = inputs(batch=batch, views=views, h=h, w=w)
+    t = torch.tensor([[377.1234, 912.77], [41.0101, 600.0], [987.6543, 123.4567]])
+    tokens = (h // 2) * (w // 2)
+    with torch.no_grad():
+        model(samples, t[:, 0], text, mask)  # (B,)
+        model(samples, t, text, mask)  # (B, T)
+        model(samples, t[:, :, None, None, None].expand(samples.shape).clone(), text, mask)  # dense per element
+    broadcast = release_patch_mean(t[:, 0], samples.shape).view(batch, views, tokens)
+    dense = release_patch_mean(t[:, :, None, None, None].expand(samples.shape).clone(), samples.shape)
+    dense = dense.view(batch, views, tokens)
+    assert torch.equal(seen[0], broadcast[..., 0]) and torch.equal(seen[1], dense[..., 0])
+    assert torch.equal(seen[2], seen[1])
+    # the rounding is real: for these values the release's means are not the values themselves
+    assert not torch.equal(dense[..., 0], t) and not torch.equal(broadcast[..., 0], t[:, :1].expand(-1, views))
+
+
+class HostSyncSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that copy a tensor value to the host (`.item()`, `bool(t)`, `nonzero`)."""
+
+    SYNCING = ("_local_scalar_dense", "is_nonzero", "nonzero", "item")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(name in str(func) for name in self.SYNCING):
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_forward_and_backward_with_per_view_timesteps_never_syncs_with_the_host():
+    model = tiny_model().train()
+    samples, text, mask = inputs()
+    timesteps = torch.rand(2, 2) * 1000
+    with HostSyncSpy() as spy:
+        model(samples, timesteps, text, mask).square().mean().backward()
+    assert spy.calls == []
+    with HostSyncSpy() as spy:  # the spy does see a sync: per-element timesteps are checked on the host
+        model(samples, timesteps_of_kind("per_element", 2, 2, 5, 7), text, mask)
+    assert spy.calls

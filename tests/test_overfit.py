@@ -6,8 +6,10 @@ measured by bench/bench_overfit.py (a time limit in a test fails on a loaded mac
 import pytest
 import torch
 
-from model.flow import FlowConfig, flow_matching_loss, sample
+from model.flow import FlowConfig, flow_matching_loss
 from model.nextdit import NextDiT
+from model.sampler import sample
+from model.schedule import load_scheduler
 
 PRESET = "nextdit-tiny"
 NUM_LATENTS = 4
@@ -17,6 +19,9 @@ SAMPLE_STEPS = 20
 # T2I loss 1.80 -> 0.0062 (291x), largest sample relative error 0.063; image->depth 1.84 -> 0.0059 (309x), 0.051;
 # errors against the other memorised latents 1.39-1.54.
 MAX_RELATIVE_ERROR = 0.15
+# Sampled with a static shift 3 schedule (as trained); the training config's `sampling_schedule`/`condition_steps`
+# say so, which gives clean condition views the sampler's condition time in training too.
+SAMPLING_SCHEDULE = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 
 
 @pytest.fixture
@@ -62,7 +67,8 @@ def memorise_and_sample(num_views: int, target: torch.Tensor, cfg: FlowConfig):
         return sample(model, text_states=text, text_mask=text_mask, latents_shape=latents.shape,
                       condition_latents=latents if conditions.any() else None,
                       condition_mask=conditions if conditions.any() else None,
-                      num_steps=SAMPLE_STEPS, guidance_scale=1.0, cfg=FlowConfig(), seed=seed)
+                      num_steps=SAMPLE_STEPS, guidance_scale=1.0, scheduler=load_scheduler(cfg.sampling_schedule),
+                      seed=seed)
 
     sampled = draw(0)
     assert torch.equal(sampled, draw(0)), "the sampler is not deterministic for a fixed seed"
@@ -85,14 +91,15 @@ def check_memorised(latents, losses, sampled, target):
 
 def test_text_to_image_overfits_and_samples_the_memorised_latents(one_thread):
     target = torch.tensor([True])
-    cfg = FlowConfig(text_dropout_prob=0.0)
+    cfg = FlowConfig(text_dropout_prob=0.0, sampling_schedule=SAMPLING_SCHEDULE, condition_steps=SAMPLE_STEPS)
     latents, losses, sampled = memorise_and_sample(1, target, cfg)
     check_memorised(latents, losses, sampled, target)
 
 
 def test_image_to_depth_overfits_and_estimates_the_memorised_depth(one_thread):
     target = torch.tensor([False, True])  # frame 0 image (clean condition), frame 1 depth (generated)
-    cfg = FlowConfig(text_dropout_prob=0.0, clean_condition_prob=0.5)
+    cfg = FlowConfig(text_dropout_prob=0.0, clean_condition_prob=0.5, sampling_schedule=SAMPLING_SCHEDULE,
+                     condition_steps=SAMPLE_STEPS)
     latents, losses, sampled = memorise_and_sample(2, target, cfg)
     check_memorised(latents, losses, sampled, target)
     torch.testing.assert_close(sampled[:, 0], latents[:, 0])  # the condition view comes back untouched

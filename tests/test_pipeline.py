@@ -10,15 +10,14 @@ import torch
 from PIL import Image
 
 from model import cameras as camera_utils
-from model.flow import dynamic_shift_mu
 from model.nextdit import NextDiT
 from model.pipeline import (
     RELEASE_TRANSFORMER_ENTRY,
     EstimatedCameras,
     OneDiffusionOutput,
     OneDiffusionPipeline,
-    _center_crop_resize,
 )
+from model.schedule import dynamic_shift_mu, load_scheduler, set_release_timesteps
 from model.tasks import get_task
 from model.tokenizers import PixelTokenizer, T5TextEncoder, VAETokenizer, build_tiny_t5
 
@@ -103,9 +102,9 @@ def test_release_layout_loads_with_onegen_components(pipe):
     assert isinstance(pipe.transformer, NextDiT)  # although model_index names the release's own module
     assert isinstance(pipe.image_tokenizer, VAETokenizer) and pipe.image_tokenizer.downsample_factor == 2
     assert isinstance(pipe.text_encoder, T5TextEncoder) and pipe.text_encoder.hidden_size == 32
-    cfg = pipe.flow_config
-    assert (cfg.shift, cfg.dynamic_shift, cfg.base_shift, cfg.max_shift, cfg.base_seq_len, cfg.max_seq_len) == (
-        2.0, True, 0.3, 1.4, 16, 256)
+    cfg = pipe.scheduler.config
+    assert (cfg.shift, cfg.use_dynamic_shifting, cfg.base_shift, cfg.max_shift, cfg.base_image_seq_len,
+            cfg.max_image_seq_len) == (2.0, True, 0.3, 1.4, 16, 256)
 
 
 def test_sampler_uses_the_schedule_of_scheduler_config_json(pipe, release_dir):
@@ -120,15 +119,17 @@ def test_sampler_uses_the_schedule_of_scheduler_config_json(pipe, release_dir):
         hook.remove()
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(release_dir / "scheduler"))
-    num_tokens = 1 * (SIZE // 2 // 2) ** 2  # one target view of 8x8 latents in 2x2 patches
+    # the release's img2img: image_seq_len = noise_scale * sum(denoise_mask tensor) * w * h / 2 / 2, in float32
+    num_tokens = 1.0 * sum(torch.tensor([0, 1])) * (SIZE // 2) * (SIZE // 2) / 2 / 2
     mu = dynamic_shift_mu(num_tokens, 16, 256, 0.3, 1.4)
+    assert mu.dtype == torch.float32
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
-    torch.testing.assert_close(result.sigmas, scheduler.sigmas.float(), rtol=0, atol=1e-6)
+    assert torch.equal(result.sigmas, scheduler.sigmas)
 
     assert len(seen) == STEPS
-    for step, timesteps in enumerate(seen):  # (B, T, 16, h, w): frame 0 = clean image, frame 1 = depth target
-        assert torch.allclose(timesteps[:, 1], scheduler.timesteps[step].float(), atol=1e-3)
-        assert torch.allclose(timesteps[:, 0], scheduler.timesteps[-1].float(), atol=1e-3)  # condition: σ_min
+    for step, timesteps in enumerate(seen):  # (B, T): frame 0 = clean image, frame 1 = depth target
+        assert torch.equal(timesteps[:, 1], scheduler.timesteps[step].expand(1))
+        assert torch.equal(timesteps[:, 0], scheduler.timesteps[-1].expand(1))  # condition: σ_min
 
 
 def test_missing_component_folder_is_named_in_the_error(release_dir, tmp_path):
@@ -151,13 +152,14 @@ def test_save_pretrained_writes_a_loadable_release_layout(pipe, tmp_path):
     assert index["transformer"] == RELEASE_TRANSFORMER_ENTRY and index["vae"] == ["diffusers", "AutoencoderKL"]
     assert FlowMatchEulerDiscreteScheduler.from_pretrained(str(saved / "scheduler")).config.max_shift == 1.4
     again = OneDiffusionPipeline.from_pretrained(saved)
-    assert again.flow_config == pipe.flow_config
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.scheduler.config) == public(pipe.scheduler.config)
     assert torch.equal(run(again, "text2image", prompt="a cat", seed=3).latents,
                        run(pipe, "text2image", prompt="a cat", seed=3).latents)
 
 
 def test_pixel_tokenizer_pipeline_round_trips_and_a_bare_transformer_folder_loads(pipe, release_dir, tmp_path):
-    pixel = OneDiffusionPipeline(pipe.transformer, PixelTokenizer(), pipe.text_encoder, pipe.flow_config)
+    pixel = OneDiffusionPipeline(pipe.transformer, PixelTokenizer(), pipe.text_encoder, pipe.scheduler)
     saved = pixel.save_pretrained(tmp_path / "pixel")
     assert json.loads((saved / "model_index.json").read_text())["vae"] == ["onegen", "PixelTokenizer"]
     assert isinstance(OneDiffusionPipeline.from_pretrained(saved).image_tokenizer, PixelTokenizer)
@@ -269,27 +271,15 @@ def test_default_size_is_the_closest_aspect_ratio_512_bucket(pipe):
     assert pipe.default_size(get_task("multiview"), torch.zeros(3, 768, 512)) == (512 * f // 8, 512 * f // 8)
 
 
-def test_condition_images_are_center_cropped_then_bilinearly_resized_like_the_release():
-    image = torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    # target 16x16: crop the centred 20x20 (columns 5..24), then bilinear (align_corners=False, no antialias)
-    expected = torch.nn.functional.interpolate(image[None, :, :, 5:25], size=(16, 16), mode="bilinear",
-                                               align_corners=False)[0]
-    torch.testing.assert_close(_center_crop_resize(image, 16, 16), expected, rtol=0, atol=1e-6)
-    # taller than the target: crop rows; the crop box is truncated to whole pixels (3.33 -> 3, 13.33 -> 13)
-    expected = torch.nn.functional.interpolate(image[None, :, 3:16, :], size=(8, 18), mode="bilinear",
-                                               align_corners=False)[0]
-    torch.testing.assert_close(_center_crop_resize(image, 8, 18), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(_center_crop_resize(image, 20, 30), image, rtol=0, atol=1e-6)
-
-
 def test_noise_scale_multiplies_the_token_count_of_the_dynamic_shift(pipe):
-    from model.flow import inference_sigmas
-
-    tokens = (SIZE // 2 // 2) ** 2
     for noise_scale in (1.0, 2.5):
         result = run(pipe, "depth2image", images=[photo()], direction="estimate", seed=0, output_type="latent",
                      noise_scale=noise_scale)
-        torch.testing.assert_close(result.sigmas, inference_sigmas(STEPS, pipe.flow_config, noise_scale * tokens))
+        scheduler = load_scheduler(pipe.scheduler.config)
+        # the release's img2img arithmetic (float32, from the denoise-mask tensor)
+        tokens = noise_scale * sum(torch.tensor([0, 1])) * (SIZE // 2) * (SIZE // 2) / 2 / 2
+        set_release_timesteps(scheduler, STEPS, tokens)
+        assert torch.equal(result.sigmas, scheduler.sigmas)
 
 
 def test_bad_inputs_get_clear_errors(pipe):
@@ -308,3 +298,49 @@ def test_bfloat16_transformer_runs_and_returns_float32_latents(release_dir):
     assert pipe.dtype == torch.bfloat16
     result = run(pipe, "text2image", prompt="a cat", seed=0, num_inference_steps=2)
     assert result.latents.dtype == torch.float32 and torch.isfinite(result.latents).all()
+
+
+# ---------------------------------------------------------------- one view layer, any image input
+
+
+def first_call_inputs(pipe, **call):
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["samples"].clone()), with_kwargs=True)
+    try:
+        run(pipe, seed=0, guidance_scale=1.0, output_type="latent", **call)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_the_pipeline_feeds_the_view_sequence_the_trainer_builds(pipe):
+    """The condition views the sampler sees are exactly what model.views builds for the same layout, so pipeline
+    and trainer agree on frame order, roles and ray frames (multiview: image 0 and every ray frame are known)."""
+    from model.views import build_sample, view_layout
+
+    cameras = [(0, 10), (45, 10), (90, 0)]
+    image = photo(SIZE, SIZE)
+    fed = first_call_inputs(pipe, task="multiview", images=[image], cameras=cameras)
+    layout = view_layout("multiview", direction="novel_view_synthesis", num_images=1, num_cameras=3)
+    latent = pipe.image_tokenizer.encode(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1,
+                                         generator=torch.Generator().manual_seed(1))[0]
+    built = build_sample(layout, "[[multiview]]", size=(SIZE // 2, SIZE // 2), picture_latents={0: latent},
+                         cameras=cameras)
+    conditions = [i for i, target in enumerate(layout.target_mask) if not target]
+    assert conditions == [0, 1, 3, 5]
+    torch.testing.assert_close(fed[0, conditions], built.latents[conditions], rtol=0, atol=1e-6)
+
+
+def test_condition_images_may_be_paths_and_non_finite_arrays_are_refused(pipe, tmp_path):
+    image = photo()
+    path = tmp_path / "photo.png"
+    Image.fromarray(image).save(path)
+    from_path = first_call_inputs(pipe, task="depth2image", images=[str(path)], direction="estimate")
+    from_array = first_call_inputs(pipe, task="depth2image", images=[image], direction="estimate")
+    assert torch.equal(from_path, from_array)
+
+    broken = image.astype(np.float32) / 255
+    broken[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"images\[0\].*(NaN|finite)"):
+        run(pipe, "depth2image", images=[broken], direction="estimate", seed=0)

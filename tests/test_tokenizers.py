@@ -78,6 +78,9 @@ def test_pixel_tokenizer_layout_is_scaled_space_to_depth_with_a_zero_pad_channel
     assert torch.equal(latents[0, 4 * 1 + 2 * 1 + 0], 2.0 * images[0, 1, 1::2, 0::2])
     assert tokenizer.pad_latent_channels == (12, 13, 14, 15)
     assert torch.count_nonzero(latents[:, 12:]) == 0
+    # the loss mask drops exactly the channels that are zero for every image
+    assert tokenizer.loss_channel_mask.tolist() == [True] * 12 + [False] * 4
+    assert torch.equal(latents.abs().amax(dim=(0, 2, 3)) > 0, tokenizer.loss_channel_mask)
     # whatever a denoiser writes into the pad channels does not change the image
     noisy = latents.clone()
     noisy[:, 12:] = 123.0

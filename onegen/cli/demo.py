@@ -128,7 +128,9 @@ def demo_flow_config(cfg):
     """The one noise schedule of the demo: trained with, sampled with, and saved as the pipeline's scheduler."""
     from model.flow import FlowConfig
 
-    return FlowConfig(shift=cfg.demo.shift, clean_condition_prob=0.5, text_dropout_prob=0.1)
+    sampling = {"num_train_timesteps": 1000, "shift": cfg.demo.shift, "use_dynamic_shifting": False}
+    return FlowConfig(shift=cfg.demo.shift, clean_condition_prob=0.5, text_dropout_prob=0.1,
+                      sampling_schedule=sampling, condition_steps=cfg.demo.sample_steps)
 
 
 def train(cfg, model, flow_cfg, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask,
@@ -292,7 +294,7 @@ def run_demo(cfg) -> dict:
                            lambda name, value, at: mlflow.log_metric(name, value, step=at))
 
         with errors.step("save and reload the pipeline", input=out_dir / "pipeline"):
-            pipeline = OneDiffusionPipeline(model, tokenizer, text_encoder, flow_cfg)
+            pipeline = OneDiffusionPipeline(model, tokenizer, text_encoder, flow_cfg.sampling_schedule)
             model_dir = pipeline.save_pretrained(out_dir / "pipeline")
             pipeline = OneDiffusionPipeline.from_pretrained(model_dir)  # what a user of the trained model loads
         with errors.step("evaluate", input=model_dir):

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from model.tasks import colour_entry
 from pipelines.sources.synthetic_camera import Camera, sin_cos_deg
 from pipelines.sources.synthetic_scene import (
-    COLOUR_WORDS, PALETTE, PALETTE_HEX, POSE_PHRASES, SceneSpec,
+    COLOUR_WORDS, PALETTE, POSE_PHRASES, SceneSpec,
 )
 
 RELATION_MARGIN_M = 0.15
@@ -253,6 +254,4 @@ def assign_class_colours(class_names: list[str], rng: np.random.Generator) -> di
 
 def prompt_tags(labels: list[str], class_colours: dict[str, str], kind: str) -> str:
     """'<#FF0000 red mask: sphere> <#0000FF blue mask: person>' (kind "mask") or the "boundingbox" form."""
-    if kind not in ("mask", "boundingbox"):
-        raise ValueError(f"kind must be 'mask' or 'boundingbox', got {kind!r}")
-    return " ".join(f"<{PALETTE_HEX[class_colours[c]]} {class_colours[c]} {kind}: {c}>" for c in labels)
+    return " ".join(colour_entry(c, class_colours[c], kind) for c in labels)

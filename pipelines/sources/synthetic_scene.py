@@ -17,19 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from model.tasks import PALETTE as PROMPT_PALETTE
 from pipelines.sources.synthetic_camera import sin_cos_deg
 from pipelines.sources.synthetic_geometry import Box, Capsule, Cone, Cylinder, Sphere
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Palette (ONEDIFFUSION_SPEC §5.1: the 20 colours allowed in semantic-map / bounding-box prompts, in spec order)
+# Palette (ONEDIFFUSION_SPEC §5.1: the 20 colours allowed in semantic-map / bounding-box prompts, in spec order),
+# owned by model.tasks; here as (name, hex) pairs and a name -> hex dict
 
-PALETTE: tuple[tuple[str, str], ...] = (
-    ("red", "#FF0000"), ("lime", "#00FF00"), ("blue", "#0000FF"), ("yellow", "#FFFF00"), ("magenta", "#FF00FF"),
-    ("cyan", "#00FFFF"), ("orange", "#FFA500"), ("purple", "#800080"), ("brown", "#A52A2A"), ("green", "#008000"),
-    ("pink", "#FFC0CB"), ("teal", "#008080"), ("darkorange", "#FF8C00"), ("blueviolet", "#8A2BE2"),
-    ("darkgreen", "#006400"), ("orangered", "#FF4500"), ("navy", "#000080"), ("gold", "#FFD700"),
-    ("turquoise", "#40E0D0"), ("orchid", "#DA70D6"),
-)
+PALETTE: tuple[tuple[str, str], ...] = tuple(PROMPT_PALETTE.items())  # the one palette, model.tasks
 PALETTE_HEX: dict[str, str] = dict(PALETTE)
 # how a palette name reads in a caption
 COLOUR_WORDS: dict[str, str] = {
