@@ -133,31 +133,52 @@ def demo_flow_config(cfg):
                       sampling_schedule=sampling, condition_steps=cfg.demo.sample_steps)
 
 
-def train(cfg, model, flow_cfg, image_latents, depth_latents, text_states, text_mask, uncond_states, uncond_mask,
+def demo_layouts():
+    """The two tasks the demo trains, as model.views lays them out for the pipeline too."""
+    from model.views import view_layout
+
+    return {"text2image": view_layout("text2image"), "depth": view_layout("depth2image", direction="estimate")}
+
+
+def encode_task_prompts(text_encoder, captions):
+    """Every caption as each task's prompt (task token first, model.views.full_prompt), encoded once: T5 is frozen."""
+    from model.views import full_prompt
+
+    return {name: text_encoder.encode([full_prompt(layout.task, c) for c in captions])
+            for name, layout in demo_layouts().items()}
+
+
+def train(cfg, model, flow_cfg, image_latents, depth_latents, task_text, uncond_states, uncond_mask, channel_mask,
           log_metric):
-    """A 50/50 mix of text→image (1 view) and image→depth (2 views, the image a condition) batches."""
+    """A 50/50 mix of text→image (1 view) and image→depth (2 views, the image a condition) batches, built by the
+    view layer the pipeline samples with (model.views), prompts with their task tokens."""
     import torch
     from tqdm import tqdm
 
     from model.flow import flow_matching_loss
+    from model.views import build_sample, stack
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - 0.9 * step / cfg.train.steps)  # to 10%
     generator = torch.Generator().manual_seed(cfg.run.seed)
     n = image_latents.shape[0]
-    depth_target = torch.tensor([False, True])
+    size = tuple(image_latents.shape[-2:])
+    layouts = demo_layouts()
     losses = []
-    task_losses: dict[str, list[float]] = {"text2image": [], "depth": []}
+    task_losses: dict[str, list[float]] = {name: [] for name in layouts}
     model.train()
     bar = tqdm(range(cfg.train.steps), desc="train (flow matching)", unit="step")
     for step in bar:
         idx = torch.randint(0, n, (min(cfg.train.batch_size, n),), generator=generator)
-        if step % 2 == 0:
-            x0, target, task = image_latents[idx][:, None], None, "text2image"
-        else:
-            x0, target, task = torch.stack([image_latents[idx], depth_latents[idx]], dim=1), depth_target, "depth"
-        loss, _ = flow_matching_loss(model, x0, text_states[idx], text_mask[idx], target, flow_cfg, generator,
-                                     uncond_text_states=uncond_states, uncond_text_mask=uncond_mask)
+        task = "text2image" if step % 2 == 0 else "depth"
+        views = [{0: image_latents[i]} if task == "text2image" else {0: image_latents[i], 1: depth_latents[i]}
+                 for i in idx.tolist()]
+        batch = stack([build_sample(layouts[task], "", size=size, picture_latents=v) for v in views])
+        text_states, text_mask = task_text[task]
+        loss, _ = flow_matching_loss(model, batch.latents, text_states[idx], text_mask[idx], batch.target_mask,
+                                     flow_cfg, generator, uncond_text_states=uncond_states,
+                                     uncond_text_mask=uncond_mask, channel_mask=channel_mask,
+                                     view_mask=batch.view_mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -284,14 +305,13 @@ def run_demo(cfg) -> dict:
             text_encoder = T5TextEncoder.from_pretrained(text_dir)
             with torch.no_grad():
                 image_latents, depth_latents = tokenizer.encode(images), tokenizer.encode(depth_maps)
-                text_states, text_mask = text_encoder.encode(captions)
+                task_text = encode_task_prompts(text_encoder, captions)
                 uncond_states, uncond_mask = text_encoder.encode([""])
         mlflow.log_param("model.parameters", sum(p.numel() for p in model.parameters()))
 
         with errors.step("train", input=f"model.preset={cfg.model.preset}, train.steps={cfg.train.steps}"):
-            losses = train(cfg, model, flow_cfg, image_latents, depth_latents, text_states, text_mask,
-                           uncond_states, uncond_mask,
-                           lambda name, value, at: mlflow.log_metric(name, value, step=at))
+            losses = train(cfg, model, flow_cfg, image_latents, depth_latents, task_text, uncond_states, uncond_mask,
+                           tokenizer.loss_channel_mask, lambda name, value, at: mlflow.log_metric(name, value, step=at))
 
         with errors.step("save and reload the pipeline", input=out_dir / "pipeline"):
             pipeline = OneDiffusionPipeline(model, tokenizer, text_encoder, flow_cfg.sampling_schedule)
