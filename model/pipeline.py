@@ -30,8 +30,8 @@ noise was drawn or given; with an explicit `generator`, it continues that genera
 Behaviour of the release's pipeline (onediffusion/diffusion/pipelines/onediffusion.py) that this one reproduces:
 text-to-image is `__call__`, every other task `img2img` with a `denoise_mask`; the schedule, condition time
 `timesteps[-1]`, CFG batch order [negative, prompt] and default negative prompt "" are model.sampler's; condition
-images are centre-cropped to the target aspect and resized bilinearly (model.images.center_crop_resize), mapped to [-1, 1] and VAE
-encoded (sample × scaling_factor); image-conditioned sizes default to the ASPECT_RATIO_512 bucket of the first image;
+images are centre-cropped to the target aspect and resized bilinearly (model.images.center_crop_resize), mapped to
+[-1, 1] and VAE encoded (sample × scaling_factor); image-conditioned sizes default to the ASPECT_RATIO_512 bucket of the first image;
 `noise_scale` scales the dynamic-shift token count; multiview ray frames are built from the given poses relative to
 the first of them (model.cameras); the outputs are the decoded target frames (`/ scaling_factor`, `x / 2 + 0.5`,
 clamped), an image→X estimate (e.g. depth) being the decoded condition map.
@@ -59,20 +59,18 @@ Intentional deviations (interface or robustness, not the model's inputs for vali
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from model import cameras as camera_utils
 from model.hub import resolve_pretrained_folder
-from model.images import as_image_list, bucket_size, center_crop_resize, image_to_tensor
+from model.images import ImageInput, as_image_list, bucket_size, center_crop_resize, image_to_tensor
 from model.nextdit import NextDiT
 from model.sampler import sample
 from model.schedule import (
@@ -80,7 +78,7 @@ from model.schedule import (
     SCHEDULER_CONFIG_NAME,
     load_scheduler,
     release_num_tokens,
-    set_release_timesteps,
+    release_schedule,
 )
 from model.tasks import Task, get_task
 from model.tokenizers import (
@@ -107,7 +105,6 @@ REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "sched
 # Reading a generated depth map as the release demo does (PIL "L"): ITU-R 601-2 luma weights.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
-ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor
 
 
 @dataclass
@@ -442,9 +439,7 @@ class OneDiffusionPipeline:
 
     def sigmas(self, num_inference_steps: int, num_tokens) -> torch.Tensor:
         """The schedule a call with `num_tokens` denoised tokens uses, (N + 1,) ending in 0 (the scheduler's)."""
-        scheduler = copy.deepcopy(self.scheduler)
-        set_release_timesteps(scheduler, num_inference_steps, num_tokens)
-        return scheduler.sigmas.clone()
+        return release_schedule(self.scheduler, num_inference_steps, num_tokens).sigmas
 
     def _output_size(self, spec: Task, tensors: list[torch.Tensor], height, width) -> tuple[int, int]:
         if height is None or width is None:

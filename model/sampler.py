@@ -19,12 +19,11 @@ Deterministic: initial noise comes from `noise`, or `generator`, or `seed` (defa
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
 
-from model.schedule import load_scheduler, release_num_tokens, set_release_timesteps
+from model.schedule import release_num_tokens, release_schedule
 
 
 def _pad_text_to(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +132,7 @@ def sample(model: Callable, *, text_states: torch.Tensor, text_mask: torch.Tenso
     if num_tokens is None:
         num_tokens = release_num_tokens(int(num_targets[0]), height, width, patch_size, noise_scale, num_views)
 
-    scheduler = copy.deepcopy(scheduler) if scheduler is not None else load_scheduler()
-    set_release_timesteps(scheduler, num_steps, num_tokens, device=device)
+    scheduler = release_schedule(scheduler, num_steps, num_tokens, device=device)
     condition_time = scheduler.timesteps[-1]
 
     do_cfg = guidance_scale > 1.0

@@ -17,6 +17,7 @@ exponential/beta sigmas, shift_terminal, linear time shift, inverted sigmas) are
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping
@@ -119,6 +120,14 @@ def set_release_timesteps(scheduler, num_steps: int, num_tokens: float, device=N
     scheduler.set_timesteps(sigmas=sigmas, device=device, mu=schedule_mu(scheduler.config, num_tokens))
 
 
+def release_schedule(scheduler, num_steps: int, num_tokens, device=None):
+    """A copy of `scheduler` (None = the release's config) set by `set_release_timesteps`; the given one is left
+    untouched, so a pipeline's scheduler can serve any number of calls."""
+    scheduler = copy.deepcopy(scheduler) if scheduler is not None else load_scheduler()
+    set_release_timesteps(scheduler, num_steps, num_tokens, device=device)
+    return scheduler
+
+
 def check_condition_sigma_support(scheduler_config: Mapping) -> None:
     """Refuse scheduler options whose σ_min `condition_sigmas` does not reproduce."""
     for key, neutral in _OPTIONS_WITHOUT_VECTOR_FORM.items():
@@ -152,12 +161,6 @@ def condition_sigmas(scheduler_config: Mapping, num_steps: int, num_tokens: torc
     return sigma.expand(num_tokens.shape).clone()
 
 
-def scheduler_timesteps_per_view(timestep: torch.Tensor, condition_timestep: torch.Tensor,
-                                 condition_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) network times of one Euler step: `timestep` for target views, `condition_timestep` for the others."""
-    return torch.where(condition_mask, condition_timestep.to(timestep), timestep.expand(condition_mask.shape))
-
-
 __all__ = [
     "RELEASE_SCHEDULER_CONFIG",
     "SCHEDULER_CONFIG_NAME",
@@ -166,6 +169,7 @@ __all__ = [
     "load_scheduler",
     "read_scheduler_config",
     "release_num_tokens",
+    "release_schedule",
     "schedule_mu",
     "set_release_timesteps",
     "tokens_per_view",

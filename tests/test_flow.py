@@ -7,7 +7,6 @@ import pickle
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.flow as flow
 import model.schedule as schedule
@@ -24,6 +23,7 @@ from model.nextdit import NextDiT
 from model.sampler import sample
 from model.schedule import RELEASE_SCHEDULER_CONFIG, load_scheduler
 
+from host_sync import HostSyncRecorder  # noqa: E402
 from stand_in_denoisers import OracleDenoiser, RecordingZero, TinyDenoiser, text_with_id  # noqa: E402
 
 STATIC_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
@@ -350,34 +350,6 @@ def test_loss_is_the_mean_over_masked_elements_without_a_process_group():
 # ----------------------------------------------------------------------------------------------------------------------
 # No host synchronisation, no host<->device copies, draws on the latents' device
 # ----------------------------------------------------------------------------------------------------------------------
-
-SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "item", "masked_select", "unique", "_unique2",
-            "unique_consecutive", "unique_dim", "equal"}
-
-
-class HostSyncRecorder(TorchDispatchMode):
-    """Records ops that read a tensor's value on the host or have data-dependent shapes, and copies between devices
-    (any op whose tensor inputs/outputs live on more than one device)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs, self.copies = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name.split("::")[-1]
-        if name in SYNC_OPS:
-            self.syncs.append(str(func))
-        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                   for i in (args[1] if len(args) > 1 else [])):
-            self.syncs.append(f"{func} with a bool index")
-        out = func(*args, **kwargs)
-        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(a, torch.Tensor)]
-        devices = {t.device for t in tensors if t.dim() > 0 or t.device.type != "cpu"}  # CPU scalars are fine
-        if len(devices) > 1:
-            self.copies.append(f"{func} {sorted(map(str, devices))}")
-        return out
-
 
 def training_batch(model, device):
     """A bf16 batch with every optional input, built on `device` (outside the recorded region)."""

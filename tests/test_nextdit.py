@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from model.attention import softcap_self_attention, tiled_cross_attention
 from model.nextdit import PRESETS, NextDiT
+from host_sync import HostSyncRecorder
 from reference_nextdit import reference_forward
 from model.rope import apply_rope, rope_cos_sin, rope_frequencies, token_positions
 
@@ -914,28 +915,13 @@ def test_timestep_patch_mean_is_the_release_float32_value_not_the_exact_one():
     assert not torch.equal(dense[..., 0], t) and not torch.equal(broadcast[..., 0], t[:, :1].expand(-1, views))
 
 
-class HostSyncSpy(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops that copy a tensor value to the host (`.item()`, `bool(t)`, `nonzero`)."""
-
-    SYNCING = ("_local_scalar_dense", "is_nonzero", "nonzero", "item")
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(name in str(func) for name in self.SYNCING):
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_training_forward_and_backward_with_per_view_timesteps_never_syncs_with_the_host():
     model = tiny_model().train()
     samples, text, mask = inputs()
     timesteps = torch.rand(2, 2) * 1000
-    with HostSyncSpy() as spy:
+    with HostSyncRecorder() as recorder:
         model(samples, timesteps, text, mask).square().mean().backward()
-    assert spy.calls == []
-    with HostSyncSpy() as spy:  # the spy does see a sync: per-element timesteps are checked on the host
+    assert recorder.syncs == []
+    with HostSyncRecorder() as recorder:  # it does see a sync: per-element timesteps are checked on the host
         model(samples, timesteps_of_kind("per_element", 2, 2, 5, 7), text, mask)
-    assert spy.calls
+    assert recorder.syncs
