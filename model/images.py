@@ -5,8 +5,9 @@ enters (pure PyTorch + PIL + numpy):
 
     load_image             path / http(s) URL / PIL image -> PIL image (EXIF orientation applied, first frame)
     image_to_tensor        path / URL / PIL / numpy / tensor -> (3, H, W) float32 in [-1, 1]
+    center_crop_box        the integer crop box (top, left, crop_h, crop_w) center_crop_resize cuts
     center_crop_resize     the release's CenterCropResizeImage on (3, H, W)
-    closest_aspect_bucket  the release's ASPECT_RATIO_512 bucket nearest an image's height / width
+    closest_aspect_bucket  the release's ASPECT_RATIO_{256,512,1024} bucket nearest an image's height / width
     bucket_size            that bucket in pixels for an image tokenizer with downsample factor f
     as_image_list          the pipeline's `images=` argument -> a list of single images
 
@@ -52,6 +53,12 @@ ASPECT_RATIO_512 = {
     "2.09": (736, 352), "2.4": (768, 320), "2.5": (800, 320), "2.89": (832, 288), "3.0": (864, 288),
     "3.11": (896, 288), "3.62": (928, 256), "3.75": (960, 256), "3.88": (992, 256), "4.0": (1024, 256),
 }
+# The release's ASPECT_RATIO_256 and ASPECT_RATIO_1024 (same file) are exactly ASPECT_RATIO_512 with every size halved
+# / doubled, same keys in the same order (tests/test_bucket.py spot-checks release values); derived here so the three
+# tables cannot drift apart.
+ASPECT_RATIO_256 = {key: (h // 2, w // 2) for key, (h, w) in ASPECT_RATIO_512.items()}
+ASPECT_RATIO_1024 = {key: (h * 2, w * 2) for key, (h, w) in ASPECT_RATIO_512.items()}
+ASPECT_RATIO_TABLES = {256: ASPECT_RATIO_256, 512: ASPECT_RATIO_512, 1024: ASPECT_RATIO_1024}
 ASPECT_RATIO_VAE_FACTOR = 8  # the buckets are pixel sizes for f = 8; other tokenizers keep the same latent grid
 
 # Float inputs may overshoot their range by float rounding (colour conversions, resampling); a quarter of an 8-bit
@@ -263,36 +270,59 @@ def _label(image: ImageInput, name: str | None) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The release's CenterCropResizeImage on (3, H, W): crop the centred box of the target aspect ratio (box corner
-    and size truncated to whole pixels), then resize it bilinearly (align_corners=False, no antialiasing) to
-    height × width. Bilinear weights sum to 1, so resizing the [-1, 1] tensor equals resizing [0, 1] then
-    normalising, as the release does."""
-    in_h, in_w = float(image.shape[-2]), float(image.shape[-1])
+def center_crop_box(in_h: int, in_w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, crop_h, crop_w): the centred box of aspect width / height that `center_crop_resize` cuts from an
+    in_h × in_w image, corner and size truncated to whole pixels as the release does.
+
+    Public so that label maps, keypoints and intrinsics (pipelines/bucket.py) are cropped with the very box the image
+    is, never a recomputed one that could differ by a pixel."""
+    if min(in_h, in_w, height, width) <= 0:
+        raise ValueError(f"center_crop_box: sizes must be positive; got image {in_h}x{in_w} (HxW) and target "
+                         f"{height}x{width}.")
+    in_h, in_w = float(in_h), float(in_w)
     target_aspect = width / height
     if in_w / in_h > target_aspect:
         crop_h, crop_w = in_h, in_h * target_aspect
     else:
         crop_h, crop_w = in_w / target_aspect, in_w
-    top, left = int((in_h - crop_h) / 2), int((in_w - crop_w) / 2)
-    cropped = image[:, top:top + int(crop_h), left:left + int(crop_w)]
+    return int((in_h - crop_h) / 2), int((in_w - crop_w) / 2), int(crop_h), int(crop_w)
+
+
+def center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The release's CenterCropResizeImage on (3, H, W): crop the centred box of the target aspect ratio (box corner
+    and size truncated to whole pixels, `center_crop_box`), then resize it bilinearly (align_corners=False, no
+    antialiasing) to height × width. Bilinear weights sum to 1, so resizing the [-1, 1] tensor equals resizing
+    [0, 1] then normalising, as the release does."""
+    top, left, crop_h, crop_w = center_crop_box(image.shape[-2], image.shape[-1], height, width)
+    cropped = image[:, top:top + crop_h, left:left + crop_w]
     return F.interpolate(cropped[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def closest_aspect_bucket(height: int, width: int) -> tuple[int, int]:
-    """(bucket height, bucket width) in pixels at f = 8: the ASPECT_RATIO_512 bucket whose ratio key is closest to
-    height / width, ties to the first key in ascending order (the release's `min` over the dict keys)."""
+def aspect_ratio_table(resolution: int = 512) -> dict[str, tuple[int, int]]:
+    """The release's bucket table for `resolution` (256, 512 or 1024): ratio key height/width -> (height, width)."""
+    try:
+        return ASPECT_RATIO_TABLES[resolution]
+    except (KeyError, TypeError):
+        raise ValueError(f"resolution {resolution!r} has no aspect-ratio bucket table; use one of "
+                         f"{sorted(ASPECT_RATIO_TABLES)}.") from None
+
+
+def closest_aspect_bucket(height: int, width: int, resolution: int = 512) -> tuple[int, int]:
+    """(bucket height, bucket width) in pixels at f = 8: the ASPECT_RATIO_{resolution} bucket whose ratio key is
+    closest to height / width, ties to the first key in ascending order (the release's `min` over the dict keys)."""
+    table = aspect_ratio_table(resolution)
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive; got height={height}, width={width}.")
     ratio = height / width
-    key = min(ASPECT_RATIO_512, key=lambda k: abs(float(k) - ratio))
-    return ASPECT_RATIO_512[key]
+    key = min(table, key=lambda k: abs(float(k) - ratio))
+    return table[key]
 
 
-def bucket_size(height: int, width: int, downsample_factor: int = ASPECT_RATIO_VAE_FACTOR) -> tuple[int, int]:
-    """The closest bucket as a pixel size for an image tokenizer with `downsample_factor` f: the bucket's latent grid
-    (pixels / 8) kept, times f, so every tokenizer sees the release's token count."""
-    bucket_h, bucket_w = closest_aspect_bucket(height, width)
+def bucket_size(height: int, width: int, downsample_factor: int = ASPECT_RATIO_VAE_FACTOR,
+                resolution: int = 512) -> tuple[int, int]:
+    """The closest bucket at `resolution` as a pixel size for an image tokenizer with `downsample_factor` f: the
+    bucket's latent grid (pixels / 8) kept, times f, so every tokenizer sees the release's token count."""
+    bucket_h, bucket_w = closest_aspect_bucket(height, width, resolution)
     return (bucket_h // ASPECT_RATIO_VAE_FACTOR * downsample_factor,
             bucket_w // ASPECT_RATIO_VAE_FACTOR * downsample_factor)
 
@@ -310,12 +340,17 @@ def as_image_list(images) -> list:
 
 
 __all__ = [
+    "ASPECT_RATIO_1024",
+    "ASPECT_RATIO_256",
     "ASPECT_RATIO_512",
+    "ASPECT_RATIO_TABLES",
     "ASPECT_RATIO_VAE_FACTOR",
     "FLOAT_RANGE_TOLERANCE",
     "ImageInput",
     "as_image_list",
+    "aspect_ratio_table",
     "bucket_size",
+    "center_crop_box",
     "center_crop_resize",
     "closest_aspect_bucket",
     "image_to_tensor",

@@ -56,6 +56,11 @@ class ImageTokenizer(nn.Module, abc.ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 16, h, w) -> (B, 3, h*f, w*f) float32, nominally in [-1, 1] (not clamped)."""
 
+    def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, std) of the latent posterior, in the same scaled units as `encode`: what a data build stores so
+        the trainer can sample mean + std * eps with its own generator. std is None for a point posterior."""
+        return self.encode(images), None
+
     @abc.abstractmethod
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write the tokenizer so that `load_image_tokenizer(save_directory)` restores it."""
@@ -206,16 +211,24 @@ class VAETokenizer(ImageTokenizer):
         vae.eval().requires_grad_(False)
         return cls(vae, sample=sample)
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
-               sample: bool | None = None) -> torch.Tensor:
+    def _posterior(self, images: torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"VAETokenizer.encode expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
         self.check_image_size(images.shape[-2], images.shape[-1])
-        posterior = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
+        return self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               sample: bool | None = None) -> torch.Tensor:
+        posterior = self._posterior(images)
         use_sample = self.sample if sample is None else sample
         latents = posterior.sample(generator) if use_sample else posterior.mean
         return latents.float() * self.scaling_factor  # no shift_factor: the release never applies it
+
+    @torch.no_grad()
+    def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self._posterior(images)
+        return posterior.mean.float() * self.scaling_factor, posterior.std.float() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -137,6 +137,8 @@ class RaySection(_Section):
                                                   "'http://HOST:8265'", **_role(MACHINE))
     num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local instance (default: all)",
                                  **_role(RUNTIME))
+    object_store_memory: int | None = Field(None, gt=0, description="bytes of object store for a local instance "
+                                                                    "(default: Ray's, 30% of RAM)", **_role(RUNTIME))
     runtime_env: RayRuntimeEnv = Field(RayRuntimeEnv(), **_role(RUNTIME))
 
     @field_validator("address")
@@ -397,6 +399,12 @@ def fields_by_role(cfg: BaseModel, roles: set[str], prefix: str = "", inherited:
         dotted = f"{prefix}{name}"
         if isinstance(value, BaseModel):
             out.update(fields_by_role(value, roles, dotted + ".", role))
+        elif isinstance(value, list) and value and all(isinstance(item, BaseModel) for item in value):
+            # A list of sections (build.sources): each item keeps its own fields' roles, so a runtime knob inside
+            # a list item (download threads) stays out of the content hash.
+            items = [fields_by_role(item, roles, "", role) for item in value]
+            if any(items):
+                out[dotted] = items
         elif role in roles:
             value = redact_value(name, _json(value))
             out.update(flatten(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value})
@@ -497,6 +505,8 @@ def _apply_override(raw: dict[str, Any], dotted: str, value: Any, item: str,
         here = _dotted(tuple(path[: depth + 1]))
         parent = _dotted(tuple(path[:depth])) or "<top level>"
         model = _section_model(kind)
+        if model is None and not isinstance(part, int):
+            model = _union_member_with(kind, part)  # a list of typed sections (build.sources: urls | folder | ...)
         if isinstance(part, int):
             if get_origin(kind) is not list:
                 raise ConfigError([f"--set {item}: {parent}: is not a list, it has no item [{part}]"])
@@ -555,6 +565,15 @@ def _unwrap_optional(annotation: Any) -> Any:
     if get_origin(annotation) is not None and len(args) == 1 and get_origin(annotation) not in (list, dict):
         return args[0]
     return annotation
+
+
+def _union_member_with(annotation: Any, key: str) -> type[BaseModel] | None:
+    """For a (discriminated) union of sections: the first member that has `key` (the checks of the member the
+    value really is are pydantic's, at validation)."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    members = [arg for arg in get_args(annotation) if _section_model(arg) is not None]
+    return next((m for m in members if key in m.model_fields), members[0] if members else None)
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
@@ -634,3 +653,8 @@ def _explain(error: dict[str, Any], schema: type[OnegenConfig]) -> str:
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
     return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {_show(value)}"
+
+
+# The build schema lives in its own module (it is big) and adds itself to SCHEMAS; importing it here means every
+# user of SCHEMAS (`onegen config check`, the CLI) sees it, whichever module was imported first.
+import onegen.build_config  # noqa: E402,F401 - needs the classes above

@@ -349,7 +349,8 @@ def init_ray(cfg: OnegenConfig | None = None, *, address: str | None = None) -> 
     cfg = cfg or default_config()
     if target is None:
         env_vars = worker_env_vars(cfg)
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+                 include_dashboard=False,
                  runtime_env={"env_vars": env_vars} if env_vars else None)
         return ray
     # Inside a job, its runtime env (working dir, env vars) already applies to every task; adding one conflicts.

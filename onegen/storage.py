@@ -217,6 +217,15 @@ class Storage:
         """True if `rel` is a file or a folder (an S3 prefix with objects under it)."""
         return self._info(rel).type != pafs.FileType.NotFound
 
+    def stat(self, rel: str) -> tuple[int, str]:
+        """(size in bytes, version) of the file `rel`; the version is its modification time in ns as a string (local
+        mtime_ns; S3: LastModified, whole seconds, as pyarrow reports it, in a listing too: pyarrow exposes no ETag).
+        Data sources key inputs by path + size + version. FileNotFoundError if `rel` is not a file."""
+        info = self._info(_clean_rel(rel))
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(errno.ENOENT, f"{self.uri(rel)}: no such file")
+        return int(info.size), str(info.mtime_ns)
+
     def list(self, prefix: str = "", recursive: bool = False) -> list[str]:
         """Sorted paths relative to the root under folder `prefix`. Recursive: files only. Not recursive: the
         immediate children, folders with a trailing '/'. A missing prefix lists as empty. Temp files, claims and

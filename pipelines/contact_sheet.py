@@ -5,9 +5,11 @@ Also the small drawing helpers behind it, usable on any `Sample`:
 * `colourise_depth`: inverse depth, min–max normalised over valid pixels, reversed Spectral colour map (near = red,
   far = blue), invalid pixels black: a display for looking at labels. The normalisation is
   `model.depth.normalised_inverse_depth`, shared with the grayscale condition maps (`model.depth.depth_to_map`).
-* `render_semantic_rgb`: a semantic id map painted in palette colours per class (spec §5.1 semantic-map condition).
-* `draw_bboxes`: class-coloured boxes (the bounding-box condition).
-* `draw_keypoints`: COCO skeleton over an image; visible joints filled, occluded joints (v = 1) hollow.
+* `render_semantic_rgb`: a semantic id map painted in palette colours per class (spec §5.1 semantic-map condition),
+  through `model.conditions.semantic_condition`, with sky / ground drawn too so the panel shows the whole frame.
+* `draw_bboxes`: class-coloured boxes over an image, the outlines of `model.conditions.box_condition`.
+* `draw_keypoints`: COCO skeleton over an image (the limb colours of `model.conditions.pose_condition`); visible
+  joints filled, occluded joints (v = 1) hollow. A display, unlike the pose condition map, so drawn here.
 """
 
 from __future__ import annotations
@@ -19,20 +21,15 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from model.conditions import COCO_SKELETON, LIMB_COLOURS, draw_box_outlines, hex_to_rgb, semantic_condition
 from model.depth import normalised_inverse_depth, valid_depth
 from pipelines.record import Sample, as_storage, encode_png, storage_location
-from pipelines.sources.synthetic_scene import COCO_SKELETON, PALETTE_HEX, hex_to_rgb
 
 # ColorBrewer "Spectral" (11 classes), reversed: index 0 (far) blue ... index 10 (near) red
 _SPECTRAL_R = np.array([hex_to_rgb(h) for h in (
     "#5e4fa2", "#3288bd", "#66c2a5", "#abdda4", "#e6f598", "#ffffbf", "#fee08b", "#fdae61", "#f46d43", "#d53e4f",
     "#9e0142")], dtype=np.float64)
 STUFF_COLOURS = {"sky": (0, 0, 0), "ground": (96, 96, 96), "background": (0, 0, 0)}
-_LIMB_COLOURS = (
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
-    (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
-    (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85), (200, 200, 200),
-)
 
 
 def colourise_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -50,12 +47,6 @@ def colourise_depth(depth: np.ndarray, valid: np.ndarray | None = None) -> np.nd
     return out
 
 
-def _colour_rgb(colour) -> tuple[int, int, int]:
-    if isinstance(colour, str):
-        return hex_to_rgb(colour if colour.startswith("#") else PALETTE_HEX[colour])
-    return tuple(int(c) for c in colour)
-
-
 def render_semantic_rgb(
     semantic: np.ndarray, classes: Sequence[str], class_colours: dict[str, object] | None = None,
     default=(0, 0, 0),
@@ -65,24 +56,14 @@ def render_semantic_rgb(
     Classes without a colour fall back to `STUFF_COLOURS` (sky black, ground grey) and then to `default`.
     """
     class_colours = class_colours or {}
-    table = np.array([
-        _colour_rgb(class_colours[c]) if c in class_colours else STUFF_COLOURS.get(c, tuple(default))
-        for c in classes
-    ], dtype=np.uint8)
-    return table[np.asarray(semantic)]
+    colours = {c: class_colours[c] if c in class_colours else STUFF_COLOURS.get(c, tuple(default)) for c in classes}
+    return semantic_condition(np.asarray(semantic), list(classes), colours)
 
 
 def draw_bboxes(image: np.ndarray, entities: Iterable[dict], class_colours: dict[str, object], width: int = 1):
     """Class-coloured rectangles for entities with a `bbox_2d` [x0, y0, x1, y1) on a copy of `image`."""
-    img = Image.fromarray(image)
-    draw = ImageDraw.Draw(img)
-    for e in entities:
-        box = e.get("bbox_2d")
-        if box is None or e["class"] not in class_colours:
-            continue
-        x0, y0, x1, y1 = box
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=_colour_rgb(class_colours[e["class"]]), width=width)
-    return np.asarray(img)
+    drawn = [e for e in entities if e.get("bbox_2d") is not None and e["class"] in class_colours]
+    return draw_box_outlines(image, [e["bbox_2d"] for e in drawn], [class_colours[e["class"]] for e in drawn], width)
 
 
 def draw_keypoints(image: np.ndarray, keypoints: np.ndarray, scale: int = 1, radius: float = 1.5) -> np.ndarray:
@@ -95,7 +76,7 @@ def draw_keypoints(image: np.ndarray, keypoints: np.ndarray, scale: int = 1, rad
     for person in np.asarray(keypoints):
         xy = person[:, :2] * scale
         vis = person[:, 2]
-        for (a, b), colour in zip(COCO_SKELETON, _LIMB_COLOURS):
+        for (a, b), colour in zip(COCO_SKELETON, LIMB_COLOURS):
             if vis[a] > 0 and vis[b] > 0:
                 draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=max(1, scale))
         for j in range(len(person)):

@@ -380,13 +380,18 @@ def read_sample_files(folder: str | os.PathLike | Storage, key: str) -> Sample:
 def samples_to_wds_tar(samples: Iterable[Sample], image_format: str = "png") -> bytes:
     """A WebDataset tar of `samples` (`to_wds` members, in order). Member mtimes are 0, so the same samples give the
     same bytes on every run."""
+    return wds_tar_bytes(sample.to_wds(image_format) for sample in samples)
+
+
+def wds_tar_bytes(members: Iterable[dict[str, Any]]) -> bytes:
+    """A WebDataset tar of ready member dicts ("__key__" + ext -> bytes), in order, member mtimes 0."""
     import webdataset as wds
 
     buffer = io.BytesIO()
     writer = wds.TarWriter(buffer, encoder=False, mtime=0)
     try:
-        for sample in samples:
-            writer.write(sample.to_wds(image_format))
+        for sample_members in members:
+            writer.write(sample_members)
     finally:
         writer.close()
     return buffer.getvalue()

@@ -7,12 +7,17 @@ people's processes may run on the same machine.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -149,3 +154,68 @@ def make_bucket(moto_endpoint):
         return name
 
     return make
+
+
+# --- Ray: one head for the session (started by the first test that needs it), stopped by PID -----------------------
+
+VENV_BIN = Path(sys.executable).parent
+HEAD_CPUS = 3
+HEAD_OBJECT_STORE_BYTES = 1 << 30
+
+
+def ray_processes(temp_dir: str, sid: int, session_pids) -> list[int]:
+    """PIDs of this head: its session, plus anything whose command line names its private temp dir."""
+    import psutil
+
+    pids = set(session_pids(sid))
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                pids.add(proc.pid)
+        except psutil.Error:
+            pass
+    return sorted(pids)
+
+
+@pytest.fixture(scope="session")
+def ray_head(free_tcp_port, wait_for_http, stop_processes, session_pids):
+    """One `ray start --head --block` on 127.0.0.1 for the session, every port chosen free (other Ray clusters may
+    run here), HEAD_CPUS logical CPUs (an odd count, so output proves which cluster a driver joined) and a 1 GiB
+    object store. Yields {"dashboard": http URL, "gcs": HOST:PORT, "env": the environment to run drivers/CLIs in}."""
+    temp_dir = tempfile.mkdtemp(prefix="ogr", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
+    ports = {name: free_tcp_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                                "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                                "metrics-export-port", "ray-client-server-port")}
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # so the job's `python` is this venv's
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(HEAD_CPUS),
+           "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", temp_dir,
+           "--disable-usage-stats", "--object-store-memory", str(HEAD_OBJECT_STORE_BYTES)]
+    for name, port in ports.items():
+        cmd += [f"--{name}", str(port)]
+    log = open(Path(temp_dir) / "ray-start.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        wait_for_http(f"{dashboard}/api/version", timeout_s=120, alive=lambda: proc.poll() is None)
+        yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{ports['port']}", "env": env}
+    except Exception:
+        log.flush()
+        print((Path(temp_dir) / "ray-start.log").read_text()[-3000:])
+        raise
+    finally:
+        # `ray start --block` stops its processes on SIGTERM; then sweep anything of this head still alive.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        left = stop_processes(ray_processes(temp_dir, proc.pid, session_pids), timeout_s=15)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+        assert left == [], f"Ray processes of this test still alive: {left}"
+        assert ray_processes(temp_dir, proc.pid, session_pids) == []
+        shutil.rmtree(temp_dir, ignore_errors=True)

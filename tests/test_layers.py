@@ -22,8 +22,16 @@ FORBIDDEN = {
 ENTRY_POINTS = ("onegen/cli", "onegen/__main__.py", "onegen/jobs")  # on top: may import everything
 
 
+def is_main_block(node: ast.stmt) -> bool:
+    """`if __name__ == "__main__":`, a module's own entry point: it sits on top, like onegen.cli, and may call it."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators))
+
+
 def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
+    tree.body = [node for node in tree.body if not is_main_block(node)]
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -54,6 +62,13 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from pipelines.record import Sample\n    import training.x\n")
     assert {"pipelines.record", "pipelines.record.Sample", "training.x"} <= imported_modules(module)
+
+
+def test_the_checker_allows_only_the_main_block_to_call_the_cli(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import sys\nif __name__ == '__main__':\n    from onegen.cli.build import main\n"
+                      "if x == '__main__':\n    import onegen.cli\n")
+    assert imported_modules(module) == {"sys", "onegen.cli"}
 
 
 # ------------------------------------------------------------------------------------------ one thing, one place

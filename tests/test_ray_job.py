@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,8 +23,7 @@ from onegen.raycluster import (check_paths_reach_cluster, check_ray_target, desc
 from onegen.tracking import git_state
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-HEAD_CPUS = 3  # an odd logical CPU count, so output proves which cluster a driver joined
+from conftest import HEAD_CPUS, VENV_BIN, ray_processes  # the session Ray head (tests/conftest.py)
 
 
 @pytest.fixture
@@ -206,62 +204,6 @@ def test_a_job_cli_reports_an_unreachable_cluster_in_one_line(free_tcp_port, tmp
         "RAY_ADDRESS, or unset both to start a local instance"]
 
 
-def _ray_processes(temp_dir: str, sid: int, session_pids) -> list[int]:
-    """PIDs of this head: its session, plus anything whose command line names its private temp dir."""
-    import psutil
-
-    pids = set(session_pids(sid))
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if temp_dir in " ".join(proc.info["cmdline"] or []):
-                pids.add(proc.pid)
-        except psutil.Error:
-            pass
-    return sorted(pids)
-
-
-@pytest.fixture(scope="module")
-def ray_head(free_tcp_port, wait_for_http, stop_processes, session_pids):
-    """`ray start --head --block` on 127.0.0.1 with every port chosen free (other Ray clusters may run here)."""
-    temp_dir = tempfile.mkdtemp(prefix="ogr", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
-    ports = {name: free_tcp_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                                "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                                "metrics-export-port", "ray-client-server-port")}
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # so the job's `python` is this venv's
-    env.pop("RAY_ADDRESS", None)
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(HEAD_CPUS),
-           "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", temp_dir,
-           "--disable-usage-stats"]
-    for name, port in ports.items():
-        cmd += [f"--{name}", str(port)]
-    log = open(Path(temp_dir) / "ray-start.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        wait_for_http(f"{dashboard}/api/version", timeout_s=120, alive=lambda: proc.poll() is None)
-        yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{ports['port']}", "env": env}
-    except Exception:
-        log.flush()
-        print((Path(temp_dir) / "ray-start.log").read_text()[-3000:])
-        raise
-    finally:
-        # `ray start --block` stops its processes on SIGTERM; then sweep anything of this head still alive.
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        left = stop_processes(_ray_processes(temp_dir, proc.pid, session_pids), timeout_s=15)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-        assert left == [], f"Ray processes of this test still alive: {left}"
-        assert _ray_processes(temp_dir, proc.pid, session_pids) == []
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def submit_hello(ray_head, *hello_args: str) -> tuple[subprocess.CompletedProcess, dict]:
     """`ray job submit --working-dir . -- python -m onegen.jobs.hello ARGS` as a user would; (result, runtime env)."""
     runtime_env = job_runtime_env(cfg_with())
@@ -324,7 +266,7 @@ def test_without_an_address_a_local_instance_is_started_and_stopped(tmp_path, st
         assert f"{MARKER} squares=[0, 1]" in output
         assert '"CPU": 1.0' in output  # the local instance got ray.num_cpus
     finally:
-        leftovers = _ray_processes(ray_tmp, -1, lambda sid: [])
+        leftovers = ray_processes(ray_tmp, -1, lambda sid: [])
         stop_processes(leftovers, timeout_s=10)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert leftovers == [], "the local Ray instance outlived its driver"

@@ -35,6 +35,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("env", "onegen.cli.env", "show versions, devices, Ray address, MLflow URI and storage root"),
     ("config", "onegen.cli.config_check", "check a config file and print it resolved"),
     ("synth", "onegen.cli.synth", "render the synthetic world (exact labels) or draw a contact sheet"),
+    ("build", "onegen.cli.build", "build the One-Gen dataset (Ray Data job), or `build inspect` one"),
     ("demo", "onegen.cli.demo", "run the demo chain: synthetic world -> Ray -> shards -> train -> sample -> evaluate"),
 ]
 

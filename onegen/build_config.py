@@ -1,0 +1,165 @@
+"""`onegen build`'s config schema: the shared sections plus `build:` (sources, stages, encoders, output).
+
+Roles (onegen.config): what changes output bytes is content and gates "changed config" refusals of a build name
+(sources, resolutions, limits, condition settings, tokenizer, latent dtype, seed); how the job runs is runtime
+(batch sizes, concurrency, CPUs/GPUs per stage, download threads), so a build resumes on a bigger cluster.
+
+    build:
+      name: web-2026-12            # output: <storage.root>/builds/NAME/
+      resolutions: [256, 512]      # one latent row per (sample, resolution): the release's aspect buckets
+      sources:
+        - {name: web, type: urls, files: [urls.parquet]}
+        - {name: photos, type: folder, path: s3://bucket/photos}
+        - {name: old, type: webdataset, paths: [s3://bucket/img2dataset-out/]}
+        - {name: synth, type: synthetic, scenes: 64}
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from onegen.config import RUNTIME, SCHEMAS, OnegenConfig, _role, _Section
+
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"  # source names become shard names "NAME-00000": no '-' or '.' inside
+_BUILD_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+CONDITION_KINDS = ("canny", "blur", "inpaint")
+SYNTHETIC_MAPS = ("depth", "semantic", "pose", "boxes")
+
+
+class _Source(_Section):
+    name: str = Field(pattern=_NAME_PATTERN, description="names the source's shards (NAME-00000) and its samples")
+    partition_size: int = Field(256, gt=0, description="inputs per partition = per shard (one Ray task reads it)")
+
+
+class UrlSource(_Source):
+    type: Literal["urls"]
+    files: list[str] = Field(min_length=1, description="parquet / csv / tsv / txt url lists (local or s3://)")
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    timeout_s: float = Field(10.0, gt=0, description="img2dataset's per-request timeout")
+    retries: int = Field(1, ge=0, description="img2dataset's retries per URL")
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
+        "no", description="img2dataset resizing before the build's own bucketing; 'no' keeps the original bytes")
+    image_size: int = Field(1024, gt=0, description="img2dataset's target size when resize_mode is not 'no'")
+    threads: int = Field(16, gt=0, description="download threads per partition task", **_role(RUNTIME))
+
+
+class FolderSource(_Source):
+    type: Literal["folder"]
+    path: str = Field(min_length=1, description="local folder or s3://bucket/prefix; sidecar .txt/.json captions, "
+                                                "multiview groups as folders with cameras.json")
+
+
+class WebDatasetSource(_Source):
+    type: Literal["webdataset"]
+    paths: list[str] = Field(min_length=1, description="tar files, folders of tars or globs (local or s3://); one "
+                                                       "tar is one partition")
+
+
+class SyntheticSource(_Source):
+    type: Literal["synthetic"]
+    partition_size: int = Field(8, gt=0, description="scenes per partition")
+    scenes: int = Field(16, gt=0)
+    views_per_scene: int = Field(1, gt=0, description="> 1: multiview groups (one row per scene)")
+    size: int = Field(256, gt=0, description="render size in pixels (square)")
+    with_figures: bool | None = Field(None, description="people in the scenes (pose labels); null: the world's "
+                                                        "default")
+    seed: int | None = Field(None, description="null: run.seed")
+
+
+Source = Annotated[UrlSource | FolderSource | WebDatasetSource | SyntheticSource, Field(discriminator="type")]
+
+
+class DecodeSection(_Section):
+    min_size: int = Field(64, gt=0, description="smaller side below this: dropped as too_small")
+    max_aspect: float = Field(4.0, ge=1.0, description="long/short side above this: dropped as bad_aspect (the "
+                                                       "buckets end at 4:1)")
+    max_pixels: int = Field(89_478_485, gt=0, description="width*height above this: dropped as too_large before "
+                                                          "decoding (PIL's decompression-bomb limit)")
+
+
+class ConditionsSection(_Section):
+    """Weight-free conditions, each drawn per sample from a generator seeded by (run.seed, sample id)."""
+
+    kinds: list[Literal["canny", "blur", "inpaint"]] = Field(list(CONDITION_KINDS))
+    canny_low: int = Field(100, ge=0)
+    canny_high: int = Field(200, ge=0)
+    blur_sigma: tuple[float, float] = Field((1.0, 3.0), description="Gaussian sigma range (deblurring)")
+    inpaint_fraction: tuple[float, float] = Field((0.1, 0.5), description="masked area range (inpainting)")
+    synthetic_maps: list[Literal["depth", "semantic", "pose", "boxes"]] = Field(
+        list(SYNTHETIC_MAPS), description="exact maps drawn from the synthetic world's labels")
+
+
+class EncodeSection(_Section):
+    image_tokenizer: str = Field("pixel", min_length=1, description="'pixel' (exact space-to-depth) or an "
+                                                                    "AutoencoderKL hub id / local folder")
+    latent_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: int = Field(16, gt=0, description="views per tokenizer call", **_role(RUNTIME))
+    concurrency: int = Field(1, gt=0, description="encoder actors", **_role(RUNTIME))
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (> 0: bf16 on the GPU)",
+                            **_role(RUNTIME))
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per encoder actor (2-core machines: <= 0.5, or the "
+                                                   "actor holds a CPU the readers need)", **_role(RUNTIME))
+    compile: bool = Field(False, description="torch.compile the VAE encoder (GPU)", **_role(RUNTIME))
+
+
+class StagesSection(_Section):
+    """How the weight-free stages run (Ray Data tasks): never changes output bytes."""
+
+    batch_size: int = Field(8, gt=0, description="samples per decode/bucket/conditions batch")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per stage task (fractions let the encoder actor and the "
+                                                   "stages share a 2-core machine without stalling)")
+    ingest_num_cpus: float = Field(0.5, gt=0, description="CPUs per partition-reading task")
+
+
+class BuildSection(_Section):
+    name: str | None = Field(None, pattern=_BUILD_NAME_PATTERN, description="output folder builds/NAME; null: "
+                                                                            "run.name", **_role(RUNTIME))
+    sources: list[Source] = Field(min_length=1)
+    resolutions: list[Literal[256, 512, 1024]] = Field([256], min_length=1)
+    heldout_fraction: float = Field(0.0, ge=0, le=1, description="stable fraction of ids in the heldout split")
+    decode: DecodeSection = DecodeSection()
+    conditions: ConditionsSection = ConditionsSection()
+    encode: EncodeSection = EncodeSection()
+    stages: StagesSection = Field(StagesSection(), **_role(RUNTIME))
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, value: list) -> list:
+        names = [source.name for source in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique (they name the shards), repeated: {repeated}")
+        return value
+
+    @field_validator("resolutions")
+    @classmethod
+    def _unique_resolutions(cls, value: list) -> list:
+        if len(set(value)) != len(value):
+            raise ValueError(f"resolutions must be unique, got {value}")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "BuildSection":
+        for name, (low, high) in (("conditions.blur_sigma", self.conditions.blur_sigma),
+                                  ("conditions.inpaint_fraction", self.conditions.inpaint_fraction)):
+            if not 0 < low <= high:
+                raise ValueError(f"{name}: expected 0 < low <= high, got ({low}, {high})")
+        if self.conditions.inpaint_fraction[1] > 1:
+            raise ValueError("conditions.inpaint_fraction: the high end must be <= 1")
+        return self
+
+
+class BuildConfig(OnegenConfig):
+    """`onegen build`: sources -> Ray Data stages -> WebDataset + Parquet latent shards with a manifest."""
+
+    build: BuildSection
+
+    @property
+    def build_name(self) -> str:
+        return self.build.name or self.run.name
+
+
+SCHEMAS["build"] = BuildConfig

@@ -1,0 +1,351 @@
+"""`onegen build` / `python -m pipelines.build`: the One-Gen data build as one Ray Data job, exactly-once.
+
+    python -m pipelines.build --config configs/build/NAME.yaml [--set key=value ...]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.build --config ...
+
+1. Claim the build name: `builds/NAME/build.json` (content hash + content config) is created with put-if-absent;
+   a different content hash under the same name is refused (builds are immutable; pick a new name).
+2. Plan: every source cut into partitions (pipelines/ingest.py); shards with a manifest entry are skipped.
+3. Run the rest as Ray Data operators, streaming with Ray Data's backpressure:
+       ingest (task per partition: img2dataset / folder / tars / synthetic world)
+       -> decode -> bucket -> conditions (tasks; Ray fuses them) -> encode (actor pool holding the tokenizer)
+       -> pack (tasks: PNGs, WebDataset members, latent rows)
+   Records flow pickled in one column: they hold nested, ragged arrays that Arrow has no type for.
+4. The driver gathers each shard's records (order preserved, so about one shard at a time is open) and commits it
+   (pipelines/shard_writer.py) in a writer thread while the stream goes on. Then the final manifest.
+5. MLflow: one run per build (a rerun continues it), resolved config, the closing numbers, the manifest as an
+   artifact and `mlflow.log_input` of the build, so a training run can name the data it used.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onegen.build_config import BuildConfig
+from onegen.config import CONTENT, content_hash, fields_by_role
+from onegen.errors import UsageError, step
+from onegen.shards import (BUILD_SCHEMA, SHARD_SCHEMA_VERSION, build_json_path, build_prefix, canonical_json,
+                           manifest_path, read_entries, sha256_hex)
+from onegen.storage import Storage
+from pipelines.ingest import Partition, plan_partitions, read_partition
+
+TAG_BUILD = "onegen.build"
+TAG_BUILD_URI = "onegen.build_uri"
+STAGES = ("ingest", "decode", "bucket", "conditions", "encode", "pack")
+
+
+class BuildConflict(UsageError):
+    """The build name holds a build of another config, or its inputs changed: builds are immutable."""
+
+
+@dataclass
+class BuildSummary:
+    name: str
+    uri: str
+    shards_planned: int
+    shards_committed: int = 0
+    shards_skipped: int = 0
+    inputs: int = 0
+    kept: int = 0
+    rows: int = 0
+    bytes_written: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)  # summed over records: CPU-side time per stage
+    source_stats: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    manifest: dict[str, Any] | None = None
+    run_id: str | None = None
+
+    def table(self) -> str:
+        lines = [f"build {self.name} -> {self.uri}",
+                 f"  shards: {self.shards_committed} committed, {self.shards_skipped} skipped (already committed), "
+                 f"{self.shards_planned} planned",
+                 f"  inputs {self.inputs}: kept {self.kept}, dropped {sum(self.dropped.values())}; "
+                 f"{self.rows} latent rows; {self.bytes_written / 2**20:.1f} MiB written in {self.wall_s:.1f} s "
+                 f"({self.inputs / max(self.wall_s, 1e-9):.2f} inputs/s)"]
+        if self.seconds:
+            lines.append("  stage        samples/s   s/sample (summed over workers)")
+            for stage in STAGES:
+                if self.seconds.get(stage):
+                    per = self.seconds[stage] / max(1, self.inputs)
+                    lines.append(f"  {stage:<12} {1 / per if per else float('inf'):>9.1f}   {per:.4f}")
+        if self.dropped:
+            lines.append("  dropped by reason:")
+            lines += [f"    {reason:<22} {n}" for reason, n in sorted(self.dropped.items())]
+        for source, stats in sorted(self.source_stats.items()):
+            lines.append(f"  {source} (img2dataset): {json.dumps(stats, sort_keys=True)}")
+        if self.manifest:
+            totals = self.manifest["totals"]
+            lines.append(f"  manifest: {totals['shards']} shards, {totals['samples']} samples, {totals['rows']} rows, "
+                         f"{totals['duplicates']} exact duplicates listed")
+        return "\n".join(lines)
+
+
+# --- identity of a build ---------------------------------------------------------------------------------------------
+
+def code_version() -> dict[str, str]:
+    from importlib import metadata
+
+    from onegen.tracking import git_state
+
+    try:
+        version = metadata.version("onegen")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed (a Ray job's working dir)
+        version = "unknown"
+    commit, dirty = git_state()
+    return {"onegen": version, "git_commit": commit, "git_dirty": dirty}
+
+
+def claim_build(storage: Storage, cfg: BuildConfig) -> dict[str, Any]:
+    """Create builds/NAME/build.json, or check that the existing one is this config's (BuildConflict if not)."""
+    name, digest = cfg.build_name, content_hash(cfg)
+    document = {"schema": BUILD_SCHEMA, "build": name, "content_hash": digest,
+                "shard_schema_version": SHARD_SCHEMA_VERSION, "content": fields_by_role(cfg, {CONTENT})}
+    rel = build_json_path(name)
+    storage.put_if_absent(rel, canonical_json(document))
+    existing = json.loads(storage.read_bytes(rel))
+    if existing.get("content_hash") != digest:
+        changed = sorted(key for key in set(existing.get("content", {})) | set(document["content"])
+                         if existing.get("content", {}).get(key) != document["content"].get(key))
+        raise BuildConflict(
+            f"{storage.uri(rel)} holds build {name!r} of another config (changed: {', '.join(changed) or 'schema'})"
+            f"; builds are immutable: start a new build with --set build.name={name}-v2 (or another name), or "
+            f"rerun with the config that made it to finish or extend nothing")
+    return existing
+
+
+def check_plan_matches(entries: dict[str, dict], plan: list[Partition], storage: Storage, name: str) -> None:
+    """A committed shard whose partition now lists other inputs means a source changed under a running build."""
+    planned = {p.shard: p for p in plan}
+    for shard, entry in entries.items():
+        partition = planned.get(shard)
+        if partition is None or entry.get("partition_spec_sha256") != partition.spec_sha256:
+            raise BuildConflict(
+                f"{storage.uri(build_prefix(name))}: shard {shard} was committed from other inputs than the source "
+                f"lists now (files added, removed or changed); builds are immutable: build the new inputs under a "
+                f"new name (--set build.name={name}-v2)")
+
+
+# --- Ray Data stages (module level: Ray pickles them by reference) ----------------------------------------------------
+
+def _load(batch: dict[str, np.ndarray]) -> list[dict]:
+    return [pickle.loads(blob) for blob in batch["record"]]
+
+
+def _dump(records: list[dict]) -> dict[str, np.ndarray]:
+    out = np.empty(len(records), dtype=object)
+    out[:] = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+    return {"record": out}
+
+
+def ingest_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: str):
+    """One partition in, its records out (in slices, so Ray Data streams them on before the partition ends)."""
+    for text in batch["partition"]:
+        partition = Partition.from_json(str(text))
+        start = time.perf_counter()
+        records, source_stats = read_partition(cfg, partition, work_dir)
+        spent = (time.perf_counter() - start) / max(1, len(records))
+        if not records:  # an empty partition still commits an (empty) shard, or the build never completes
+            records = [{"shard": partition.shard, "shard_items": 0, "index": -1, "placeholder": True,
+                        "dropped": "placeholder", "timings": {}}]
+        for record in records:
+            record["timings"]["ingest"] = spent
+        records[0]["source_stats"] = source_stats
+        for first in range(0, len(records), 8):
+            yield _dump(records[first:first + 8])
+
+
+def record_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stage: str) -> dict[str, np.ndarray]:
+    from pipelines import process
+
+    fn = {"decode": process.decode_record, "bucket": process.bucket_record,
+          "conditions": process.conditions_record, "pack": process.pack_record}[stage]
+    return _dump(process.timed_stage(stage, _load(batch), lambda record: fn(cfg, record)))
+
+
+class EncodeStage:
+    """The tokenizer, loaded once per actor."""
+
+    def __init__(self, cfg: BuildConfig):
+        from pipelines.process import ViewEncoder
+
+        self.encoder = ViewEncoder(cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _dump(self.encoder.encode_records(_load(batch)))
+
+
+def build_dataset(ray, cfg: BuildConfig, pending: list[Partition]):
+    """The Ray Data pipeline over the pending partitions (lazy: it runs when iterated)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # shards complete in plan order: the driver holds ~one at a time
+    stages = cfg.build.stages
+    encode = cfg.build.encode
+    items = [{"partition": p.to_json()} for p in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(ingest_stage, batch_size=1, fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir)},
+                        num_cpus=stages.ingest_num_cpus)
+    for stage in ("decode", "bucket", "conditions"):
+        ds = ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs={"cfg": cfg, "stage": stage},
+                            num_cpus=stages.num_cpus)
+    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=stages.batch_size,
+                        concurrency=encode.concurrency, num_cpus=encode.num_cpus, num_gpus=encode.num_gpus or None)
+    return ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs={"cfg": cfg, "stage": "pack"},
+                          num_cpus=stages.num_cpus)
+
+
+# --- the job ---------------------------------------------------------------------------------------------------------
+
+def run_build(cfg: BuildConfig) -> BuildSummary:
+    from onegen.raycluster import init_ray
+    from pipelines.shard_writer import commit_shard, write_manifest
+
+    started = time.perf_counter()
+    storage = Storage.from_config(cfg)
+    name = cfg.build_name
+    digest = content_hash(cfg)
+    with step("claim the build name", storage.uri(build_json_path(name))):
+        claim_build(storage, cfg)
+    with step("plan partitions"):
+        plan = plan_partitions(cfg)
+    entries = read_entries(storage, name)
+    check_plan_matches(entries, plan, storage, name)
+    pending = [p for p in plan if p.shard not in entries]
+    summary = BuildSummary(name=name, uri=storage.uri(build_prefix(name)), shards_planned=len(plan),
+                           shards_skipped=len(plan) - len(pending))
+    version = code_version()
+    with _tracked_run(cfg, storage, summary) as run:
+        if pending:
+            ray = init_ray(cfg)
+            by_shard = {p.shard: p for p in pending}
+            open_shards: dict[str, list[dict]] = {}
+            stats: dict[str, dict] = {}
+            futures: list[Future] = []
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer") as writers, \
+                    step("run the build's Ray Data stages"):
+                for batch in build_dataset(ray, cfg, pending).iter_batches(batch_size=None, batch_format="numpy"):
+                    for record in _load(batch):
+                        shard = record["shard"]
+                        stats.setdefault(shard, {}).update(record.pop("source_stats", None) or {})
+                        records = open_shards.setdefault(shard, [])
+                        if not record.get("placeholder"):
+                            records.append(record)
+                        if len(records) == record["shard_items"]:
+                            futures.append(writers.submit(commit_shard, storage, name, by_shard[shard],
+                                                          open_shards.pop(shard), stats.pop(shard), digest,
+                                                          version))
+                    _raise_failed(futures)
+                for future in futures:
+                    _count(summary, future.result())
+            missing = sorted(set(open_shards))
+            if missing:
+                raise RuntimeError(f"the stream ended before shards {missing} were complete (a stage lost records)")
+            summary.shards_committed = len(futures)
+        entries = read_entries(storage, name)
+        with step("write the final manifest", storage.uri(manifest_path(name))):
+            summary.manifest = write_manifest(storage, name, plan, entries, digest)
+        summary.wall_s = time.perf_counter() - started
+        _log_results(run, storage, summary)
+    return summary
+
+
+def _raise_failed(futures: list[Future]) -> None:
+    for future in futures:
+        if future.done() and future.exception() is not None:
+            raise future.exception()
+
+
+def _count(summary: BuildSummary, result: tuple[dict, dict]) -> None:
+    entry, stats = result
+    summary.inputs += entry["inputs"]
+    summary.kept += entry["samples"]
+    summary.rows += entry["rows"]
+    summary.dropped.update(entry["dropped"])
+    summary.bytes_written += sum(f.get("bytes", 0) for f in entry["files"].values())
+    summary.seconds.update(stats["seconds"])
+    if stats.get("source_stats"):
+        merged = summary.source_stats.setdefault(entry["source"], Counter())
+        for key, value in stats["source_stats"].items():
+            if isinstance(value, (int, float)):
+                merged[key] += value
+
+
+# --- MLflow ------------------------------------------------------------------------------------------------------
+
+class _tracked_run:
+    """The build's MLflow run: resumed when an earlier attempt of the same build left one unfinished."""
+
+    def __init__(self, cfg: BuildConfig, storage: Storage, summary: BuildSummary):
+        self.cfg, self.storage, self.summary = cfg, storage, summary
+
+    def __enter__(self):
+        import mlflow
+
+        from onegen.secrets import install_log_redaction
+        from onegen.tracking import ensure_experiment, log_config, run_tags
+
+        install_log_redaction()
+        experiment_id = ensure_experiment(self.cfg)
+        uri = self.summary.uri
+        previous = mlflow.search_runs([experiment_id], filter_string=f"tags.`{TAG_BUILD_URI}` = '{uri}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+        resume = previous[0].info.run_id if previous and previous[0].info.status != "FINISHED" else None
+        tags = run_tags(self.cfg, {TAG_BUILD: self.summary.name, TAG_BUILD_URI: uri})
+        self.run = mlflow.start_run(run_id=resume, experiment_id=None if resume else experiment_id,
+                                    run_name=None if resume else f"build-{self.summary.name}", tags=tags)
+        if not resume:
+            log_config(self.cfg)
+        self.summary.run_id = self.run.info.run_id
+        return self.run
+
+    def __exit__(self, kind, value, traceback):
+        import mlflow
+
+        mlflow.end_run("FINISHED" if kind is None else "FAILED")
+        return False
+
+
+def _log_results(run, storage: Storage, summary: BuildSummary) -> None:
+    import mlflow
+
+    metrics = {"shards_committed": summary.shards_committed, "shards_skipped": summary.shards_skipped,
+               "inputs": summary.inputs, "kept": summary.kept, "rows": summary.rows,
+               "bytes_written": summary.bytes_written, "wall_s": summary.wall_s}
+    metrics.update({f"dropped.{reason}": n for reason, n in summary.dropped.items()})
+    metrics.update({f"samples_per_s.{stage}": summary.inputs / s for stage, s in summary.seconds.items() if s})
+    mlflow.log_metrics({key.replace(":", "_"): float(v) for key, v in metrics.items()})
+    mlflow.log_text(summary.table(), "build/summary.txt")
+    if summary.manifest:
+        mlflow.log_text(json.dumps(summary.manifest, indent=1, sort_keys=True), "build/manifest.json")
+        mlflow.log_input(build_dataset_input(storage, summary), context="build")
+
+
+def build_dataset_input(storage: Storage, summary: BuildSummary):
+    """The build as an MLflow dataset: its URI as the source, the manifest's sha256 as the digest."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path matches two equivalent local sources; either is right
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(summary.uri)
+    digest = sha256_hex(canonical_json(summary.manifest))[:16]
+    return MetaDataset(source=source, name=summary.name, digest=digest)
+
+
+if __name__ == "__main__":  # `python -m pipelines.build` (what `ray job submit` runs) is `onegen build`
+    from onegen.cli.build import main
+
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The build's per-record stages as plain functions: decode -> bucket -> conditions -> encode -> pack.
+
+The Ray Data job (pipelines/build.py) runs each as an operator; the benchmark's bare loop runs the very same
+functions in one process, so the two measure the same work. Every stage takes and returns a list of records
+(pipelines/ingest.py) and never raises for one bad record: a record that fails is marked `dropped` with a named
+reason (`error_<stage>` for an unexpected exception) and its message, and the rest of the batch goes on.
+
+What each stage adds:
+
+    decode      views[i]["sample"]: a validated `Sample` (decoded, upright, RGB; the synthetic world's come ready);
+                record["sha256"]: the pixels' digest (of every view's digest for a group) — the duplicate key
+    bucket      record["outputs"]: one per build resolution: {"resolution", "bucket": (h, w), "samples": [Sample]}
+                (the release's centre crop + resize to the nearest aspect bucket, labels and cameras with it)
+    conditions  outputs[k]["conditions"]: per view {modality: (H, W, 3) uint8}, outputs[k]["params"]
+    encode      outputs[k]["latents"]: onegen.shards latent entries (posterior mean/std of every view's picture
+                and condition maps)
+    pack        record["members"]: WebDataset sample dicts (bytes), record["rows"]: latent-table rows; pixels
+                are dropped so only bytes travel to the writer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from onegen.build_config import BuildConfig
+from onegen.shards import latent_entry, split_of
+from pipelines.record import Sample, encode_png
+
+IMAGE = "image"
+
+
+def timed_stage(name: str, records: list[dict], fn: Callable[[dict], None]) -> list[dict]:
+    """Apply `fn` to each live record in place, timing it and turning an exception into a dropped record."""
+    for record in records:
+        if record["dropped"]:
+            continue
+        start = time.perf_counter()
+        try:
+            fn(record)
+        except Exception as err:  # one bad sample never stops the build: counted under the stage's name
+            from pipelines.decode import DropSample
+
+            reason = err.reason if isinstance(err, DropSample) else f"error_{name}"
+            drop(record, reason, f"{type(err).__name__}: {err}" if reason.startswith("error_") else str(err))
+        record["timings"][name] = record["timings"].get(name, 0.0) + time.perf_counter() - start
+    return records
+
+
+def drop(record: dict, reason: str, message: str) -> None:
+    record["dropped"], record["error"] = reason, message
+    for key in ("outputs", "members", "rows"):
+        record.pop(key, None)
+    record["views"] = [{"name": view.get("name")} for view in record["views"]]
+
+
+def record_rng(cfg: BuildConfig, record_id: str, *salt: object) -> np.random.Generator:
+    """A generator seeded by (run.seed, sample id, salt): conditions are identical on every rebuild and machine."""
+    digest = hashlib.sha256(json.dumps([cfg.run.seed, record_id, *map(str, salt)]).encode()).digest()
+    return np.random.default_rng(np.random.SeedSequence(list(np.frombuffer(digest[:16], dtype=np.uint32))))
+
+
+# --- decode ------------------------------------------------------------------------------------------------------
+
+def decode_record(cfg: BuildConfig, record: dict) -> None:
+    from pipelines.decode import DropSample, decode_image, pixels_sha256
+
+    limits = cfg.build.decode
+    if not record["views"]:
+        raise DropSample("no_image", "the source gave no image for this input")
+    digests = []
+    for v, view in enumerate(record["views"]):
+        sample = view.get("sample")
+        if sample is None:
+            image = decode_image(view["data"], view["name"], max_pixels=limits.max_pixels,
+                                 min_size=limits.min_size, max_aspect=limits.max_aspect)
+            sample = Sample(key=f"{record['id']}-v{v}", source=record["source"], image=image,
+                            captions=dict(record["captions"]), camera=_camera(view.get("camera"), image.shape),
+                            group=record["group_id"], meta={})
+            view.pop("data")
+        sample.validate()
+        view["sample"] = sample
+        digests.append(pixels_sha256(sample.image))
+    record["sha256"] = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _camera(camera: dict | None, shape: tuple[int, ...]) -> dict | None:
+    """A folder group's camera as a Sample camera (needs intrinsics K); c2w-only cameras stay in the record."""
+    if not camera or camera.get("K") is None:
+        return None
+    c2w = np.asarray(camera["c2w_opengl"], dtype=np.float64)
+    c2w_opencv = c2w @ np.diag([1.0, -1.0, -1.0, 1.0])  # OpenGL (y up, z back) -> OpenCV (y down, z forward)
+    return {"K": np.asarray(camera["K"], dtype=np.float64), "c2w_opengl": c2w, "w2c_opencv": np.linalg.inv(c2w_opencv),
+            "width": int(shape[1]), "height": int(shape[0])}
+
+
+# --- bucket ------------------------------------------------------------------------------------------------------
+
+def bucket_record(cfg: BuildConfig, record: dict) -> None:
+    from pipelines.bucket import bucket_for, bucket_sample
+
+    samples = [view["sample"] for view in record["views"]]
+    record["outputs"] = []
+    for resolution in cfg.build.resolutions:
+        height, width = bucket_for(samples[0].image.shape[:2], resolution)  # a group shares its first view's bucket
+        record["outputs"].append({"resolution": resolution, "bucket": (height, width),
+                                  "samples": [bucket_sample(s, height, width) for s in samples]})
+    for view in record["views"]:
+        view.pop("sample")  # the full-size pictures are not needed any more: keep records small between stages
+
+
+# --- conditions --------------------------------------------------------------------------------------------------
+
+def conditions_record(cfg: BuildConfig, record: dict) -> None:
+    from model import conditions as render
+
+    settings = cfg.build.conditions
+    for output in record["outputs"]:
+        output["conditions"], output["params"] = [], []
+        for v, sample in enumerate(output["samples"]):
+            maps: dict[str, np.ndarray] = {}
+            params: dict[str, Any] = {}
+            rng = record_rng(cfg, record["id"], output["resolution"], v)
+            if "canny" in settings.kinds:
+                maps["canny"] = render.canny_map(sample.image, settings.canny_low, settings.canny_high)
+                params["canny"] = [settings.canny_low, settings.canny_high]
+            if "blur" in settings.kinds:
+                maps["blur"], params["blur_sigma"] = render.blur_image(sample.image, rng, settings.blur_sigma)
+            if "inpaint" in settings.kinds:
+                mask = render.inpaint_mask(sample.image.shape[:2], rng, *settings.inpaint_fraction)
+                maps["inpaint"] = render.masked_image(sample.image, mask)
+                params["inpaint_fraction"] = float(mask.mean())
+            maps.update(_exact_maps(sample, settings.synthetic_maps, render))
+            output["conditions"].append(maps)
+            output["params"].append(params)
+
+
+def _exact_maps(sample: Sample, wanted: list[str], render) -> dict[str, np.ndarray]:
+    """The ground-truth condition maps a source's labels allow (the synthetic world has them all)."""
+    maps: dict[str, np.ndarray] = {}
+    height, width = sample.image.shape[:2]
+    colours = class_colours(sample)
+    if "depth" in wanted and sample.depth is not None:
+        maps["depth"] = render.depth_condition(sample.depth)
+    if "semantic" in wanted and sample.semantic is not None and sample.classes is not None and colours:
+        maps["semantic"] = render.semantic_condition(sample.semantic, sample.classes,
+                                                     {c: v["hex"] for c, v in colours.items()})
+    if "pose" in wanted and sample.keypoints is not None and len(sample.keypoints):
+        maps["pose"] = render.pose_condition((height, width), sample.keypoints)
+    if "boxes" in wanted and sample.entities and colours:
+        boxed = [e for e in visible_entities(sample) if e["class"] in colours]
+        if boxed:
+            maps["boxes"] = render.box_condition((height, width), [e["bbox_2d"] for e in boxed],
+                                                 [colours[e["class"]]["hex"] for e in boxed])
+    return maps
+
+
+def class_colours(sample: Sample) -> dict[str, dict[str, str]]:
+    """{class: {"name", "hex"}}: the prompt colours a source assigned (the synthetic world's meta.prompts)."""
+    return dict(sample.meta.get("prompts", {}).get("class_colours", {}))
+
+
+def visible_entities(sample: Sample) -> list[dict]:
+    return [e for e in sample.entities or () if e.get("visible", True) and e.get("bbox_2d") is not None]
+
+
+# --- encode ------------------------------------------------------------------------------------------------------
+
+class ViewEncoder:
+    """Every picture and condition map of a batch of records through the image tokenizer, batched by size.
+
+    Stateful (holds the tokenizer), so the job runs it as a Ray Data actor; `encode_records` works in-process."""
+
+    def __init__(self, cfg: BuildConfig, device: str | None = None):
+        import torch
+
+        from model.tokenizers import load_image_tokenizer
+
+        self.cfg = cfg
+        encode = cfg.build.encode
+        self.device = device or ("cuda" if encode.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device == "cuda" else None
+        self.tokenizer = load_image_tokenizer(encode.image_tokenizer, torch_dtype=dtype).to(self.device)
+        if encode.compile and hasattr(self.tokenizer, "vae"):
+            self.tokenizer.vae.encoder = torch.compile(self.tokenizer.vae.encoder)
+        self.identity = tokenizer_identity(encode.image_tokenizer)
+
+    def encode_records(self, records: list[dict]) -> list[dict]:
+        live = [r for r in records if not r["dropped"]]
+        for record in live:
+            record["tokenizer"] = {"id": self.identity[0], "sha": self.identity[1],
+                                   "downsample_factor": int(self.tokenizer.downsample_factor)}
+        start = time.perf_counter()
+        try:
+            self._encode(live)
+            spent = (time.perf_counter() - start) / max(1, len(live))
+            for record in live:
+                record["timings"]["encode"] = record["timings"].get("encode", 0.0) + spent
+        except Exception:  # isolate the record that fails; the others are encoded one by one
+            for record in live:
+                timed_stage("encode", [record], lambda r: self._encode([r]))
+        return records
+
+    def _encode(self, records: list[dict]) -> None:
+        import torch
+
+        jobs: dict[tuple[int, int], list[tuple[dict, int, str, np.ndarray]]] = {}
+        for record in records:
+            for output in record["outputs"]:
+                output["latents"] = []
+                for v, sample in enumerate(output["samples"]):
+                    pictures = {IMAGE: sample.image, **output["conditions"][v]}
+                    for modality, picture in pictures.items():
+                        jobs.setdefault(picture.shape[:2], []).append((output, v, modality, picture))
+        batch_size = self.cfg.build.encode.batch_size
+        dtype = self.cfg.build.encode.latent_dtype
+        for items in jobs.values():
+            for first in range(0, len(items), batch_size):
+                chunk = items[first:first + batch_size]
+                pixels = torch.from_numpy(np.stack([item[3] for item in chunk])).permute(0, 3, 1, 2)
+                images = pixels.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1], the tokenizers' convention
+                with torch.inference_mode():
+                    mean, std = self.tokenizer.encode_posterior(images.to(self.device))
+                mean = mean.float().cpu().numpy()
+                std = None if std is None else std.float().cpu().numpy()
+                for i, (output, v, modality, _) in enumerate(chunk):
+                    output["latents"].append(latent_entry(v, modality, mean[i], None if std is None else std[i],
+                                                          dtype))
+        for record in records:
+            for output in record["outputs"]:
+                output["latents"].sort(key=lambda e: (e["view"], e["modality"] != IMAGE, e["modality"]))
+
+
+def tokenizer_identity(spec: str) -> tuple[str, str]:
+    """(tokenizer id, sha256 of its config): which tokenizer made a shard's latents, for readers to check."""
+    from pathlib import Path
+
+    if spec == "pixel":
+        return "pixel", hashlib.sha256(b"PixelTokenizer(scale=2.0)").hexdigest()
+    folder = Path(spec)
+    for config in (folder / "config.json", folder / "vae" / "config.json"):
+        if config.is_file():
+            return spec, hashlib.sha256(config.read_bytes()).hexdigest()
+    return spec, ""  # a hub id: its revision is whatever from_pretrained resolved
+
+
+# --- pack --------------------------------------------------------------------------------------------------------
+
+def pack_record(cfg: BuildConfig, record: dict) -> None:
+    """WebDataset members and latent rows of one record; everything else is dropped."""
+    record["members"], record["rows"] = [], []
+    split = split_of(record["id"], cfg.build.heldout_fraction)
+    for output in record["outputs"]:
+        resolution, (height, width) = output["resolution"], output["bucket"]
+        modalities: set[str] = set()
+        entities, cameras = [], []
+        for v, sample in enumerate(output["samples"]):
+            sample.meta = {**sample.meta, "build": {
+                "id": record["id"], "input_id": record["input_id"], "resolution": resolution, "view": v,
+                "split": split, "params": output["params"][v], **record["meta"]}}
+            members = sample.to_wds()
+            members["__key__"] = f"{record['id']}-r{resolution}-v{v}"
+            for modality, picture in sorted(output["conditions"][v].items()):
+                members[f"cond_{modality}.png"] = encode_png(picture)  # "semantic.png" is the id map
+            record["members"].append(members)
+            modalities |= {IMAGE, *output["conditions"][v]}
+            colours = class_colours(sample)
+            entities += [{"view": v, "id": int(e["id"]), "class": e["class"],
+                          "colour": colours.get(e["class"], {}).get("name"),
+                          "hex": colours.get(e["class"], {}).get("hex"), "label": e["class"],
+                          "box": [float(x) for x in e["bbox_2d"]]} for e in visible_entities(sample)]
+            camera = sample.camera or record["views"][v].get("camera")
+            if camera:
+                cameras.append({"view": v, "c2w_opengl": np.asarray(camera["c2w_opengl"], float).ravel().tolist(),
+                                "K": None if camera.get("K") is None or sample.camera is None
+                                else np.asarray(sample.camera["K"], float).ravel().tolist()})
+        first = output["samples"][0]
+        record["rows"].append({
+            "id": record["id"], "group_id": record["group_id"], "source": record["source"],
+            "input_id": record["input_id"], "sha256": record["sha256"], "split": split,
+            "resolution": resolution, "bucket_h": height, "bucket_w": width, "num_views": len(output["samples"]),
+            "modalities": sorted(modalities), "latents": output["latents"],
+            "captions": [{"name": name, "text": text, "origin": "source"}
+                         for name, text in sorted(record["captions"].items())],
+            "class_colours": json.dumps(class_colours(first), sort_keys=True),
+            "entities": entities, "cameras": cameras,
+            "params": json.dumps(output["params"], sort_keys=True),
+            "image_tokenizer": record["tokenizer"]["id"], "image_tokenizer_sha": record["tokenizer"]["sha"],
+            "downsample_factor": record["tokenizer"]["downsample_factor"], "text_tokenizer": None,
+        })
+    record.pop("outputs")
+    record["views"] = [{"name": view.get("name"), "camera": view.get("camera")} for view in record["views"]]
+
+
+# --- the whole chain in one process (tests, the benchmark's bare loop) ---------------------------------------------
+
+def process_records(cfg: BuildConfig, records: list[dict], encoder: ViewEncoder) -> list[dict]:
+    timed_stage("decode", records, lambda r: decode_record(cfg, r))
+    timed_stage("bucket", records, lambda r: bucket_record(cfg, r))
+    timed_stage("conditions", records, lambda r: conditions_record(cfg, r))
+    encoder.encode_records(records)
+    timed_stage("pack", records, lambda r: pack_record(cfg, r))
+    return records

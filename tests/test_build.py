@@ -1,0 +1,230 @@
+"""`onegen build` end to end, as a user runs it: `python -m pipelines.build` in a subprocess on the session's
+`ray start --head` (tests/conftest.py), against a URL list served on 127.0.0.1 with real photographs and faults, a
+folder of odd files and the synthetic world. Then what a reader sees: stats, shards, latents, manifest, duplicates;
+reruns, refusals, crashes at every commit point, S3 on moto and `ray job submit`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from http_images import FAULTS, ImageServer, write_url_list
+from odd_images import write_odd_folder
+from onegen.shards import check_shard_schema, read_entries, read_manifest, row_latents, sha256_hex
+from onegen.storage import Storage
+from pipelines.record import samples_from_wds_tar
+from pipelines.shard_writer import CRASH_POINTS
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+BUILD_TIMEOUT_S = 300
+
+
+def write_config(path: Path, root: Path, sources: list[dict], **build) -> Path:
+    config = {"run": {"name": "t", "work_dir": str(root / "work"), "seed": 0},
+              "storage": {"root": str(root / "data")},
+              "build": {"name": "b", "sources": sources, **build}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_build(ray_head, config: Path, *overrides: str, extra_env: dict | None = None,
+              timeout: float = BUILD_TIMEOUT_S) -> subprocess.CompletedProcess:
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"], **(extra_env or {}))
+    cmd = [sys.executable, "-m", "pipelines.build", "--config", str(config)]
+    for item in overrides:
+        cmd += ["--set", item]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return result
+
+
+def latent_rows(storage: Storage, entry: dict) -> list[dict]:
+    path = entry["files"]["latents"]["path"]
+    table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+    check_shard_schema(table.schema, path)
+    return table.to_pylist()
+
+
+def tar_samples(storage: Storage, entry: dict) -> dict:
+    return {s.key: s for s in samples_from_wds_tar(storage.read_bytes(entry["files"]["images"]["path"]))}
+
+
+# --- the mixed build -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server():
+    with ImageServer(slow_s=4) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, server, ray_head):
+    root = tmp_path_factory.mktemp("mixed")
+    paths = list(server.manifest)
+    url_list = write_url_list(root / "urls.csv", [server.url(p) for p in paths], "csv",
+                              captions=[f"caption of {p}" for p in paths], extra={"license": ["cc-by"] * len(paths)})
+    expected_odd = write_odd_folder(root / "odd")
+    config = write_config(root / "build.yaml", root, [
+        {"name": "web", "type": "urls", "files": [str(url_list)], "timeout_s": 1.5, "retries": 0,
+         "partition_size": 6},
+        {"name": "odd", "type": "folder", "path": str(root / "odd"), "partition_size": 8},
+        {"name": "synth", "type": "synthetic", "scenes": 3, "partition_size": 2, "size": 128},
+    ], resolutions=[256])
+    result = ok(run_build(ray_head, config))
+    storage = Storage(str(root / "data"))
+    return {"root": root, "config": config, "result": result, "storage": storage, "odd": expected_odd,
+            "paths": paths, "entries": read_entries(storage, "b"), "manifest": read_manifest(storage, "b")}
+
+
+def test_the_stats_match_what_was_served_and_what_the_folder_holds(mixed):
+    entries = mixed["entries"]
+    web = Counter()
+    for entry in entries.values():
+        if entry["source"] == "web":
+            web.update(entry["dropped"])
+    faults_failing_download = sum(1 for f in FAULTS.values() if f["status"] == "failed_to_download")
+    assert web["failed_to_download"] == faults_failing_download
+    assert web["not_an_image"] == 1 and web["truncated"] == 1
+    photos = sum(1 for p in mixed["paths"] if p.startswith("/photo/"))
+    assert sum(e["samples"] for e in entries.values() if e["source"] == "web") == photos
+    stats = json.loads(mixed["storage"].read_bytes("builds/b/stats/web-00000.json"))
+    assert stats["source_stats"]["failed_to_download"] + stats["source_stats"]["successes"] == stats["inputs"]
+    assert any("HTTP Error 404" in message for message in stats["source_stats"]["errors"])
+
+    odd = Counter()
+    for entry in entries.values():
+        if entry["source"] == "odd":
+            odd.update(entry["dropped"])
+    expected_dropped = Counter(o["dropped"] for o in mixed["odd"].values() if o.get("dropped"))
+    assert odd == expected_dropped
+    synth = [e for e in entries.values() if e["source"] == "synth"]
+    assert sum(e["samples"] for e in synth) == 3 and all(not e["dropped"] for e in synth)
+    assert "dropped by reason" in mixed["result"].stdout and "samples/s" in mixed["result"].stdout
+
+
+def test_every_shard_decodes_and_pixel_latents_give_back_the_bucketed_images(mixed):
+    from model.tokenizers import PixelTokenizer
+
+    storage, tokenizer = mixed["storage"], PixelTokenizer()
+    rows_seen = 0
+    for entry in mixed["entries"].values():
+        files = entry["files"]
+        for kind in ("images", "latents"):
+            assert sha256_hex(storage.read_bytes(files[kind]["path"])) == files[kind]["sha256"]
+        samples = tar_samples(storage, entry)
+        rows = latent_rows(storage, entry)
+        assert [r["id"] for r in rows] == entry["ids"]  # one resolution: one row per sample, in input order
+        for row in rows:
+            sample = samples[f"{row['id']}-r256-v0"]
+            assert sample.image.shape[:2] == (row["bucket_h"], row["bucket_w"])
+            latents = row_latents(row)
+            mean, std = latents[(0, "image")]
+            assert std is None and mean.shape == (16, row["bucket_h"] // 2, row["bucket_w"] // 2)
+            pixels = ((tokenizer.decode(torch.from_numpy(mean)[None])[0] + 1) * 127.5).round().byte()
+            np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), sample.image)
+            assert set(row["modalities"]) >= {"image", "canny", "blur", "inpaint"}
+            rows_seen += 1
+    assert rows_seen == mixed["manifest"]["totals"]["rows"]
+
+
+def test_the_synthetic_rows_carry_their_exact_maps_and_labels(mixed):
+    storage = mixed["storage"]
+    entry = mixed["entries"]["synth-00000"]
+    samples = tar_samples(storage, entry)
+    row = latent_rows(storage, entry)[0]
+    assert set(row["modalities"]) >= {"depth", "semantic", "boxes"}
+    assert json.loads(row["class_colours"]) and row["entities"] and row["cameras"][0]["K"] is not None
+    sample = samples[f"{row['id']}-r256-v0"]
+    assert sample.depth is not None and sample.depth.shape == (256, 256) and sample.semantic is not None
+    assert row["captions"] and row["captions"][0]["origin"] == "source"
+
+
+def test_exact_duplicates_are_listed_in_the_manifest_first_one_kept(mixed):
+    duplicates = mixed["manifest"]["duplicates"]
+    expected = sum(1 for o in mixed["odd"].values() if o.get("duplicate_of"))
+    assert len(duplicates) == expected >= 1
+    kept_ids = {i for e in mixed["entries"].values() for i in e["ids"]}
+    assert all(d["kept"] in kept_ids and d["id"] in kept_ids for d in duplicates)
+
+
+def test_a_rerun_skips_every_committed_shard_and_changes_nothing(mixed, ray_head):
+    storage = mixed["storage"]
+    before = storage.read_bytes("builds/b/manifest.json")
+    result = ok(run_build(ray_head, mixed["config"]))
+    assert "0 committed" in result.stdout and f"{len(mixed['entries'])} skipped" in result.stdout
+    assert storage.read_bytes("builds/b/manifest.json") == before
+
+
+def test_a_changed_config_under_the_same_name_is_refused_with_the_way_out(mixed, ray_head):
+    result = run_build(ray_head, mixed["config"], "build.decode.min_size=32")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "build.decode.min_size" in result.stderr and "--set build.name=b-v2" in result.stderr
+
+
+def test_inspect_prints_the_summary_and_draws_the_contact_sheet(mixed, tmp_path):
+    from PIL import Image
+
+    sheet = tmp_path / "sheet.png"
+    result = subprocess.run([sys.executable, "-m", "onegen", "build", "inspect", str(mixed["root"] / "data/builds/b"),
+                             "--out", str(sheet), "--samples", "4"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "complete" in result.stdout and "256" in result.stdout
+    assert Image.open(sheet).size[1] >= 4 * 128
+
+
+# --- exactly-once: crashes at every commit point ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, ray_head):
+    """A two-source build small enough to run many times, and its uninterrupted result."""
+    root = tmp_path_factory.mktemp("small")
+    photos = root / "photos"
+    write_odd_folder(photos)
+    sources = [{"name": "synth", "type": "synthetic", "scenes": 4, "partition_size": 2, "size": 64},
+               {"name": "odd", "type": "folder", "path": str(photos), "partition_size": 6}]
+
+    def config(where: Path) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        return write_config(where / "build.yaml", where, sources, conditions={"kinds": ["canny"]})
+
+    reference = root / "reference"
+    ok(run_build(ray_head, config(reference)))
+    return {"config": config, "root": root, "reference": Storage(str(reference / "data"))}
+
+
+def _manifest_view(storage: Storage) -> tuple[dict, dict]:
+    manifest = read_manifest(storage, "b")
+    entries = read_entries(storage, "b")
+    return manifest, {shard: (e["ids"], e["files"]["images"]["sha256"], e["files"]["latents"]["sha256"])
+                      for shard, e in entries.items()}
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_crash_at_any_commit_point_then_a_rerun_equals_an_uninterrupted_build(small, ray_head, point):
+    where = small["root"] / f"crash-{point}"
+    config = small["config"](where)
+    crashed = run_build(ray_head, config, extra_env={"ONEGEN_CRASH_AT": point})
+    assert crashed.returncode == -9, (crashed.stdout + crashed.stderr)[-3000:]  # SIGKILLed at the point
+    storage = Storage(str(where / "data"))
+    for entry in read_entries(storage, "b").values():  # what a reader sees after the crash is whole
+        for kind in ("images", "latents"):
+            assert sha256_hex(storage.read_bytes(entry["files"][kind]["path"])) == entry["files"][kind]["sha256"]
+    assert not storage.exists("builds/b/manifest.json")
+    ok(run_build(ray_head, config))
+    assert _manifest_view(storage) == _manifest_view(small["reference"])

@@ -1,0 +1,57 @@
+"""`onegen build`'s config: sources by type, errors that name the key, and which keys are content."""
+
+from __future__ import annotations
+
+import pytest
+
+from onegen.build_config import BuildConfig
+from onegen.config import SCHEMAS, ConfigError, config_hash, content_hash, load_config
+
+SYNTH = "build.sources=[{name: synth, type: synthetic, scenes: 4}]"
+
+
+def build_cfg(*overrides: str) -> BuildConfig:
+    return load_config(None, ["run.name=b", *overrides], BuildConfig)
+
+
+def test_sources_are_typed_by_their_type_key():
+    cfg = build_cfg("build.sources=[{name: web, type: urls, files: [a.csv]}, {name: pics, type: folder, path: /p},"
+                    " {name: old, type: webdataset, paths: [s3://b/x/]}, {name: synth, type: synthetic}]")
+    assert [type(s).__name__ for s in cfg.build.sources] == ["UrlSource", "FolderSource", "WebDatasetSource",
+                                                            "SyntheticSource"]
+    assert cfg.build_name == "b" and SCHEMAS["build"] is BuildConfig
+    with pytest.raises(ConfigError, match=r"build\.sources\[0\]\.urls\.files: required field missing"):
+        build_cfg("build.sources=[{name: web, type: urls}]")
+    with pytest.raises(ConfigError, match=r"build\.sources\[0\]"):
+        build_cfg("build.sources=[{name: web, type: ftp}]")
+
+
+def test_source_names_are_unique_and_shard_safe():
+    with pytest.raises(ConfigError, match=r"repeated: \['s'\]"):
+        build_cfg("build.sources=[{name: s, type: synthetic}, {name: s, type: synthetic}]")
+    with pytest.raises(ConfigError, match=r"build\.sources\[0\]\.synthetic\.name"):
+        build_cfg("build.sources=[{name: Bad-Name, type: synthetic}]")
+    with pytest.raises(ConfigError, match=r"build\.sources: .*at least 1"):
+        build_cfg("build.sources=[]")
+
+
+def test_bad_ranges_and_resolutions_are_refused():
+    with pytest.raises(ConfigError, match="blur_sigma"):
+        build_cfg(SYNTH, "build.conditions.blur_sigma=[3, 1]")
+    with pytest.raises(ConfigError, match="build.resolutions"):
+        build_cfg(SYNTH, "build.resolutions=[300]")
+    assert build_cfg(SYNTH, "build.resolutions=[512, 256]").build.resolutions == [256, 512]
+
+
+def test_how_the_job_runs_is_not_content_but_what_it_writes_is():
+    base = build_cfg(SYNTH)
+    for runtime in ("build.stages.batch_size=3", "build.encode.concurrency=4", "build.encode.num_gpus=1",
+                    "build.name=other", "ray.num_cpus=7"):
+        cfg = build_cfg(SYNTH, runtime)
+        assert content_hash(cfg) == content_hash(base), runtime
+        assert config_hash(cfg) != config_hash(base), runtime
+    urls = "build.sources=[{name: web, type: urls, files: [a.csv]}]"
+    assert content_hash(build_cfg(urls, "build.sources[0].threads=2")) == content_hash(build_cfg(urls))
+    for content in ("build.sources[0].scenes=5", "build.resolutions=[512]", "build.encode.latent_dtype=bfloat16",
+                    "run.seed=3", "build.conditions.canny_low=50", "build.decode.min_size=32"):
+        assert content_hash(build_cfg(SYNTH, content)) != content_hash(base), content
