@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.limits import MAX_IMAGE_PIXELS
 
 ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -65,6 +68,7 @@ ASPECT_RATIO_VAE_FACTOR = 8  # the buckets are pixel sizes for f = 8; other toke
 # step is let through unchanged, anything beyond is a scaling mistake (0..255 floats, [-1, 1] passed as [0, 1]).
 FLOAT_RANGE_TOLERANCE = 1e-3
 IMAGE_DOWNLOAD_TIMEOUT_S = 30.0
+MAX_IMAGE_DOWNLOAD_BYTES = 256 << 20
 WHITE = (255, 255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -84,6 +88,7 @@ def load_image(source: str | os.PathLike | Image.Image, *, timeout_s: float = IM
     animated files (GIF/WebP/APNG) give their first frame, and the pixels are fully loaded into a copy so no file
     handle stays open. A PIL image is passed through with its EXIF orientation applied, at its current frame."""
     if isinstance(source, Image.Image):
+        _check_pixels(source.size, "the PIL image")  # may be lazy (Image.open without load): checked before decoding
         return _upright(source)
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         return _decode(io.BytesIO(_download(source, timeout_s)), source)
@@ -99,24 +104,45 @@ def _download(url: str, timeout_s: float) -> bytes:
     import requests  # imported here: only URL inputs need it
 
     try:
-        response = requests.get(url, timeout=timeout_s)
+        with requests.get(url, timeout=timeout_s, stream=True) as response:
+            if not response.ok:
+                raise ValueError(f"{url}: HTTP {response.status_code} {response.reason}; check the URL (it must serve "
+                                 "the image file itself).")
+            body = bytearray()
+            for chunk in response.iter_content(1 << 20):
+                body += chunk
+                if len(body) > MAX_IMAGE_DOWNLOAD_BYTES:
+                    raise ValueError(f"{url}: the response is larger than {MAX_IMAGE_DOWNLOAD_BYTES >> 20} MiB, more "
+                                     "than any image this model takes; download and downscale it, then pass the file.")
     except requests.RequestException as err:
         raise ConnectionError(f"{url}: download failed ({err}); check the URL and the network, or pass a local "
                               "path.") from err
-    if not response.ok:
-        raise ValueError(f"{url}: HTTP {response.status_code} {response.reason}; check the URL (it must serve the "
-                         "image file itself).")
-    return response.content
+    return bytes(body)
+
+
+def _check_pixels(size: tuple[int, int], label: str) -> None:
+    """Refuse an image whose header claims more than MAX_IMAGE_PIXELS, before a pixel is decoded (a decompression
+    bomb: a small file that claims 30000 x 30000 pixels would otherwise allocate gigabytes)."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{label}: the image claims {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                         "allowed (a decompression-bomb guard); downscale it first.")
 
 
 def _decode(file: Path | io.BytesIO, label: str) -> Image.Image:
     try:
-        with Image.open(file) as opened:
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit; _check_pixels refuses that itself
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(file)
+        with opened:
+            _check_pixels(opened.size, label)
             opened.seek(0)  # animated files: the first frame, whatever frame PIL opened at
             opened.load()
             return _upright(opened)
     except PermissionError:
         raise
+    except Image.DecompressionBombError as err:  # PIL's own guard fires in open() above 2 x its limit
+        raise ValueError(f"{label}: refused before decoding: {err}; downscale it first.") from err
     except UnidentifiedImageError as err:
         raise ValueError(f"{label}: cannot identify image file; {_DECODE_HINT}.") from err
     except (OSError, SyntaxError) as err:  # truncated or corrupt data (PIL raises both)

@@ -23,7 +23,6 @@ multiples of 16 pixels, i.e. even latent sizes, where nothing is padded.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -36,7 +35,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from model.attention import DEFAULT_SOFTCAP, check_attn_impl, softcap_self_attention, tiled_cross_attention
-from model.hub import resolve_pretrained_folder
+from model.hub import named_load_errors, read_json_file, resolve_pretrained_folder
 from model.presets import PRESETS
 from model.rope import ROPE_THETA, apply_rope, check_rope_head_dim, rope_cos_sin, token_positions
 
@@ -641,7 +640,7 @@ class NextDiT(ModelMixin, ConfigMixin):
             raise FileNotFoundError(
                 f"no {CONFIG_NAME} in {folder}: expected a NextDiT folder written by save_pretrained"
             )
-        config = json.loads(config_path.read_text())
+        config = read_json_file(config_path, "the NextDiT config")
         class_name = config.get("_class_name", cls.__name__)
         if class_name != cls.__name__:
             raise ValueError(f"{config_path} describes a {class_name!r}, not a {cls.__name__!r}")
@@ -700,15 +699,20 @@ def _resolve_model_folder(name_or_path, subfolder, revision, cache_dir, local_fi
 
 
 def _load_safetensors_folder(folder: Path, device) -> dict[str, torch.Tensor]:
-    """All tensors of the folder's single safetensors file or of the shards named by its index."""
-    from safetensors.torch import load_file
+    """All tensors of the folder's single safetensors file or of the shards named by its index; an unreadable file
+    raises a ValueError naming it."""
+    from safetensors.torch import load_file as load_tensors
+
+    def load_file(path: Path, device: str) -> dict[str, torch.Tensor]:
+        with named_load_errors(path, "NextDiT weights"):
+            return load_tensors(path, device=device)
 
     single = folder / WEIGHTS_NAME
     index = folder / WEIGHTS_INDEX_NAME
     if single.is_file():
         return load_file(single, device=str(device))
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_file(index, "the safetensors index")["weight_map"]
         state_dict: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             state_dict.update(load_file(folder / shard, device=str(device)))

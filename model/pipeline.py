@@ -60,6 +60,7 @@ Intentional deviations (interface or robustness, not the model's inputs for vali
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,8 +70,9 @@ import numpy as np
 import torch
 
 from model import cameras as camera_utils
-from model.hub import resolve_pretrained_folder
+from model.hub import read_json_file, resolve_pretrained_folder
 from model.images import ImageInput, as_image_list, bucket_size, center_crop_resize, image_to_tensor
+from model.limits import MAX_IMAGE_SIDE
 from model.nextdit import NextDiT
 from model.sampler import sample
 from model.schedule import (
@@ -199,7 +201,7 @@ class OneDiffusionPipeline:
                 f"{', '.join(c + '/' for c in REQUIRED_COMPONENTS)} (the release layout), or a NextDiT folder "
                 "(config.json + safetensors) together with image_tokenizer= and text_encoder=."
             )
-        index = json.loads(index_path.read_text())
+        index = read_json_file(index_path, "the pipeline index")
         needed = [c for c in REQUIRED_COMPONENTS
                   if not ((c == "transformer" and transformer is not None)
                           or (c == "vae" and image_tokenizer is not None)
@@ -374,9 +376,9 @@ class OneDiffusionPipeline:
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type={output_type!r}; expected 'pil', 'np' or 'latent'.")
         spec = get_task(task)
-        captions = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not captions:
-            raise ValueError("prompt is an empty list; pass a string or at least one prompt.")
+        captions = _prompt_list(prompt, "prompt")
+        _check_call_numbers(height=height, width=width, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, noise_scale=noise_scale)
         condition_images = as_image_list(images)
         layout = view_layout(spec, direction=direction, denoise_mask=denoise_mask, num_images=len(condition_images),
                              num_cameras=None if cameras is None else len(cameras))
@@ -408,7 +410,8 @@ class OneDiffusionPipeline:
         states, mask = self.encode_prompts(views.prompts)
         negative_states = negative_mask = None
         if guidance_scale > 1.0:
-            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = _prompt_list(negative_prompt, "negative_prompt")
+            negatives = negatives * batch if isinstance(negative_prompt, str) else negatives
             if len(negatives) != batch:
                 raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts; give one or one per prompt.")
             negative_states, negative_mask = self.encode_prompts(negatives)
@@ -444,7 +447,8 @@ class OneDiffusionPipeline:
     def _output_size(self, spec: Task, tensors: list[torch.Tensor], height, width) -> tuple[int, int]:
         if height is None or width is None:
             default_h, default_w = self.default_size(spec, tensors[0] if tensors else None)
-            height, width = height or default_h, width or default_w
+            height = default_h if height is None else height
+            width = default_w if width is None else width
         multiple = self.size_multiple()
         if height % multiple or width % multiple:
             raise ValueError(f"height={height}, width={width} must be multiples of {multiple} "
@@ -539,6 +543,37 @@ def _diffusers_version() -> str:
 
     return diffusers.__version__
 
+
+
+def _prompt_list(prompt, name: str) -> list[str]:
+    """`prompt` as a non-empty list of strings, or a ValueError naming the argument."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a list of strings (\"\" for none), got "
+                         f"{type(prompt).__name__}.")
+    if not prompts:
+        raise ValueError(f"{name} is an empty list; pass a string or at least one prompt.")
+    return list(prompts)
+
+
+def _check_call_numbers(*, height, width, num_inference_steps, guidance_scale, noise_scale) -> None:
+    """ValueErrors naming the argument for sizes, steps and scales no run can use (before anything is allocated)."""
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer number of pixels, got {value!r}.")
+        if not 0 < value <= MAX_IMAGE_SIDE:
+            raise ValueError(f"{name}={value} is out of range; expected 1..{MAX_IMAGE_SIDE} pixels (a multiple of "
+                             "size_multiple()), or None for the default size.")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
+    for name, value, low in (("guidance_scale", guidance_scale, 0.0), ("noise_scale", noise_scale, None)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
+                or (value < low if low is not None else value <= 0):
+            expected = ">= 0" if low is not None else "> 0"
+            raise ValueError(f"{name} must be a finite number {expected}, got {value!r}.")
 
 __all__ = [
     "OneDiffusionPipeline",

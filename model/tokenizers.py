@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.hub import resolve_pretrained_folder
+from model.hub import named_load_errors, resolve_pretrained_folder
 
 LATENT_CHANNELS = 16
 TEXT_MAX_LENGTH = 300  # the released pipeline truncates prompts at 300 tokens (spec §1.7)
@@ -207,7 +207,8 @@ class VAETokenizer(ImageTokenizer):
         kwargs = {"subfolder": subfolder} if subfolder else {}
         if torch_dtype is not None:
             kwargs["torch_dtype"] = torch_dtype
-        vae = AutoencoderKL.from_pretrained(str(root), **kwargs)
+        with named_load_errors(root / (subfolder or ""), "the VAE (AutoencoderKL)"):
+            vae = AutoencoderKL.from_pretrained(str(root), **kwargs)
         vae.eval().requires_grad_(False)
         return cls(vae, sample=sample)
 
@@ -304,10 +305,12 @@ class T5TextEncoder(nn.Module):
         model_kwargs = {"subfolder": encoder_sub} if encoder_sub else {}
         if torch_dtype is not None:
             model_kwargs["dtype"] = torch_dtype
-        model = T5EncoderModel.from_pretrained(str(root), **model_kwargs)
+        with named_load_errors(root / (encoder_sub or ""), "the T5 text encoder"):
+            model = T5EncoderModel.from_pretrained(str(root), **model_kwargs)
         model.eval().requires_grad_(False)
         tokenizer_kwargs = {"subfolder": tokenizer_sub} if tokenizer_sub else {}
-        tokenizer = AutoTokenizer.from_pretrained(str(root), **tokenizer_kwargs)
+        with named_load_errors(root / (tokenizer_sub or ""), "the T5 tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(root), **tokenizer_kwargs)
         return cls(model, tokenizer, max_length=max_length)
 
     @property

@@ -20,10 +20,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from onegen.config import RUNTIME, SCHEMAS, OnegenConfig, _role, _Section
+from model.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from onegen.config import RUNTIME, SCHEMAS, OnegenConfig, _role, _Section, check_safe_name
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"  # source names become shard names "NAME-00000": no '-' or '.' inside
-_BUILD_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 CONDITION_KINDS = ("canny", "blur", "inpaint")
 SYNTHETIC_MAPS = ("depth", "semantic", "pose", "boxes")
 
@@ -42,7 +42,8 @@ class UrlSource(_Source):
     retries: int = Field(1, ge=0, description="img2dataset's retries per URL")
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
         "no", description="img2dataset resizing before the build's own bucketing; 'no' keeps the original bytes")
-    image_size: int = Field(1024, gt=0, description="img2dataset's target size when resize_mode is not 'no'")
+    image_size: int = Field(1024, gt=0, le=MAX_IMAGE_SIDE, description="img2dataset's target size when "
+                                                                      "resize_mode is not 'no'")
     threads: int = Field(16, gt=0, description="download threads per partition task", **_role(RUNTIME))
 
 
@@ -63,7 +64,7 @@ class SyntheticSource(_Source):
     partition_size: int = Field(8, gt=0, description="scenes per partition")
     scenes: int = Field(16, gt=0)
     views_per_scene: int = Field(1, gt=0, description="> 1: multiview groups (one row per scene)")
-    size: int = Field(256, gt=0, description="render size in pixels (square)")
+    size: int = Field(256, gt=0, le=MAX_IMAGE_SIDE, description="render size in pixels (square)")
     with_figures: bool | None = Field(None, description="people in the scenes (pose labels); null: the world's "
                                                         "default")
     seed: int | None = Field(None, description="null: run.seed")
@@ -73,11 +74,11 @@ Source = Annotated[UrlSource | FolderSource | WebDatasetSource | SyntheticSource
 
 
 class DecodeSection(_Section):
-    min_size: int = Field(64, gt=0, description="smaller side below this: dropped as too_small")
+    min_size: int = Field(64, gt=0, le=MAX_IMAGE_SIDE, description="smaller side below this: dropped as too_small")
     max_aspect: float = Field(4.0, ge=1.0, description="long/short side above this: dropped as bad_aspect (the "
                                                        "buckets end at 4:1)")
-    max_pixels: int = Field(89_478_485, gt=0, description="width*height above this: dropped as too_large before "
-                                                          "decoding (PIL's decompression-bomb limit)")
+    max_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, description="width*height above this: dropped as too_large "
+                                                                "before decoding (PIL's decompression-bomb limit)")
 
 
 class ConditionsSection(_Section):
@@ -115,8 +116,7 @@ class StagesSection(_Section):
 
 
 class BuildSection(_Section):
-    name: str | None = Field(None, pattern=_BUILD_NAME_PATTERN, description="output folder builds/NAME; null: "
-                                                                            "run.name", **_role(RUNTIME))
+    name: str | None = Field(None, description="output folder builds/NAME; null: run.name", **_role(RUNTIME))
     sources: list[Source] = Field(min_length=1)
     resolutions: list[Literal[256, 512, 1024]] = Field([256], min_length=1)
     heldout_fraction: float = Field(0.0, ge=0, le=1, description="stable fraction of ids in the heldout split")
@@ -124,6 +124,8 @@ class BuildSection(_Section):
     conditions: ConditionsSection = ConditionsSection()
     encode: EncodeSection = EncodeSection()
     stages: StagesSection = Field(StagesSection(), **_role(RUNTIME))
+
+    _safe_name = field_validator("name")(check_safe_name)
 
     @field_validator("sources")
     @classmethod

@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from onegen.secrets import CREDENTIAL_HINT, is_secret_name, redact_value, secret_problems
+from onegen.secrets import CREDENTIAL_HINT, is_secret_name, redact, redact_value, secret_problems
 
 CONTENT, RUNTIME, MACHINE = "content", "runtime", "machine"
 
@@ -45,11 +45,88 @@ def _role(role: str) -> dict[str, Any]:
 
 
 class ConfigError(ValueError):
-    """A configuration problem; `problems` holds one line per problem, `str()` joins them."""
+    """A configuration problem; `problems` holds one line per problem, `str()` joins them. Every line is redacted
+    here, once for all messages: a problem line may quote what the user typed (a key, a --set, a path), and that
+    must never repeat a password or a token (onegen.secrets)."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+        self.problems = [redact(line) for line in problems]
+        super().__init__("\n".join(self.problems))
+
+
+from model.limits import MAX_IMAGE_SIDE  # noqa: E402 - the one bound on image sides (configs, flags, pipeline)
+
+# Names that become one path part (run.name, build.name, later stage and model names): letters, digits, '.', '_',
+# '-', starting with a letter or digit, no '..', so a name can never climb out of run.work_dir or storage.root.
+SAFE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SAFE_NAME_MAX = 128
+
+
+def safe_name_problem(value: str) -> str | None:
+    """Why `value` cannot be a path part, or None."""
+    if not SAFE_NAME_PATTERN.match(value) or ".." in value or len(value) > SAFE_NAME_MAX:
+        return (f"expected a name of letters, digits, '.', '_' and '-' (it becomes a folder name: no '/', no '..', "
+                f"starting with a letter or digit, at most {SAFE_NAME_MAX} characters), got {value!r}")
+    return None
+
+
+def check_safe_name(value: str | None) -> str | None:
+    if value is not None and (problem := safe_name_problem(value)):
+        raise ValueError(problem)
+    return value
+
+
+def _wants_number(annotation: Any) -> bool:
+    """True for int / float fields (optional or not): a YAML boolean there is a mistake, never a number."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    args = set(get_args(annotation)) - {type(None)} if get_origin(annotation) is not None else {annotation}
+    return bool(args) and bool not in args and args <= {int, float}
+
+
+def _number_items(annotation: Any) -> bool:
+    """True for list[int] / tuple[float, float] and the like."""
+    origin = get_origin(annotation)
+    return origin in (list, tuple) and any(_wants_number(arg) for arg in get_args(annotation) if arg is not ...)
+
+
+def boolean_number_problems(raw: Any, kind: Any, loc: tuple[Any, ...] = ()) -> list[tuple[str, str]]:
+    """(dotted key, problem) for every YAML boolean where the schema `kind` wants a number. pydantic's lax mode
+    reads true as 1 and false as 0, and YAML reads yes/no/on/off as booleans, so `steps: yes` or `--set lr=true`
+    would silently run with 1; refused instead. (A pre-pass over the raw data rather than a "*" field validator:
+    pydantic forbids before-validators on the discriminator field of `build.sources` items.)"""
+    kind = _unwrap_optional(kind)
+    while get_origin(kind) is Annotated:
+        kind = get_args(kind)[0]
+    found: list[tuple[str, str]] = []
+    model = _section_model(kind)
+    if model is None and isinstance(raw, dict):
+        model = _member_for_type(kind, raw.get("type"))  # an item of a list of typed sections (build.sources)
+    if model is not None and isinstance(raw, dict):
+        for key, value in raw.items():
+            if key in model.model_fields:
+                found += boolean_number_problems(value, model.model_fields[key].annotation, (*loc, key))
+    elif get_origin(kind) is dict and isinstance(raw, dict):
+        for key, value in raw.items():
+            found += boolean_number_problems(value, get_args(kind)[1], (*loc, key))
+    elif get_origin(kind) in (list, tuple) and isinstance(raw, list):
+        args = [arg for arg in get_args(kind) if arg is not ...]
+        for index, value in enumerate(raw):
+            item_kind = args[0] if get_origin(kind) is list or len(args) == 1 else args[min(index, len(args) - 1)]
+            found += boolean_number_problems(value, item_kind, (*loc, index))
+    elif isinstance(raw, bool) and _wants_number(kind):
+        found.append((_dotted(loc), f"expected a number, got {str(raw).lower()} (a YAML boolean: YAML reads "
+                                    "true/false/yes/no/on/off as booleans)"))
+    return found
+
+
+def _member_for_type(annotation: Any, type_name: Any) -> type[BaseModel] | None:
+    """The member of a union of sections whose `type` literal is `type_name`, or None."""
+    for member in filter(None, map(_section_model, get_args(annotation))):
+        field = member.model_fields.get("type")
+        if field is not None and type_name in get_args(field.annotation):
+            return member
+    return None
 
 
 class _Section(BaseModel):
@@ -63,10 +140,34 @@ class RunSection(_Section):
                            description="outputs, sqlite MLflow store, caches; relative to the CWD", **_role(MACHINE))
     seed: int = 0
 
+    _safe_name = field_validator("name")(check_safe_name)
+
+    @field_validator("work_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("expected a folder path, got an empty string (write . for the current folder)")
+        return value
+
     @field_validator("work_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
-        return Path(value).expanduser().absolute()
+        path = Path(value).expanduser().absolute()
+        if (problem := not_a_folder_problem(path)):
+            raise ValueError(problem)
+        return path
+
+
+def not_a_folder_problem(path: Path) -> str | None:
+    """Why a local folder path can never be a folder (it, or a parent, is a file), or None. Whether it can be
+    created is checked where it is created (onegen.preflight): a config may be checked on another machine."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                which = "is" if candidate == path else f"is inside {candidate}, which is"
+                return f"{path} {which} a file, not a folder: point it at a folder (it is created if missing)"
+            return None
+    return None
 
 
 class S3Options(_Section):
@@ -102,15 +203,36 @@ class StorageSection(_Section):
         from onegen.storage import StorageError, parse_root_uri  # the rule Storage applies, checked up front
 
         try:
-            parse_root_uri(value)
+            scheme, _, _, local = parse_root_uri(value)
         except StorageError as err:
             raise ValueError(str(err)) from None
+        if scheme == "file" and (problem := not_a_folder_problem(Path(local).expanduser().absolute())):
+            raise ValueError(problem)
         return value
+
+
+# MLflow tracking URIs onegen accepts. A bare folder or file: URI (MLflow's file store) is refused: MLflow 3 keeps
+# that store in maintenance mode and refuses to create one.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
 class TrackingSection(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<work_dir>/mlflow.db",
                             **_role(MACHINE))
+
+    @field_validator("uri")
+    @classmethod
+    def _usable_store(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = value.split(":", 1)[0].split("+", 1)[0].lower() if ":" in value else ""
+        if scheme not in TRACKING_SCHEMES or (scheme != "databricks" and "://" not in value):
+            folder = Path(value.removeprefix("file://").removeprefix("file:") or "mlruns").expanduser().absolute()
+            raise ValueError(f"expected sqlite:///ABS/PATH/mlflow.db (a local store), http(s)://HOST:PORT (an "
+                             f"`mlflow server`) or a database URI ({', '.join(TRACKING_SCHEMES)}), got {value!r}; "
+                             "MLflow no longer creates a store in a bare folder or file: URI, so to keep it there "
+                             f"write sqlite:///{folder}/mlflow.db")
+        return value
     experiment: str = Field("onegen", min_length=1, **_role(RUNTIME))
     artifact_location: str | None = Field(None, description="artifact root for a local (sqlite) store; "
                                                             "default <work_dir>/mlartifacts", **_role(MACHINE))
@@ -198,7 +320,8 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    image_size: int = Field(256, gt=0, description="training resolution in pixels (square bucket side)")
+    image_size: int = Field(256, gt=0, le=MAX_IMAGE_SIDE, description="training resolution in pixels (square "
+                                                                     "bucket side)")
     tokenizer: str = Field("pixel", min_length=1, description="'pixel' (space-to-depth) or an AutoencoderKL hub id "
                                                               "or local folder")
 
@@ -328,7 +451,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             dotted, value = _parse_override(item)
             _apply_override(raw, dotted, value, item, schema)
-            override_sources[dotted] = f"--set {item}"
+            override_sources[dotted] = set_label(item)
         except ConfigError as err:
             problems.extend(err.problems)
     try:
@@ -360,17 +483,21 @@ def validate_config(raw: Any, source: str, override_sources: dict[str, str] | No
     secrets = secret_problems(raw)
     lines = [f"{origin(dotted)}: {dotted}: {reason}: {CREDENTIAL_HINT}" for dotted, reason in secrets]
     secret_keys = {dotted for dotted, _ in secrets}
+    lines += [f"{origin(dotted)}: {dotted}: {problem}" for dotted, problem in boolean_number_problems(raw, schema)
+              if dotted not in secret_keys]
     if "run" not in raw:
         raw = {**raw, "run": {}}  # report the missing field (run.name), not just the missing section
     try:
         cfg = schema.model_validate(raw)
     except ValidationError as err:
         for error in err.errors():
-            dotted = _dotted(error["loc"])
+            dotted = _dotted(_without_union_tags(error["loc"], schema))
             if dotted in secret_keys:
                 continue  # already reported as a credential, without its value
             lines.append(f"{origin(dotted)}: {dotted or '<top level>'}: {_explain(error, schema)}")
         raise ConfigError(lines) from None
+    if lines:
+        raise ConfigError(lines)
     lines += [f"{origin(dotted)}: {dotted}: {problem}" for dotted, problem in cfg.cross_field_problems()]
     if lines:
         raise ConfigError(lines)
@@ -451,11 +578,19 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _read_yaml_file(path: Path) -> Any:
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such config file"]) from None
     except OSError as err:
         raise ConfigError([f"{path}: cannot read: {err.strerror}"]) from None
+    if b"\0" in data[:8192]:
+        raise ConfigError([f"{path}: is a binary file, not a YAML config (pass a .yaml file, e.g. configs/demo.yaml)"])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}): "
+                           "save the config as UTF-8"]) from None
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as err:
@@ -471,11 +606,19 @@ def _read_yaml_file(path: Path) -> Any:
 _KEY_PART = re.compile(r"^(?P<name>[^.\[\]]+)(?P<indexes>(?:\[\d+\])*)$")
 
 
+def set_label(item: str) -> str:
+    """How a `--set` item is named in messages: "--set", then the message names the dotted key; never the value,
+    which may be a secret the message would repeat (the explanation quotes non-secret values where that helps).
+    An item with no '=' is shown whole (redacted by ConfigError): it has no value to hide."""
+    return "--set" if "=" in item else f"--set {item}"
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not _KEY_PART.match(part) for part in key.split(".")):
-        raise ConfigError([f"--set {item}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4 or "
+        shown = f"--set {key}=…" if sep else f"--set {item}"  # the key, never the value (a secret, maybe)
+        raise ConfigError([f"{shown}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4 or "
                            "train.stages[1].steps=500"])
     try:
         value = parse_yaml(text) if text.strip() else None
@@ -509,17 +652,17 @@ def _apply_override(raw: dict[str, Any], dotted: str, value: Any, item: str,
             model = _union_member_with(kind, part)  # a list of typed sections (build.sources: urls | folder | ...)
         if isinstance(part, int):
             if get_origin(kind) is not list:
-                raise ConfigError([f"--set {item}: {parent}: is not a list, it has no item [{part}]"])
+                raise ConfigError([f"{set_label(item)}: {parent}: is not a list, it has no item [{part}]"])
             kind = get_args(kind)[0]
         elif model is not None:
             if part not in model.model_fields:
                 valid = ", ".join(model.model_fields)
-                raise ConfigError([f"--set {item}: {here}: unknown key (valid: {valid})"])
+                raise ConfigError([f"{set_label(item)}: {here}: unknown key (valid: {valid})"])
             kind = _unwrap_optional(model.model_fields[part].annotation)
         elif get_origin(kind) is dict:
             kind = get_args(kind)[1]
         else:
-            raise ConfigError([f"--set {item}: {parent}: is a value, not a section"])
+            raise ConfigError([f"{set_label(item)}: {parent}: is a value, not a section"])
     node: Any = raw
     for depth, part in enumerate(path[:-1]):
         following = path[depth + 1]
@@ -543,7 +686,7 @@ def _list_item(items: list[Any], index: int, list_path: list[str | int], item: s
     if index >= len(items):
         where = _dotted(tuple(list_path))
         have = f"has {len(items)} item{'' if len(items) == 1 else 's'}" if items else "is empty"
-        raise ConfigError([f"--set {item}: {where}[{index}]: no such item ({where} {have})"])
+        raise ConfigError([f"{set_label(item)}: {where}[{index}]: no such item ({where} {have})"])
     return items[index]
 
 
@@ -593,6 +736,29 @@ def _model_at(loc: tuple[Any, ...], schema: type[OnegenConfig]) -> type[BaseMode
             return None
         kind = _unwrap_optional(model.model_fields[part].annotation)
     return _section_model(kind)
+
+
+def _without_union_tags(loc: tuple[Any, ...], schema: type[OnegenConfig]) -> tuple[Any, ...]:
+    """pydantic puts the member's tag in the location of an error inside a discriminated union item
+    (build.sources[0].synthetic.size); the user wrote build.sources[0].size."""
+    kind: Any = schema
+    kept: list[Any] = []
+    for part in loc:
+        kind = _unwrap_optional(kind)
+        while get_origin(kind) is Annotated:
+            kind = get_args(kind)[0]
+        model = _section_model(kind)
+        if isinstance(part, int):
+            kind = get_args(kind)[0] if get_origin(kind) in (list, tuple) and get_args(kind) else None
+        elif model is not None and part in model.model_fields:
+            kind = model.model_fields[part].annotation
+        elif model is None and kind is not None and (member := _member_for_type(kind, part)) is not None:
+            kind = member
+            continue  # the tag: not a key the user wrote
+        else:
+            kind = None
+        kept.append(part)
+    return tuple(kept)
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

@@ -5,11 +5,11 @@ Two lines of defence:
     shows in Ray's dashboard, a config file lands in git and in MLflow, so redaction alone is not enough;
   * whatever still reaches a log (MLflow params, tags, artifacts, log records) goes through `redact` first.
 
-A *name* looks secret when one of its words is SECRET, TOKEN, PASSWORD, PASSWD or CREDENTIAL(S), when its last word
-is KEY (API_KEY, ACCESS_KEY, PRIVATE_KEY) or when it is an AWS credential variable. Words, not substrings:
-TOKENIZERS_PARALLELISM and max_tokens are not secrets. A *value* looks secret when it carries a password in a URL
-(scheme://user:password@host) or has the shape of a well-known token (AWS access key ids, Hugging Face, GitHub,
-OpenAI-style keys, PEM private keys).
+A *name* looks secret when one of its words is SECRET, TOKEN, PASSWORD, PASSWD, PWD, PASSPHRASE, APIKEY or
+CREDENTIAL(S), when its last word is KEY (API_KEY, ACCESS_KEY, PRIVATE_KEY) or when it is an AWS credential variable.
+Words, not substrings: TOKENIZERS_PARALLELISM and max_tokens are not secrets. A *value* looks secret when it carries
+a password (scheme://user:password@host, or user:password@host without a scheme) or has the shape of a well-known
+token (AWS access key ids, Hugging Face, GitHub, OpenAI-style keys, PEM private keys).
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from typing import Any
 
 REDACTED = "***"
 
-_SECRET_WORDS = {"secret", "token", "password", "passwd", "credential", "credentials"}
+_SECRET_WORDS = {"secret", "token", "password", "passwd", "pwd", "passphrase", "credential", "credentials", "apikey"}
 _AWS_CREDENTIAL_NAMES = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_security_token"}
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)(?P<password>[^/\s@]+)(?P<at>@)")
+# The same userinfo without a scheme: user:password@host as in a mistyped ray.address, or a URL whose "//" a path
+# join collapsed (http:/user:password@host).
+_BARE_PASSWORD = re.compile(r"(?P<head>(?<![\w.+\-%:@])[\w.+\-%]+:)(?P<password>[^\s/@:]+)(?P<at>@)(?=[\w\[])")
 _TOKEN_SHAPES = re.compile(
     r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"                    # AWS access key ids
     r"|\bhf_[A-Za-z0-9]{30,}\b"                         # Hugging Face tokens
@@ -54,12 +57,13 @@ def is_secret_name(name: str) -> bool:
 
 def looks_like_secret_value(value: str) -> bool:
     """True when `value` holds a password in a URL or a well-known token shape."""
-    return bool(_URL_PASSWORD.search(value) or _TOKEN_SHAPES.search(value))
+    return bool(_URL_PASSWORD.search(value) or _BARE_PASSWORD.search(value) or _TOKEN_SHAPES.search(value))
 
 
 def redact(text: str) -> str:
     """`text` with URL passwords and token-shaped strings replaced by ***."""
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}{m['at']}", text)
+    text = _BARE_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}{m['at']}", text)
     return _TOKEN_SHAPES.sub(REDACTED, text)
 
 
@@ -90,7 +94,9 @@ def secret_problems(data: Any, prefix: str = "") -> list[tuple[str, str]]:
         for index, item in enumerate(data):
             found.extend(secret_problems(item, f"{prefix}[{index}]"))
     elif isinstance(data, str) and looks_like_secret_value(data):
-        reason = "holds a password in a URL" if _URL_PASSWORD.search(data) else "holds a token-like secret"
+        reason = ("holds a password in a URL" if _URL_PASSWORD.search(data)
+                  else "holds a password (user:password@host)" if _BARE_PASSWORD.search(data)
+                  else "holds a token-like secret")
         found.append((prefix, reason))
     return found
 

@@ -137,6 +137,20 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage({self.root_uri!r})"
 
+    def check_access(self) -> None:
+        """Fail now, naming the root and the fix, if this root cannot be used: for S3, no credentials, an
+        unreachable endpoint or a missing bucket; locally, a folder that cannot be created. Commands call it
+        before they start Ray (onegen.preflight), so a build never fails minutes in on a typo'd bucket."""
+        if self.scheme == "s3":
+            self._credential_source()
+            self._check_bucket("")
+            return
+        try:
+            Path(self._root_path).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"{self.root_uri}: cannot create the storage root ({err.strerror or err}); point "
+                               "storage.root at a folder you can write, or an s3:// URI") from None
+
     # --- where things are ---------------------------------------------------------------------------------------
 
     def uri(self, rel: str = "") -> str:

@@ -151,16 +151,30 @@ def log_config(cfg: OnegenConfig) -> None:
     mlflow.log_text(resolved_yaml(cfg), CONFIG_ARTIFACT)
 
 
+def end_status(error: BaseException | None) -> str:
+    """The MLflow status a run ends with: FINISHED, KILLED when the user stopped it (Ctrl-C, or SIGTERM from `ray job
+    stop`, which the CLI turns into KeyboardInterrupt), FAILED for anything else. MLflow's own context manager
+    would mark a Ctrl-C FAILED."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 @contextlib.contextmanager
 def start_run(cfg: OnegenConfig, run_name: str | None = None, tags: dict[str, str] | None = None, *,
               nested: bool = False) -> Iterator["mlflow.ActiveRun"]:
     """Open an MLflow run named `run_name` (default `run.name`) tagged with git commit/dirty and config hash, with
-    the resolved config logged. The run ends FINISHED, or FAILED if the block raises."""
+    the resolved config logged. The run ends as `end_status` says: FINISHED, KILLED (Ctrl-C) or FAILED."""
     import mlflow
 
     install_log_redaction()
     experiment_id = ensure_experiment(cfg)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run.name,
-                          tags=run_tags(cfg, tags), nested=nested) as run:
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run.name, tags=run_tags(cfg, tags),
+                           nested=nested)
+    try:
         log_config(cfg)
         yield run
+    except BaseException as err:
+        mlflow.end_run(end_status(err))
+        raise
+    mlflow.end_run(end_status(None))

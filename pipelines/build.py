@@ -211,6 +211,9 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     from onegen.raycluster import init_ray
     from pipelines.shard_writer import commit_shard, write_manifest
 
+    from onegen.preflight import check_run_targets
+
+    check_run_targets(cfg)  # work dir, Ray, MLflow and storage usable: refused before anything is written
     started = time.perf_counter()
     storage = Storage.from_config(cfg)
     name = cfg.build_name
@@ -312,7 +315,9 @@ class _tracked_run:
     def __exit__(self, kind, value, traceback):
         import mlflow
 
-        mlflow.end_run("FINISHED" if kind is None else "FAILED")
+        from onegen.tracking import end_status
+
+        mlflow.end_run(end_status(value))
         return False
 
 

@@ -43,10 +43,12 @@ import struct
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from model.limits import MAX_IMAGE_PIXELS
+
 log = logging.getLogger(__name__)
 
 DROP_REASONS = ("empty_file", "not_an_image", "truncated", "too_large", "too_small", "bad_aspect")
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS default (about 9459 x 9459)
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS  # PIL's own Image.MAX_IMAGE_PIXELS default (about 9459 x 9459)
 
 # What PIL raises for corrupt or cut-short data while decoding (PIL itself uses all of these); anything else escapes
 # to the build's stage wrapper, which drops the record as error_decode with the exception.

@@ -20,7 +20,7 @@ def test_sources_are_typed_by_their_type_key():
     assert [type(s).__name__ for s in cfg.build.sources] == ["UrlSource", "FolderSource", "WebDatasetSource",
                                                             "SyntheticSource"]
     assert cfg.build_name == "b" and SCHEMAS["build"] is BuildConfig
-    with pytest.raises(ConfigError, match=r"build\.sources\[0\]\.urls\.files: required field missing"):
+    with pytest.raises(ConfigError, match=r"build\.sources\[0\]\.files: required field missing"):
         build_cfg("build.sources=[{name: web, type: urls}]")
     with pytest.raises(ConfigError, match=r"build\.sources\[0\]"):
         build_cfg("build.sources=[{name: web, type: ftp}]")
@@ -29,7 +29,7 @@ def test_sources_are_typed_by_their_type_key():
 def test_source_names_are_unique_and_shard_safe():
     with pytest.raises(ConfigError, match=r"repeated: \['s'\]"):
         build_cfg("build.sources=[{name: s, type: synthetic}, {name: s, type: synthetic}]")
-    with pytest.raises(ConfigError, match=r"build\.sources\[0\]\.synthetic\.name"):
+    with pytest.raises(ConfigError, match=r"build\.sources\[0\]\.name"):
         build_cfg("build.sources=[{name: Bad-Name, type: synthetic}]")
     with pytest.raises(ConfigError, match=r"build\.sources: .*at least 1"):
         build_cfg("build.sources=[]")

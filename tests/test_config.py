@@ -114,10 +114,10 @@ def test_all_problems_are_reported_one_per_line(tmp_path: Path):
 
 def test_override_errors_name_the_override(tmp_path: Path):
     path = write(tmp_path, "run: {name: r}\n")
-    assert problems(path, ["train.lr=abc"]) == ["--set train.lr=abc: train.lr: expected a number, got 'abc'"]
+    assert problems(path, ["train.lr=abc"]) == ["--set: train.lr: expected a number, got 'abc'"]
     [unknown] = problems(path, ["train.lrr=1e-4"])
-    assert unknown.startswith("--set train.lrr=1e-4: train.lrr: unknown key (valid: lr, steps")
-    assert problems(path, ["train.lr.x=1"]) == ["--set train.lr.x=1: train.lr: is a value, not a section"]
+    assert unknown.startswith("--set: train.lrr: unknown key (valid: lr, steps")
+    assert problems(path, ["train.lr.x=1"]) == ["--set: train.lr: is a value, not a section"]
     assert problems(path, ["train.lr"])[0].startswith("--set train.lr: expected KEY=VALUE")
 
 
@@ -222,11 +222,10 @@ def test_content_hash_covers_what_changes_results_and_the_full_hash_the_rest(tmp
 def test_credentials_anywhere_in_a_config_are_refused_without_echoing_them(override):
     key = override.partition("=")[0]
     lines = problems(None, ["run.name=r", override])
-    assert len(lines) == 1 and lines[0].startswith(f"--set {override}: {key}: ")
+    assert len(lines) == 1 and lines[0].startswith(f"--set: {key}: ")
     assert "credential chain" in lines[0]
     value = override.partition("=")[2]
-    assert "hunter2" not in lines[0].replace(f"--set {override}", "")
-    assert value not in lines[0].replace(f"--set {override}", "") or value == "abc"
+    assert "hunter2" not in lines[0] and value not in lines[0]  # the message never repeats the value
 
 
 def test_credentials_in_a_file_are_refused_and_harmless_lookalikes_pass(tmp_path: Path):
@@ -246,19 +245,19 @@ def test_every_key_acts_keys_for_later_commands_are_absent():
         assert "unknown key (valid: lr, steps, batch_size)" in line
     # Commands without a model (env, jobs) have none of the demo's sections.
     [line] = problems(None, ["run.name=r", "train.lr=1e-4"], schema=OnegenConfig)
-    assert line.startswith("--set train.lr=1e-4: train: unknown key (valid: run, storage, tracking, ray)")
+    assert line.startswith("--set: train: unknown key (valid: run, storage, tracking, ray)")
     assert set(SCHEMAS) >= {"onegen", "demo"}
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "0", "-1e-3"])
 def test_learning_rate_must_be_finite_and_positive(value):
     [line] = problems(None, ["run.name=r", f"train.lr={value}"])
-    assert line.startswith(f"--set train.lr={value}: train.lr: expected a")
+    assert line.startswith("--set: train.lr: expected a")
 
 
 def test_image_size_must_fit_tokenizer_factor_and_patch_size(tmp_path: Path):
     [line] = problems(None, ["run.name=r", "data.image_size=30"])
-    assert line == ("--set data.image_size=30: data.image_size: expected a multiple of 4 (tokenizer 'pixel' "
+    assert line == ("--set: data.image_size: expected a multiple of 4 (tokenizer 'pixel' "
                     "downsamples by 2, model.preset 'nextdit-tiny' has 2x2 patches), got 30")
     assert load_config(None, ["run.name=r", "data.image_size=36"], DemoConfig).data.image_size == 36
     vae = tmp_path / "vae"
@@ -274,11 +273,11 @@ def test_set_addresses_list_items(tmp_path: Path):
     cfg = load_config(path, ["ray.runtime_env.excludes[1]=c"])
     assert cfg.ray.runtime_env.excludes == ["a", "c"]
     assert problems(path, ["ray.runtime_env.excludes[5]=c"]) == [
-        "--set ray.runtime_env.excludes[5]=c: ray.runtime_env.excludes[5]: no such item "
+        "--set: ray.runtime_env.excludes[5]: no such item "
         "(ray.runtime_env.excludes has 2 items)"]
-    assert problems(path, ["run.seed[0]=1"]) == ["--set run.seed[0]=1: run: is a value, not a section"] or \
-        problems(path, ["run.seed[0]=1"]) == ["--set run.seed[0]=1: run.seed: is not a list, it has no item [0]"]
-    assert problems(path, ["ray.runtime_env.excludes[x]=c"])[0].startswith("--set ray.runtime_env.excludes[x]=c: "
+    assert problems(path, ["run.seed[0]=1"]) == ["--set: run: is a value, not a section"] or \
+        problems(path, ["run.seed[0]=1"]) == ["--set: run.seed: is not a list, it has no item [0]"]
+    assert problems(path, ["ray.runtime_env.excludes[x]=c"])[0].startswith("--set ray.runtime_env.excludes[x]=…: "
                                                                              "expected KEY=VALUE")
 
 

@@ -293,6 +293,60 @@ def test_bad_inputs_get_clear_errors(pipe):
         run(pipe, "text2image", latents=torch.zeros(1, 2, 16, 8, 8))
 
 
+@pytest.mark.parametrize("call, message", [
+    (dict(height=-16), r"^height=-16 is out of range; expected 1\.\.4096 pixels"),
+    (dict(width=0), r"^width=0 is out of range"),
+    (dict(height=100_000), r"^height=100000 is out of range"),
+    (dict(height=16.0), r"^height must be an integer number of pixels, got 16\.0"),
+    (dict(height=18), r"multiples of 4"),
+    (dict(prompt=None), r"^prompt must be a string or a list of strings \(\"\" for none\), got NoneType"),
+    (dict(prompt=["ok", 3]), r"^prompt must be a string or a list of strings"),
+    (dict(negative_prompt=None, guidance_scale=2.0), r"^negative_prompt must be a string"),
+    (dict(num_inference_steps=0), r"^num_inference_steps must be an integer >= 1, got 0"),
+    (dict(guidance_scale=float("nan")), r"^guidance_scale must be a finite number >= 0, got nan"),
+    (dict(noise_scale=0.0), r"^noise_scale must be a finite number > 0, got 0\.0"),
+])
+def test_arguments_no_run_can_use_raise_a_value_error_naming_them(pipe, call, message):
+    with pytest.raises(ValueError, match=message):
+        run(pipe, "text2image", **{"prompt": "a cat", **call})
+
+
+def test_a_decompression_bomb_condition_image_is_refused_naming_it(pipe, tmp_path):
+    from odd_images import huge_png
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(huge_png(30000, 30000))
+    with pytest.raises(ValueError, match=rf"{bomb}: refused before decoding"):
+        run(pipe, "depth2image", images=[str(bomb)], direction="estimate")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "bad-json"])
+def test_a_corrupted_weights_file_raises_a_value_error_naming_it(release_dir, tmp_path, damage):
+    broken = tmp_path / "release"
+    shutil.copytree(release_dir, broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        target, what = weights, "NextDiT weights"
+    elif damage == "garbage":
+        weights.write_bytes(b"not a safetensors file at all" * 10)
+        target, what = weights, "NextDiT weights"
+    else:
+        (broken / "transformer" / "config.json").write_text("{not json")
+        target, what = broken / "transformer" / "config.json", "the NextDiT config"
+    with pytest.raises(ValueError, match=rf"^{target}: cannot load {what} \(.*\); the file is corrupt or cut short"):
+        OneDiffusionPipeline.from_pretrained(broken)
+
+
+def test_a_corrupted_vae_file_raises_a_value_error_naming_its_folder(release_dir, tmp_path):
+    broken = tmp_path / "release"
+    shutil.copytree(release_dir, broken)
+    weights = next((broken / "vae").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"^{broken / 'vae'}: cannot load the VAE"):
+        OneDiffusionPipeline.from_pretrained(broken)
+
+
 def test_bfloat16_transformer_runs_and_returns_float32_latents(release_dir):
     pipe = OneDiffusionPipeline.from_pretrained(release_dir, torch_dtype=torch.bfloat16)
     assert pipe.dtype == torch.bfloat16

@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -60,12 +62,18 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, schema=None):
     """The resolved config named by --config/--set (built-in defaults without --config), validated against `schema`:
-    default the command's own (onegen.config.SCHEMAS[args.command]), else the shared sections. Raises ConfigError.
+    default the command's own (onegen.config.SCHEMAS[args.command]); a command without a schema of its own (`env`)
+    accepts any command's config, validated against the smallest schema with all its sections. Raises ConfigError.
 
     Remembers the config's run.work_dir on `args`, so a failure report saves its traceback there."""
-    from onegen.config import SCHEMAS, OnegenConfig, default_config, load_config
+    from onegen.config import SCHEMAS, default_config, load_config, read_sections, schema_for_sections
 
-    schema = schema or SCHEMAS.get(getattr(args, "command", None), OnegenConfig)
+    if schema is None:
+        schema = SCHEMAS.get(getattr(args, "command", None))
+    if schema is None:
+        sections = read_sections(args.config) if getattr(args, "config", None) else set()
+        sections |= {item.partition("=")[0].split(".")[0].split("[")[0].strip() for item in args.overrides}
+        schema = schema_for_sections(sections)
     if getattr(args, "config", None) is None and not args.overrides:
         cfg = default_config(schema)
     elif getattr(args, "config", None) is None:
@@ -76,9 +84,18 @@ def config_from_args(args: argparse.Namespace, schema=None):
     return cfg
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors never repeat a secret: they quote what was typed (`invalid choice: '...'`),
+    which may be a URL with a password. Sub-parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {redact(message)}\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported to add its arguments."""
-    parser = argparse.ArgumentParser(prog="onegen", description="Build the One-Gen dataset and train OneDiffusion "
+    parser = ArgumentParser(prog="onegen", description="Build the One-Gen dataset and train OneDiffusion "
                                                                 "with Ray, DeepSpeed and MLflow.")
     parser.add_argument("--version", action="version", version=f"onegen {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -105,6 +122,7 @@ def run_command(command: str, run: Callable[[argparse.Namespace], int], args: ar
     from onegen.errors import UsageError
 
     install_log_redaction()  # no log line of this process shows a secret, whichever library writes it
+    _stop_on_sigterm()
     try:
         return int(run(args))
     except KeyboardInterrupt:
@@ -125,6 +143,18 @@ def run_command(command: str, run: Callable[[argparse.Namespace], int], args: ar
             return EXIT_FAILED
         report_failure(command, err, getattr(args, _WORK_DIR_ATTR, None))
         return EXIT_FAILED
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, `kill`, a scheduler's stop) ends the command as Ctrl-C does: `finally` blocks run,
+    Ray and MLflow are shut down, and the MLflow run ends KILLED instead of staying RUNNING forever."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _says_what_to_fix(err: BaseException) -> bool:

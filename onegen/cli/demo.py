@@ -275,9 +275,9 @@ def run_demo(cfg) -> dict:
     from onegen.storage import Storage
     from onegen.tracking import start_run
 
-    from onegen.raycluster import check_ray_target
+    from onegen.preflight import check_run_targets
 
-    check_ray_target(cfg)  # a bad Ray address or paths a cluster cannot keep: refused before anything is written
+    check_run_targets(cfg)  # work dir, Ray address, MLflow and storage usable: refused before anything is written
     torch.manual_seed(cfg.run.seed)
     out_dir = Path(cfg.run.work_dir) / cfg.run.name
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
-from onegen.cli import run_command
+from model.limits import MAX_IMAGE_SIDE
+from onegen.cli import ArgumentParser, run_command
+from onegen.config import not_a_folder_problem
 from onegen.errors import UsageError, step
 from onegen.storage import StorageError
 from pipelines.record import as_storage, write_sample_files
@@ -62,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _common(p: argparse.ArgumentParser, scenes: int) -> None:
     p.add_argument("--scenes", type=int, default=scenes, help=f"number of scenes (default {scenes})")
     p.add_argument("--views", type=int, default=4, help="cameras per scene (default 4)")
-    p.add_argument("--size", type=int, default=128, help="square image size in pixels (default 128)")
+    p.add_argument("--size", type=int, default=128, help=f"square image size in pixels, 8..{MAX_IMAGE_SIDE} "
+                                                         "(default 128)")
     p.add_argument("--seed", type=int, default=0, help="run seed; scene i uses SeedSequence([seed, i])")
     p.add_argument("--no-figures", action="store_true", help="objects only, no human figures")
 
@@ -80,6 +84,26 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--scenes-per-shard must be >= 1, got {args.scenes_per_shard}")
     if getattr(args, "scale", 1) < 1:
         raise UsageError(f"--scale must be a positive integer (panel upscaling), got {args.scale}")
+    if args.size * getattr(args, "scale", 1) > MAX_IMAGE_SIDE:
+        what = "--size x --scale" if getattr(args, "scale", 1) > 1 else "--size"
+        raise UsageError(f"{what} must be at most {MAX_IMAGE_SIDE} pixels, got {args.size * getattr(args, 'scale', 1)}")
+    _check_out(args.out, folder=args.synth_command == "render")  # render writes files or shards into a folder
+
+
+def _check_out(out: str, folder: bool) -> None:
+    """--out must be usable before anything renders: not empty; a local folder output not a file; a local file
+    output not a folder."""
+    if not out.strip():
+        raise UsageError("--out must name " + ("a folder" if folder else "a file") + ", got an empty string")
+    if "://" in out and not out.startswith("file://"):
+        return  # s3://: checked by Storage
+    path = Path(out.removeprefix("file://")).expanduser().absolute()
+    if folder and (problem := not_a_folder_problem(path)):
+        raise UsageError(f"--out {problem}")
+    if not folder and path.is_dir():
+        raise UsageError(f"--out {path} is a folder: name the file to write, e.g. {path / 'out.png'}")
+    if not folder and (problem := not_a_folder_problem(path.parent)):
+        raise UsageError(f"--out {problem}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="onegen synth", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="onegen synth", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run_command("synth", run, parser.parse_args(argv))  # errors reported as `onegen synth` does
 

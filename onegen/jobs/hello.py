@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from onegen.cli import add_config_options, config_from_args, run_command
+from onegen.cli import ArgumentParser, add_config_options, config_from_args, run_command
 from onegen.errors import UsageError, step
 from onegen.raycluster import init_ray
 
@@ -32,7 +32,7 @@ def _task_view(x: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m onegen.jobs.hello", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m onegen.jobs.hello", description=__doc__.splitlines()[0])
     add_config_options(parser)
     parser.add_argument("--tasks", type=int, default=4, help="Ray tasks to run (>= 1)")
     return run_command("hello", run, parser.parse_args(argv))
