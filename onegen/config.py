@@ -29,12 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model.limits import MAX_IMAGE_SIDE  # the one bound on image sides (configs, flags, pipeline); no torch
 from onegen.secrets import CREDENTIAL_HINT, is_secret_name, redact, redact_value, secret_problems
 
 CONTENT, RUNTIME, MACHINE = "content", "runtime", "machine"
@@ -52,9 +54,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = [redact(line) for line in problems]
         super().__init__("\n".join(self.problems))
-
-
-from model.limits import MAX_IMAGE_SIDE  # noqa: E402 - the one bound on image sides (configs, flags, pipeline)
 
 # Names that become one path part (run.name, build.name, later stage and model names): letters, digits, '.', '_',
 # '-', starting with a letter or digit, no '..', so a name can never climb out of run.work_dir or storage.root.
@@ -134,6 +133,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+def not_a_folder_problem(path: Path) -> str | None:
+    """Why a local folder path can never be a folder (it, or a parent, is a file), or None. Whether it can be
+    created is checked where it is created (onegen.preflight): a config may be checked on another machine."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                which = "is" if candidate == path else f"is inside {candidate}, which is"
+                return f"{path} {which} a file, not a folder: point it at a folder (it is created if missing)"
+            return None
+    return None
+
+
 class RunSection(_Section):
     name: str = Field(min_length=1, description="run name; names the MLflow run and output folders", **_role(RUNTIME))
     work_dir: Path = Field(Path("work"), validate_default=True,
@@ -156,18 +167,6 @@ class RunSection(_Section):
         if (problem := not_a_folder_problem(path)):
             raise ValueError(problem)
         return path
-
-
-def not_a_folder_problem(path: Path) -> str | None:
-    """Why a local folder path can never be a folder (it, or a parent, is a file), or None. Whether it can be
-    created is checked where it is created (onegen.preflight): a config may be checked on another machine."""
-    for candidate in (path, *path.parents):
-        if candidate.exists() or candidate.is_symlink():
-            if not candidate.is_dir():
-                which = "is" if candidate == path else f"is inside {candidate}, which is"
-                return f"{path} {which} a file, not a folder: point it at a folder (it is created if missing)"
-            return None
-    return None
 
 
 class S3Options(_Section):
@@ -220,12 +219,24 @@ class TrackingSection(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<work_dir>/mlflow.db",
                             **_role(MACHINE))
 
+    experiment: str = Field("onegen", min_length=1, **_role(RUNTIME))
+    artifact_location: str | None = Field(None, description="artifact root for a local (sqlite) store; "
+                                                            "default <work_dir>/mlartifacts", **_role(MACHINE))
+
     @field_validator("uri")
     @classmethod
     def _usable_store(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        scheme = value.split(":", 1)[0].split("+", 1)[0].lower() if ":" in value else ""
+        scheme = value.split(":", 1)[0].split("+", 1)[0].lower() if ":" in value else value.lower()
+        if scheme in ("http", "https"):
+            try:
+                parts = urllib.parse.urlsplit(value)
+                parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+            except ValueError as err:
+                raise ValueError(f"{err} in {value!r}: expected http(s)://HOST:PORT") from None
+            if not parts.hostname:
+                raise ValueError(f"expected http(s)://HOST:PORT, got {value!r} (no host)")
         if scheme not in TRACKING_SCHEMES or (scheme != "databricks" and "://" not in value):
             folder = Path(value.removeprefix("file://").removeprefix("file:") or "mlruns").expanduser().absolute()
             raise ValueError(f"expected sqlite:///ABS/PATH/mlflow.db (a local store), http(s)://HOST:PORT (an "
@@ -233,9 +244,6 @@ class TrackingSection(_Section):
                              "MLflow no longer creates a store in a bare folder or file: URI, so to keep it there "
                              f"write sqlite:///{folder}/mlflow.db")
         return value
-    experiment: str = Field("onegen", min_length=1, **_role(RUNTIME))
-    artifact_location: str | None = Field(None, description="artifact root for a local (sqlite) store; "
-                                                            "default <work_dir>/mlartifacts", **_role(MACHINE))
 
 
 class RayRuntimeEnv(_Section):
@@ -576,13 +584,21 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; a bigger "config" is the wrong file (or /dev/zero)
+
+
 def _read_yaml_file(path: Path) -> Any:
     try:
-        data = path.read_bytes()
+        if path.exists() and not path.is_file() and not path.is_dir():
+            raise ConfigError([f"{path}: not a regular file (a device, FIFO or socket); pass a .yaml file"])
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such config file"]) from None
     except OSError as err:
         raise ConfigError([f"{path}: cannot read: {err.strerror}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config file; pass a .yaml file"])
     if b"\0" in data[:8192]:
         raise ConfigError([f"{path}: is a binary file, not a YAML config (pass a .yaml file, e.g. configs/demo.yaml)"])
     try:
@@ -597,6 +613,10 @@ def _read_yaml_file(path: Path) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err)
+        if isinstance(err, (yaml.constructor.ConstructorError, yaml.composer.ComposerError)):
+            # "undefined alias 'x'", "constructor for the tag '!x'": x is the user's value (a password starting
+            # with '*' or '!', say); the line number is enough to find it.
+            problem = re.sub(r"'[^']*'", "'…'", problem) + " (quote values that start with '*', '&' or '!')"
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
     return {} if data is None else data
 

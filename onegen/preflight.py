@@ -53,12 +53,12 @@ def check_tracking_store(uri: str | None, timeout_s: float = PROBE_TIMEOUT_S) ->
     be creatable. Other stores (databases, databricks) are left to MLflow."""
     if not uri:
         return
-    if uri.startswith("sqlite:///"):
+    if uri.lower().startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         if path and path != ":memory:":
             check_local_folder(Path(path).parent, "tracking.uri")
         return
-    if not uri.startswith(("http://", "https://")):
+    if not uri.lower().startswith(("http://", "https://")):
         return
     shown = redact(uri)
     try:
@@ -72,6 +72,8 @@ def check_tracking_store(uri: str | None, timeout_s: float = PROBE_TIMEOUT_S) ->
         reason = _reason(err.reason, timeout_s)
     except (TimeoutError, OSError) as err:
         reason = _reason(err, timeout_s)
+    except ValueError as err:  # a URL urllib cannot send (config validation catches most)
+        raise UsageError(f"tracking.uri {shown}: {redact(str(err))}; expected http(s)://HOST:PORT") from None
     raise UnreachableError(f"tracking.uri {shown}: no MLflow server answers ({reason}). Start one there (`mlflow "
                            "server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db`), fix "
                            "tracking.uri, or leave it unset to log to sqlite under run.work_dir")

@@ -6,10 +6,12 @@ Two lines of defence:
   * whatever still reaches a log (MLflow params, tags, artifacts, log records) goes through `redact` first.
 
 A *name* looks secret when one of its words is SECRET, TOKEN, PASSWORD, PASSWD, PWD, PASSPHRASE, APIKEY or
-CREDENTIAL(S), when its last word is KEY (API_KEY, ACCESS_KEY, PRIVATE_KEY) or when it is an AWS credential variable.
-Words, not substrings: TOKENIZERS_PARALLELISM and max_tokens are not secrets. A *value* looks secret when it carries
-a password (scheme://user:password@host, or user:password@host without a scheme) or has the shape of a well-known
-token (AWS access key ids, Hugging Face, GitHub, OpenAI-style keys, PEM private keys).
+CREDENTIAL(S) or ends with one (HFTOKEN, DBPASSWORD), when its last word is KEY, PASS or PW (API_KEY, DB_PASS) or when
+it is an AWS credential variable. Words, not substrings: TOKENIZERS_PARALLELISM and max_tokens are not secrets. A
+*value* looks secret when it carries a password (scheme://user:password@host, or user:password@host without a
+scheme; the password may hold ':' and '@'), a credential in a query string (?password=, &token=, X-Amz-Signature=)
+or has the shape of a well-known token (AWS access key ids, Hugging Face, GitHub, OpenAI-style keys, bearer tokens,
+PEM private keys).
 """
 
 from __future__ import annotations
@@ -22,17 +24,25 @@ from typing import Any
 REDACTED = "***"
 
 _SECRET_WORDS = {"secret", "token", "password", "passwd", "pwd", "passphrase", "credential", "credentials", "apikey"}
+_SECRET_LAST_WORDS = {"key", "pass", "pw"}  # only at the end: DB_PASS, API_KEY; not pass_rate, key_frames
+# A word that ends with one of these is secret too (HFTOKEN, DBPASSWORD); "tokens", "tokenizers" are not.
+_SECRET_SUFFIXES = ("token", "password", "passwd", "secret", "apikey", "accesskey")
 _AWS_CREDENTIAL_NAMES = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_security_token"}
 
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)(?P<password>[^/\s@]+)(?P<at>@)")
+# The password runs to the last '@' before the host, so one holding '@' or ':' is hidden whole.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)(?P<password>[^/\s]+)(?P<at>@)")
 # The same userinfo without a scheme: user:password@host as in a mistyped ray.address, or a URL whose "//" a path
 # join collapsed (http:/user:password@host).
-_BARE_PASSWORD = re.compile(r"(?P<head>(?<![\w.+\-%:@])[\w.+\-%]+:)(?P<password>[^\s/@:]+)(?P<at>@)(?=[\w\[])")
+_BARE_PASSWORD = re.compile(r"(?P<head>(?<![\w.+\-%:@])[\w.+\-%]+:)(?P<password>[^\s/]+)(?P<at>@)(?=[\w\[])")
+# Credentials in a query string (?password=..., &token=..., presigned URLs' X-Amz-Signature / Credential).
+_QUERY_SECRET = re.compile(r"(?P<head>[?&;](?:[\w.\-]*?)(?:password|passwd|pwd|token|secret|api[_-]?key|"
+                           r"access[_-]?key|signature|credential|sig)=)(?P<password>[^&\s#]+)", re.IGNORECASE)
 _TOKEN_SHAPES = re.compile(
     r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"                    # AWS access key ids
     r"|\bhf_[A-Za-z0-9]{30,}\b"                         # Hugging Face tokens
     r"|\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})\b"  # GitHub tokens
     r"|\bsk-[A-Za-z0-9_\-]{20,}"                        # OpenAI-style API keys
+    r"|\bBearer\s+[A-Za-z0-9\-._~+/]{8,}=*"              # HTTP bearer tokens
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)")
 
 CREDENTIAL_HINT = ("secrets never go in config files (git, MLflow and Ray's dashboard would show them): use the "
@@ -51,19 +61,21 @@ def is_secret_name(name: str) -> bool:
     words = _words(str(name))
     if not words:
         return False
-    return ("_".join(words) in _AWS_CREDENTIAL_NAMES or words[-1] == "key"
-            or any(word in _SECRET_WORDS for word in words))
+    return ("_".join(words) in _AWS_CREDENTIAL_NAMES or words[-1] in _SECRET_LAST_WORDS
+            or any(word in _SECRET_WORDS or word.endswith(_SECRET_SUFFIXES) for word in words))
 
 
 def looks_like_secret_value(value: str) -> bool:
     """True when `value` holds a password in a URL or a well-known token shape."""
-    return bool(_URL_PASSWORD.search(value) or _BARE_PASSWORD.search(value) or _TOKEN_SHAPES.search(value))
+    return bool(_URL_PASSWORD.search(value) or _BARE_PASSWORD.search(value) or _QUERY_SECRET.search(value)
+                or _TOKEN_SHAPES.search(value))
 
 
 def redact(text: str) -> str:
     """`text` with URL passwords and token-shaped strings replaced by ***."""
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}{m['at']}", text)
     text = _BARE_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}{m['at']}", text)
+    text = _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
     return _TOKEN_SHAPES.sub(REDACTED, text)
 
 
@@ -96,6 +108,7 @@ def secret_problems(data: Any, prefix: str = "") -> list[tuple[str, str]]:
     elif isinstance(data, str) and looks_like_secret_value(data):
         reason = ("holds a password in a URL" if _URL_PASSWORD.search(data)
                   else "holds a password (user:password@host)" if _BARE_PASSWORD.search(data)
+                  else "holds a credential in a query string" if _QUERY_SECRET.search(data)
                   else "holds a token-like secret")
         found.append((prefix, reason))
     return found

@@ -99,6 +99,8 @@ def parse_root_uri(root: str) -> tuple[str, str, str, str]:
         return "file", "", "", str(Path(local).absolute())
     if "://" in root:
         raise StorageError(f"{root}: unsupported scheme; use a local path, file:///path or s3://bucket/prefix")
+    if root.lower().startswith(("file:", "s3:")):  # file:/x, s3:bucket: a URI missing its '//', not a folder name
+        raise StorageError(f"{root}: a URI needs '//' after the scheme: file:///abs/path or s3://bucket/prefix")
     return "file", "", "", str(Path(root).expanduser().absolute())
 
 

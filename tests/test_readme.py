@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -76,3 +78,51 @@ def test_the_python_snippet_runs_and_its_comments_are_true(demo_like_pipeline: P
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(picture))  # "bit for bit"
     as_np = scope["pipe"]("text2image", "x", output_type="np", **scope["settings"]).images[0]
     assert as_np.dtype == np.float32 and as_np.shape == (32, 32, 3) and 0 <= as_np.min() and as_np.max() <= 1
+
+
+CLUSTER_EXAMPLE = re.compile(r"`(ray job submit --address http://HEAD:8265 --working-dir \. -- python -m onegen demo [^`]*)`")
+# The demo's own tiny scale (tests/test_demo.py): the example's chain, minutes shorter.
+TINY = ["train.steps=60", "demo.scenes=3", "demo.scenes_per_shard=1", "demo.sample_steps=2", "demo.eval_samples=1"]
+
+
+@pytest.mark.integration
+def test_the_cluster_example_runs_against_local_stand_ins(ray_head, mlflow_server, moto_endpoint, aws_env,
+                                                          make_bucket, tmp_path: Path):
+    """README's `ray job submit ... python -m onegen demo --set storage.root=s3://... --set tracking.uri=http://...`
+    with the cluster, S3 and MLflow server replaced by the session's Ray head, moto and mlflow server."""
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from conftest import AWS_TEST_ENV, VENV_BIN
+    from onegen.config import load_config
+    from onegen.raycluster import job_runtime_env
+
+    [example] = CLUSTER_EXAMPLE.findall(" ".join(README.split()))
+    bucket = make_bucket()
+    work = tmp_path / "onegen"
+    command = (example.replace("http://HEAD:8265", ray_head["dashboard"])
+               .replace("s3://bucket/onegen", f"s3://{bucket}/onegen")
+               .replace("http://mlflow:5000", mlflow_server["uri"])
+               .replace("/tmp/onegen", str(work)))
+    assert command != example and "HEAD" not in command and "mlflow:5000" not in command
+    argv = shlex.split(command)
+    argv[0] = str(VENV_BIN / "ray")
+    argv += [arg for kv in [*TINY, "run.name=readme-cluster"] for arg in ("--set", kv)]
+    # The nodes' environment on a real cluster: the code's runtime env, plus S3 credentials (never in a config).
+    runtime_env = job_runtime_env(load_config(None, ["run.name=x"]))
+    runtime_env.pop("working_dir")  # given as --working-dir
+    runtime_env["env_vars"].update({**AWS_TEST_ENV, "AWS_ENDPOINT_URL": moto_endpoint})
+    at = argv.index("--")
+    argv[at:at] = ["--runtime-env-json", json.dumps(runtime_env)]
+    result = subprocess.run(argv, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-4000:]
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                                           aws_access_key_id="testing", aws_secret_access_key="testing")
+            .list_objects_v2(Bucket=bucket, Prefix="onegen/")["Contents"]]
+    assert len([k for k in keys if k.endswith(".tar")]) == 3, keys
+    runs = MlflowClient(mlflow_server["uri"]).search_runs(
+        [MlflowClient(mlflow_server["uri"]).get_experiment_by_name("onegen").experiment_id],
+        filter_string="attributes.run_name = 'readme-cluster'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert (work / "readme-cluster" / "pipeline" / "model_index.json").is_file()

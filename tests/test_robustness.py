@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -78,6 +79,44 @@ def test_keys_and_paths_that_carry_a_password_are_redacted_in_messages(tmp_path:
     assert SECRET not in str(err.value) and "no such config file" in str(err.value)
 
 
+@pytest.mark.parametrize("value", [f"u:pa:{SECRET}@h", f"http://u:p@{SECRET}@h/x", f"postgresql://u@h/db?password={SECRET}",
+                                   f"Bearer {SECRET}abcdef"])
+def test_passwords_with_colons_or_at_signs_query_credentials_and_bearer_tokens_are_caught(value: str):
+    from onegen.secrets import looks_like_secret_value, redact
+
+    assert looks_like_secret_value(value) and SECRET not in redact(value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["run.name=r", f"run.seed={value}"])
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["DB_PASS", "PASS", "DBPASSWORD", "HFTOKEN", "smtp_pw"])
+def test_more_credential_names_are_refused(name: str):
+    with pytest.raises(ConfigError, match="looks like a credential"):
+        load_config(None, ["run.name=r", f"ray.runtime_env.env_vars.{name}=x"])
+    for harmless in ("RAY_AUTH_MODE", "MAX_TOKENS", "PASS_RATE", "KEY_FRAMES"):
+        load_config(None, ["run.name=r", f"ray.runtime_env.env_vars.{harmless}=1"])
+
+
+@pytest.mark.parametrize("start", ["!", "*"])
+def test_a_yaml_error_does_not_quote_a_value_that_looks_like_a_tag_or_alias(tmp_path: Path, start: str):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run: {{name: r}}\nray: {{runtime_env: {{env_vars: {{X: {start}{SECRET}}}}}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert SECRET not in str(err.value) and f"{config}:2: invalid YAML: " in str(err.value)
+
+
+def test_the_failed_step_input_is_redacted(tmp_path: Path):
+    out = f"s3://AKIAABCDEFGHIJKLMNOP:{SECRET}@bucket/x.png"
+    result = onegen("synth", "sheet", "--size", "16", "--scenes", "1", "--views", "1", "--out", out, cwd=tmp_path,
+                    env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_PROFILE": None,
+                         "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "n"),
+                         "AWS_EC2_METADATA_DISABLED": "true"})
+    assert result.returncode == 1 and "in step 'write contact sheet' (input: s3://" in result.stderr
+    assert SECRET not in result.stdout + result.stderr and "AKIAABCDEFGHIJKLMNOP" not in result.stderr
+
+
 def load_schema(name: str):
     from onegen.config import SCHEMAS
 
@@ -111,6 +150,22 @@ def test_a_dead_tracking_server_fails_within_15_s_naming_tracking_uri(tmp_path: 
     assert ("connection refused" if kind == "refused" else "no answer within 5 s") in line
     assert "mlflow server" in line and "leave it unset" in line
     assert not (tmp_path / "work" / "mlflow.db").exists() and not (tmp_path / "work" / "data").exists()
+
+
+@pytest.mark.parametrize("uri, problem", [("http://127.0.0.1:abc", "Port could not be cast to integer"),
+                                          ("http://:5000", "no host"), ("https://[::1", "Invalid IPv6 URL")])
+def test_a_tracking_url_that_cannot_be_sent_is_refused_at_load(uri: str, problem: str):
+    with pytest.raises(ConfigError, match=rf"^--set: tracking.uri: .*{re.escape(problem)}"):
+        load_config(None, ["run.name=r", f"tracking.uri={uri}"])
+
+
+def test_an_upper_case_scheme_is_probed_too(free_tcp_port):
+    from onegen.errors import UnreachableError
+    from onegen.preflight import check_tracking_store
+
+    with pytest.raises(UnreachableError, match="connection refused"):
+        check_tracking_store(f"HTTP://127.0.0.1:{free_tcp_port()}")
+    assert load_config(None, ["run.name=r", "tracking.uri=databricks"]).tracking.uri == "databricks"
 
 
 @pytest.mark.parametrize("uri", ["mlruns", "/tmp/somewhere/mlruns", "file:///tmp/somewhere/mlruns"])
@@ -198,6 +253,20 @@ def test_synth_output_paths_are_checked_before_rendering(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------- 4. one exit rule
+
+def test_a_device_or_a_huge_file_is_not_read_as_a_config(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"^/dev/zero: not a regular file"):
+        load_config("/dev/zero")
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# x\n" * 300_000)
+    with pytest.raises(ConfigError, match=rf"^{huge}: larger than 1 MiB, not a config file"):
+        load_config(huge)
+
+
+def test_a_storage_uri_missing_its_slashes_is_not_taken_for_a_folder():
+    with pytest.raises(ConfigError, match=r"storage.root: file:/tmp/x: a URI needs '//' after the scheme"):
+        load_config(None, ["run.name=r", "storage.root=file:/tmp/x"])
+
 
 def test_a_binary_or_non_utf8_config_exits_2_naming_the_file(tmp_path: Path):
     binary = tmp_path / "binary.yaml"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -136,33 +134,6 @@ def test_git_state_of_the_repo_and_the_job_override(tmp_path: Path, monkeypatch)
         pass
     tags = MlflowClient(tracking_uri(cfg)).get_run(run.info.run_id).data.tags
     assert tags[TAG_GIT_COMMIT] == "abc123" and tags[TAG_GIT_DIRTY] == "false"
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, free_tcp_port, wait_for_http, stop_processes, session_pids):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite store; stopped by PID (its whole session) afterwards."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_tcp_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=90, alive=lambda: proc.poll() is None)
-        yield {"uri": f"http://127.0.0.1:{port}", "artifacts": root / "artifacts", "pid": proc.pid}
-    except Exception:
-        log.flush()
-        print((root / "server.log").read_text()[-3000:])
-        raise
-    finally:
-        pids = session_pids(proc.pid) or [proc.pid]  # the server spawns uvicorn/huey workers in its session
-        left = stop_processes(pids, timeout_s=20)
-        proc.wait(timeout=10)
-        log.close()
-        assert left == [], f"mlflow server processes still alive: {left}"
-        assert session_pids(proc.pid) == []
 
 
 @pytest.mark.integration

@@ -176,7 +176,7 @@ def _where(err: BaseException) -> str:
     name, given = failed_step(err)
     if name is None:
         return ""
-    return f" in step '{name}'" + (f" (input: {given})" if given else "")
+    return f" in step '{name}'" + (f" (input: {redact(str(given))})" if given else "")
 
 
 def report_failure(command: str, err: BaseException, work_dir: str | os.PathLike | None = None) -> Path | None:

@@ -71,6 +71,10 @@ def _common(p: argparse.ArgumentParser, scenes: int) -> None:
     p.add_argument("--no-figures", action="store_true", help="objects only, no human figures")
 
 
+MAX_VIEWS = 64  # cameras per scene; a sheet lays them side by side, so its width is bounded too
+MAX_SHEET_SCENES = 64
+
+
 def _check(args: argparse.Namespace) -> None:
     """Raise UsageError (exit 2, nothing rendered) for the first bad argument."""
     for name in ("scenes", "views", "size"):
@@ -84,6 +88,11 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--scenes-per-shard must be >= 1, got {args.scenes_per_shard}")
     if getattr(args, "scale", 1) < 1:
         raise UsageError(f"--scale must be a positive integer (panel upscaling), got {args.scale}")
+    if args.views > MAX_VIEWS:
+        raise UsageError(f"--views must be at most {MAX_VIEWS} cameras per scene, got {args.views}")
+    if args.synth_command == "sheet" and args.scenes > MAX_SHEET_SCENES:
+        raise UsageError(f"--scenes must be at most {MAX_SHEET_SCENES} for a contact sheet (one picture), got "
+                         f"{args.scenes}; use `synth render` for more")
     if args.size * getattr(args, "scale", 1) > MAX_IMAGE_SIDE:
         what = "--size x --scale" if getattr(args, "scale", 1) > 1 else "--size"
         raise UsageError(f"{what} must be at most {MAX_IMAGE_SIDE} pixels, got {args.size * getattr(args, 'scale', 1)}")
