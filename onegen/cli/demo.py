@@ -266,6 +266,12 @@ def depth_summary(metrics: dict) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def run_demo(cfg) -> dict:
+    from onegen.preflight import check_run_targets
+
+    # Work dir, Ray address, MLflow and storage usable: refused before anything is written, and before the heavy
+    # imports below (torch, mlflow: ~6 s), so a dead tracking server is reported in seconds.
+    check_run_targets(cfg)
+
     import mlflow
     import torch
 
@@ -275,9 +281,6 @@ def run_demo(cfg) -> dict:
     from onegen.storage import Storage
     from onegen.tracking import start_run
 
-    from onegen.preflight import check_run_targets
-
-    check_run_targets(cfg)  # work dir, Ray address, MLflow and storage usable: refused before anything is written
     torch.manual_seed(cfg.run.seed)
     out_dir = Path(cfg.run.work_dir) / cfg.run.name
     out_dir.mkdir(parents=True, exist_ok=True)
