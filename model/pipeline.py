@@ -558,21 +558,23 @@ def _prompt_list(prompt, name: str) -> list[str]:
 
 def _check_call_numbers(*, height, width, num_inference_steps, guidance_scale, noise_scale) -> None:
     """ValueErrors naming the argument for sizes, steps and scales no run can use (before anything is allocated)."""
+    def is_int(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
     for name, value in (("height", height), ("width", width)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise ValueError(f"{name} must be an integer number of pixels, got {value!r}.")
         if not 0 < value <= MAX_IMAGE_SIDE:
             raise ValueError(f"{name}={value} is out of range; expected 1..{MAX_IMAGE_SIDE} pixels (a multiple of "
                              "size_multiple()), or None for the default size.")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-            or num_inference_steps < 1:
+    if not is_int(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
-    for name, value, low in (("guidance_scale", guidance_scale, 0.0), ("noise_scale", noise_scale, None)):
+    for name, value, expected, in_range in (("guidance_scale", guidance_scale, ">= 0", lambda v: v >= 0),
+                                            ("noise_scale", noise_scale, "> 0", lambda v: v > 0)):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
-                or (value < low if low is not None else value <= 0):
-            expected = ">= 0" if low is not None else "> 0"
+                or not in_range(value):
             raise ValueError(f"{name} must be a finite number {expected}, got {value!r}.")
 
 __all__ = [

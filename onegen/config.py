@@ -61,17 +61,12 @@ SAFE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SAFE_NAME_MAX = 128
 
 
-def safe_name_problem(value: str) -> str | None:
-    """Why `value` cannot be a path part, or None."""
-    if not SAFE_NAME_PATTERN.match(value) or ".." in value or len(value) > SAFE_NAME_MAX:
-        return (f"expected a name of letters, digits, '.', '_' and '-' (it becomes a folder name: no '/', no '..', "
-                f"starting with a letter or digit, at most {SAFE_NAME_MAX} characters), got {value!r}")
-    return None
-
-
 def check_safe_name(value: str | None) -> str | None:
-    if value is not None and (problem := safe_name_problem(value)):
-        raise ValueError(problem)
+    """A field validator: `value` unchanged, or a ValueError saying why it cannot be a path part."""
+    if value is not None and (not SAFE_NAME_PATTERN.match(value) or ".." in value or len(value) > SAFE_NAME_MAX):
+        raise ValueError(f"expected a name of letters, digits, '.', '_' and '-' (it becomes a folder name: no '/', "
+                         f"no '..', starting with a letter or digit, at most {SAFE_NAME_MAX} characters), "
+                         f"got {value!r}")
     return value
 
 
@@ -81,12 +76,6 @@ def _wants_number(annotation: Any) -> bool:
         annotation = get_args(annotation)[0]
     args = set(get_args(annotation)) - {type(None)} if get_origin(annotation) is not None else {annotation}
     return bool(args) and bool not in args and args <= {int, float}
-
-
-def _number_items(annotation: Any) -> bool:
-    """True for list[int] / tuple[float, float] and the like."""
-    origin = get_origin(annotation)
-    return origin in (list, tuple) and any(_wants_number(arg) for arg in get_args(annotation) if arg is not ...)
 
 
 def boolean_number_problems(raw: Any, kind: Any, loc: tuple[Any, ...] = ()) -> list[tuple[str, str]]:

@@ -53,8 +53,10 @@ def check_tracking_store(uri: str | None, timeout_s: float = PROBE_TIMEOUT_S) ->
     be creatable. Other stores (databases, databricks) are left to MLflow."""
     if not uri:
         return
-    if uri.lower().startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
+    if uri.lower().startswith("sqlite:"):
+        from onegen.tracking import local_store_path  # the one reading of a store URI's file
+
+        path = local_store_path(uri)
         if path and path != ":memory:":
             check_local_folder(Path(path).parent, "tracking.uri")
         return

@@ -23,10 +23,10 @@ from typing import Any
 
 REDACTED = "***"
 
-_SECRET_WORDS = {"secret", "token", "password", "passwd", "pwd", "passphrase", "credential", "credentials", "apikey"}
-_SECRET_LAST_WORDS = {"key", "pass", "pw"}  # only at the end: DB_PASS, API_KEY; not pass_rate, key_frames
-# A word that ends with one of these is secret too (HFTOKEN, DBPASSWORD); "tokens", "tokenizers" are not.
+# A word that is, or ends with, one of these is secret (TOKEN, HFTOKEN, DBPASSWORD); "tokens", "tokenizers" are not.
 _SECRET_SUFFIXES = ("token", "password", "passwd", "secret", "apikey", "accesskey")
+_SECRET_WORDS = {"pwd", "passphrase", "credential", "credentials"}  # secret only as a whole word
+_SECRET_LAST_WORDS = {"key", "pass", "pw"}  # only at the end: DB_PASS, API_KEY; not pass_rate, key_frames
 _AWS_CREDENTIAL_NAMES = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_security_token"}
 
 # The password runs to the last '@' before the host, so one holding '@' or ':' is hidden whole.

@@ -63,7 +63,8 @@ def is_local_store(uri: str) -> bool:
 def local_store_path(uri: str) -> str | None:
     """The local file or folder an MLflow tracking URI writes to (sqlite database, file store); None for tracking
     servers (http/https, databricks) and network databases (postgresql://, mysql://, ...)."""
-    if uri.startswith("sqlite:///"):
+    scheme_folded = uri[:10].lower() + uri[10:]  # schemes are case-insensitive (RFC 3986); the path is not
+    if scheme_folded.startswith("sqlite:///"):
         return uri[len("sqlite:///"):] or None  # sqlite:////abs/mlflow.db -> /abs/mlflow.db; sqlite:/// -> memory
     if uri.startswith("file:"):
         return uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):]

@@ -93,9 +93,10 @@ def _check(args: argparse.Namespace) -> None:
     if args.synth_command == "sheet" and args.scenes > MAX_SHEET_SCENES:
         raise UsageError(f"--scenes must be at most {MAX_SHEET_SCENES} for a contact sheet (one picture), got "
                          f"{args.scenes}; use `synth render` for more")
-    if args.size * getattr(args, "scale", 1) > MAX_IMAGE_SIDE:
-        what = "--size x --scale" if getattr(args, "scale", 1) > 1 else "--size"
-        raise UsageError(f"{what} must be at most {MAX_IMAGE_SIDE} pixels, got {args.size * getattr(args, 'scale', 1)}")
+    scale = getattr(args, "scale", 1)  # sheet only
+    if args.size * scale > MAX_IMAGE_SIDE:
+        what = "--size x --scale" if scale > 1 else "--size"
+        raise UsageError(f"{what} must be at most {MAX_IMAGE_SIDE} pixels, got {args.size * scale}")
     _check_out(args.out, folder=args.synth_command == "render")  # render writes files or shards into a folder
 
 
