@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.limits import MAX_IMAGE_PIXELS
+from model.limits import BUCKET_MULTIPLE, MAX_IMAGE_PIXELS, resolution_problem
 
 ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -325,12 +325,21 @@ def center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Te
 
 
 def aspect_ratio_table(resolution: int = 512) -> dict[str, tuple[int, int]]:
-    """The release's bucket table for `resolution` (256, 512 or 1024): ratio key height/width -> (height, width)."""
-    try:
+    """The bucket table for `resolution`: ratio key height/width -> (height, width). 256, 512 and 1024 are the
+    release's tables; another resolution R (model.limits.resolution_problem says which, e.g. 64 for small test
+    builds) is the 512 table scaled by R/512 with each side rounded to BUCKET_MULTIPLE (docs/
+    INTERFACES.md §6), the same keys in the same order (neighbouring keys may then share a size)."""
+    if resolution in ASPECT_RATIO_TABLES:
         return ASPECT_RATIO_TABLES[resolution]
-    except (KeyError, TypeError):
-        raise ValueError(f"resolution {resolution!r} has no aspect-ratio bucket table; use one of "
-                         f"{sorted(ASPECT_RATIO_TABLES)}.") from None
+    problem = resolution_problem(resolution)
+    if problem:
+        raise ValueError(problem)
+    scale = resolution / 512
+
+    def side(pixels: int) -> int:
+        return max(BUCKET_MULTIPLE, round(pixels * scale / BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
+
+    return {key: (side(h), side(w)) for key, (h, w) in ASPECT_RATIO_512.items()}
 
 
 def closest_aspect_bucket(height: int, width: int, resolution: int = 512) -> tuple[int, int]:

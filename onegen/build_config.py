@@ -2,7 +2,9 @@
 
 Roles (onegen.config): what changes output bytes is content and gates "changed config" refusals of a build name
 (sources, resolutions, limits, condition settings, tokenizer, latent dtype, seed); how the job runs is runtime
-(batch sizes, concurrency, CPUs/GPUs per stage, download threads), so a build resumes on a bigger cluster.
+(batch sizes, concurrency, CPUs/GPUs per stage, download threads), so a build resumes on a bigger cluster. Where
+the inputs sit (folder paths, url-list files, tar paths) is a machine field: what a build holds is fixed by its
+frozen plan (pipelines/build.py), not by where its first run found the inputs.
 
     build:
       name: web-2026-12            # output: <storage.root>/builds/NAME/
@@ -20,8 +22,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from model.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
-from onegen.config import RUNTIME, SCHEMAS, OnegenConfig, _role, _Section, check_safe_name
+from model.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, resolution_problem
+from onegen.config import MACHINE, RUNTIME, SCHEMAS, OnegenConfig, _role, _Section, check_safe_name
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"  # source names become shard names "NAME-00000": no '-' or '.' inside
 CONDITION_KINDS = ("canny", "blur", "inpaint")
@@ -35,7 +37,8 @@ class _Source(_Section):
 
 class UrlSource(_Source):
     type: Literal["urls"]
-    files: list[str] = Field(min_length=1, description="parquet / csv / tsv / txt url lists (local or s3://)")
+    files: list[str] = Field(min_length=1, description="parquet / csv / tsv / txt url lists (local or s3://)",
+                             **_role(MACHINE))
     url_col: str = "url"
     caption_col: str | None = "caption"
     timeout_s: float = Field(10.0, gt=0, description="img2dataset's per-request timeout")
@@ -50,13 +53,13 @@ class UrlSource(_Source):
 class FolderSource(_Source):
     type: Literal["folder"]
     path: str = Field(min_length=1, description="local folder or s3://bucket/prefix; sidecar .txt/.json captions, "
-                                                "multiview groups as folders with cameras.json")
+                                                "multiview groups as folders with cameras.json", **_role(MACHINE))
 
 
 class WebDatasetSource(_Source):
     type: Literal["webdataset"]
     paths: list[str] = Field(min_length=1, description="tar files, folders of tars or globs (local or s3://); one "
-                                                       "tar is one partition")
+                                                       "tar is one partition", **_role(MACHINE))
 
 
 class SyntheticSource(_Source):
@@ -118,7 +121,8 @@ class StagesSection(_Section):
 class BuildSection(_Section):
     name: str | None = Field(None, description="output folder builds/NAME; null: run.name", **_role(RUNTIME))
     sources: list[Source] = Field(min_length=1)
-    resolutions: list[Literal[256, 512, 1024]] = Field([256], min_length=1)
+    resolutions: list[int] = Field([256], min_length=1, description="the release's 256 / 512 / 1024 buckets, or "
+                                   "another multiple of 16 (e.g. 64 for tests: the 512 table scaled)")
     heldout_fraction: float = Field(0.0, ge=0, le=1, description="stable fraction of ids in the heldout split")
     decode: DecodeSection = DecodeSection()
     conditions: ConditionsSection = ConditionsSection()
@@ -139,6 +143,10 @@ class BuildSection(_Section):
     @field_validator("resolutions")
     @classmethod
     def _unique_resolutions(cls, value: list) -> list:
+        for resolution in value:
+            problem = resolution_problem(resolution)
+            if problem:
+                raise ValueError(problem)
         if len(set(value)) != len(value):
             raise ValueError(f"resolutions must be unique, got {value}")
         return sorted(value)

@@ -447,6 +447,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         try:
             dotted, value = _parse_override(item)
+            dotted = _command_shorthand(dotted, schema)
             _apply_override(raw, dotted, value, item, schema)
             override_sources[dotted] = set_label(item)
         except ConfigError as err:
@@ -634,6 +635,18 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = text  # not YAML: keep the string; validation says whether a string is acceptable
     return key, value
+
+
+def _command_shorthand(dotted: str, schema: type[OnegenConfig]) -> str:
+    """`sources[0].path` -> `build.sources[0].path`: a key that is no top-level section but a key of exactly one of
+    the command's own sections (not run/storage/tracking/ray) may leave that section's name out."""
+    first = _key_path(dotted)[0]
+    if first in schema.model_fields:
+        return dotted
+    own = [name for name in schema.model_fields if name not in OnegenConfig.model_fields
+           and (model := _section_model(_unwrap_optional(schema.model_fields[name].annotation))) is not None
+           and first in model.model_fields]
+    return f"{own[0]}.{dotted}" if len(own) == 1 else dotted
 
 
 def _key_path(dotted: str) -> list[str | int]:

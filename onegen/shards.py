@@ -10,8 +10,9 @@ Layout of a build under the storage root (`Storage`):
     builds/NAME/images/SHARD.tar        WebDataset: bucketed images, condition maps (PNG), ground truth, JSON
     builds/NAME/latents/SHARD.parquet   one row per (sample or group, resolution): LATENT_SCHEMA
     builds/NAME/stats/SHARD.json        kept / dropped per reason, seconds per stage (not part of the contract)
+    builds/NAME/plan.json               the frozen plan: partitions -> inputs, written on the first run (put-if-absent)
     builds/NAME/manifest/SHARD.json     the shard's manifest entry, written LAST with put-if-absent: the commit
-    builds/NAME/manifest.json           written once every planned shard is committed: entries + duplicates
+    builds/NAME/manifest/_final.json    written once every planned shard is committed: entries + duplicates
 
 A shard exists for readers only through its manifest entry; files without one are an interrupted writer's and are
 rewritten (same bytes) by the next run. SHARD = f"{source}-{partition:05d}", so names come from the inputs.
@@ -36,6 +37,7 @@ SHARD_SCHEMA_VERSION = 1
 MANIFEST_ENTRY_SCHEMA = "onegen.manifest_entry/1"
 MANIFEST_SCHEMA = "onegen.manifest/1"
 BUILD_SCHEMA = "onegen.build/1"
+PLAN_SCHEMA = "onegen.plan/1"
 SCHEMA_METADATA_KEY = b"onegen.shard_schema"
 SPLITS = ("train", "heldout")
 LATENT_DTYPES = ("float32", "float16", "bfloat16")
@@ -125,7 +127,11 @@ def build_json_path(name: str) -> str:
 
 
 def manifest_path(name: str) -> str:
-    return f"{build_prefix(name)}/manifest.json"
+    return f"{build_prefix(name)}/manifest/_final.json"  # '_': no shard is named so (source names start [a-z0-9])
+
+
+def plan_path(name: str) -> str:
+    return f"{build_prefix(name)}/plan.json"
 
 
 # --- latents ---------------------------------------------------------------------------------------------------
@@ -242,7 +248,7 @@ def read_entries(storage, build: str) -> dict[str, dict[str, Any]]:
     entries = {}
     for rel in storage.list(prefix):
         name = rel.rsplit("/", 1)[-1]
-        if not name.endswith(".json"):
+        if not name.endswith(".json") or name.startswith("_"):  # _final.json is the manifest, not an entry
             continue
         where = storage.uri(f"{prefix}/{name}")
         entries[name[:-len(".json")]] = check_entry(json.loads(storage.read_bytes(f"{prefix}/{name}")), where)

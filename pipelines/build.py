@@ -5,7 +5,10 @@
 
 1. Claim the build name: `builds/NAME/build.json` (content hash + content config) is created with put-if-absent;
    a different content hash under the same name is refused (builds are immutable; pick a new name).
-2. Plan: every source cut into partitions (pipelines/ingest.py); shards with a manifest entry are skipped.
+2. Plan: on the first run every source is listed and cut into partitions (pipelines/ingest.py), and the plan is
+   frozen in `builds/NAME/plan.json` (put-if-absent). Every rerun works from that plan, so inputs added to a source
+   later never slip into this build (they go into a new one) and a rerun that finds the sources changed says so.
+   Shards with a manifest entry are skipped.
 3. Run the rest as Ray Data operators, streaming with Ray Data's backpressure:
        ingest (task per partition: img2dataset / folder / tars / synthetic world)
        -> decode -> bucket -> conditions (tasks; Ray fuses them) -> encode (actor pool holding the tokenizer)
@@ -20,6 +23,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 import time
@@ -31,12 +35,12 @@ from typing import Any
 import numpy as np
 
 from onegen.build_config import BuildConfig
-from onegen.config import CONTENT, content_hash, fields_by_role
+from onegen.config import CONTENT, MACHINE, content_hash, fields_by_role
 from onegen.errors import UsageError, step
-from onegen.shards import (BUILD_SCHEMA, SHARD_SCHEMA_VERSION, build_json_path, build_prefix, canonical_json,
-                           manifest_path, read_entries, sha256_hex)
+from onegen.shards import (BUILD_SCHEMA, PLAN_SCHEMA, SHARD_SCHEMA_VERSION, build_json_path, build_prefix,
+                           canonical_json, manifest_path, plan_path, read_entries, sha256_hex)
 from onegen.storage import Storage
-from pipelines.ingest import Partition, plan_partitions, read_partition
+from pipelines.ingest import Partition, plan_partitions, plan_source, read_partition
 
 TAG_BUILD = "onegen.build"
 TAG_BUILD_URI = "onegen.build_uri"
@@ -62,6 +66,7 @@ class BuildSummary:
     seconds: Counter = field(default_factory=Counter)  # summed over records: CPU-side time per stage
     source_stats: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
     run_id: str | None = None
 
@@ -83,6 +88,7 @@ class BuildSummary:
             lines += [f"    {reason:<22} {n}" for reason, n in sorted(self.dropped.items())]
         for source, stats in sorted(self.source_stats.items()):
             lines.append(f"  {source} (img2dataset): {json.dumps(stats, sort_keys=True)}")
+        lines += [f"  note: {note}" for note in self.notes]
         if self.manifest:
             totals = self.manifest["totals"]
             lines.append(f"  manifest: {totals['shards']} shards, {totals['samples']} samples, {totals['rows']} rows, "
@@ -123,16 +129,71 @@ def claim_build(storage: Storage, cfg: BuildConfig) -> dict[str, Any]:
     return existing
 
 
+def source_locations(cfg: BuildConfig) -> dict[str, dict[str, Any]]:
+    """{source name: its machine fields (folder path, url-list files)}: where the inputs were, not what they are."""
+    return {source.name: fields_by_role(source, {MACHINE}) for source in cfg.build.sources}
+
+
+def frozen_plan(storage: Storage, cfg: BuildConfig, digest: str) -> tuple[list[Partition], dict[str, Any], bool]:
+    """(the build's partitions, the plan document, whether this run froze it). The first run lists every source and
+    writes builds/NAME/plan.json with put-if-absent (of two racing first runs, one plan wins and both use it);
+    later runs read it back and never re-plan."""
+    rel = plan_path(cfg.build_name)
+    froze = False
+    if not storage.exists(rel):
+        plan = plan_partitions(cfg)
+        document = {"schema": PLAN_SCHEMA, "build": cfg.build_name, "content_hash": digest,
+                    "sources": source_locations(cfg), "partitions": [p.to_dict() for p in plan]}
+        froze = storage.put_if_absent(rel, canonical_json(document))
+    document = json.loads(storage.read_bytes(rel))
+    if document.get("schema") != PLAN_SCHEMA or document.get("content_hash") != digest:
+        raise BuildConflict(f"{storage.uri(rel)}: a plan of schema {document.get('schema')!r} for content hash "
+                            f"{document.get('content_hash')!r}, not this config's ({digest}); builds are immutable: "
+                            f"start a new build with --set build.name={cfg.build_name}-v2")
+    return [Partition.from_dict(item) for item in document["partitions"]], document, froze
+
+
+def changes_since_plan(cfg: BuildConfig, document: dict[str, Any], plan: list[Partition],
+                       pending: list[Partition]) -> list[str]:
+    """Notes on the sources that still have partitions to read, when they differ from the frozen plan. A source that
+    cannot be listed at all (a wrong path, a folder gone) is refused: its partitions would all come out dropped."""
+    notes = []
+    frozen_sources = document.get("sources", {})
+    now = source_locations(cfg)
+    for source in cfg.build.sources:
+        mine = [p for p in pending if p.source == source.name]
+        if not mine:
+            continue
+        if now[source.name] != frozen_sources.get(source.name):
+            notes.append(f"source {source.name}: the plan was frozen from {frozen_sources.get(source.name)}; its "
+                         f"remaining inputs are read from {now[source.name]}")
+        try:
+            current = plan_source(source)
+        except (OSError, ValueError) as err:
+            raise BuildConflict(f"source {source.name!r}: {err}; {len(mine)} partitions of this build's frozen plan "
+                                "still read from it: point the source where its inputs are") from err
+        now_specs = {p.spec_sha256 for p in current}
+        frozen_specs = {p.spec_sha256 for p in plan if p.source == source.name}
+        changed = [p for p in mine if p.spec_sha256 not in now_specs]
+        added = [p for p in current if p.spec_sha256 not in frozen_specs]
+        if changed or added:
+            notes.append(f"source {source.name} lists other inputs than when this build's plan was frozen "
+                         f"({len(changed)} of its {len(mine)} unfinished partitions differ, {len(added)} partitions "
+                         f"are new): the build finishes its frozen plan (a changed or vanished input is dropped as "
+                         f"`unreadable`, a new one is not in it); build new inputs as a new build, "
+                         f"--set build.name={cfg.build_name}-v2")
+    return notes
+
+
 def check_plan_matches(entries: dict[str, dict], plan: list[Partition], storage: Storage, name: str) -> None:
-    """A committed shard whose partition now lists other inputs means a source changed under a running build."""
+    """A committed shard must come from a partition of the frozen plan (a plan.json replaced by hand would not)."""
     planned = {p.shard: p for p in plan}
     for shard, entry in entries.items():
         partition = planned.get(shard)
         if partition is None or entry.get("partition_spec_sha256") != partition.spec_sha256:
             raise BuildConflict(
-                f"{storage.uri(build_prefix(name))}: shard {shard} was committed from other inputs than the source "
-                f"lists now (files added, removed or changed); builds are immutable: build the new inputs under a "
-                f"new name (--set build.name={name}-v2)")
+                f"{storage.uri(build_prefix(name))}: shard {shard} was committed from other inputs than the "
+                f"build's plan lists; builds are immutable: build under a new name (--set build.name={name}-v2)")
 
 
 # --- Ray Data stages (module level: Ray pickles them by reference) ----------------------------------------------------
@@ -208,11 +269,14 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition]):
 # --- the job ---------------------------------------------------------------------------------------------------------
 
 def run_build(cfg: BuildConfig) -> BuildSummary:
-    from onegen.raycluster import init_ray
-    from pipelines.shard_writer import commit_shard, write_manifest
-
     from onegen.preflight import check_run_targets
+    from onegen.raycluster import init_ray
+    from pipelines.shard_writer import CRASH_POINTS, commit_shard, write_manifest
 
+    point = os.environ.get("ONEGEN_CRASH_AT")
+    if point and point not in CRASH_POINTS:
+        raise UsageError(f"ONEGEN_CRASH_AT={point!r} is not a crash point (one of {', '.join(CRASH_POINTS)}); it is "
+                         "for tests: unset it")
     check_run_targets(cfg)  # work dir, Ray, MLflow and storage usable: refused before anything is written
     started = time.perf_counter()
     storage = Storage.from_config(cfg)
@@ -220,13 +284,17 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     digest = content_hash(cfg)
     with step("claim the build name", storage.uri(build_json_path(name))):
         claim_build(storage, cfg)
-    with step("plan partitions"):
-        plan = plan_partitions(cfg)
+    with step("plan partitions", storage.uri(plan_path(name))):
+        plan, document, froze = frozen_plan(storage, cfg, digest)
     entries = read_entries(storage, name)
     check_plan_matches(entries, plan, storage, name)
     pending = [p for p in plan if p.shard not in entries]
     summary = BuildSummary(name=name, uri=storage.uri(build_prefix(name)), shards_planned=len(plan),
                            shards_skipped=len(plan) - len(pending))
+    if pending and not froze:
+        summary.notes = changes_since_plan(cfg, document, plan, pending)
+        for note in summary.notes:
+            print(f"onegen build: {note}", file=sys.stderr, flush=True)
     version = code_version()
     with _tracked_run(cfg, storage, summary) as run:
         if pending:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onegen.build_config import BuildConfig, FolderSource, SyntheticSource, UrlSource, WebDatasetSource
+from onegen.errors import UsageError
 from onegen.shards import shard_name
 
 
@@ -43,14 +44,19 @@ class Partition:
     def shard(self) -> str:
         return shard_name(self.source, self.index)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "source_type": self.source_type, "index": self.index, "spec": self.spec}
+
     def to_json(self) -> str:
-        return json.dumps({"source": self.source, "source_type": self.source_type, "index": self.index,
-                           "spec": self.spec}, sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Partition":
+        return cls(data["source"], data["source_type"], data["index"], data["spec"])
 
     @classmethod
     def from_json(cls, text: str) -> "Partition":
-        data = json.loads(text)
-        return cls(data["source"], data["source_type"], data["index"], data["spec"])
+        return cls.from_dict(json.loads(text))
 
     @property
     def spec_sha256(self) -> str:
@@ -63,25 +69,26 @@ def sample_id(source: str, input_id: str) -> str:
 
 def plan_partitions(cfg: BuildConfig) -> list[Partition]:
     """Every partition of every source, in config order: the build's deterministic plan."""
-    partitions: list[Partition] = []
-    for source in cfg.build.sources:
-        if isinstance(source, UrlSource):
-            from pipelines.sources.urls import plan_url_partitions
+    return [partition for source in cfg.build.sources for partition in plan_source(source)]
 
-            specs = plan_url_partitions(source.files, source.partition_size, url_col=source.url_col,
-                                        caption_col=source.caption_col)
-        elif isinstance(source, FolderSource):
-            from pipelines.sources.folder import plan_folder_partitions
 
-            specs = plan_folder_partitions(source.path, source.partition_size)
-        elif isinstance(source, WebDatasetSource):
-            from pipelines.sources.tars import plan_tar_partitions
+def plan_source(source) -> list[Partition]:
+    """One source's partitions, from a listing of its inputs (no image is read)."""
+    if isinstance(source, UrlSource):
+        from pipelines.sources.urls import plan_url_partitions
 
-            specs = plan_tar_partitions(source.paths)
-        else:
-            specs = _plan_synthetic(source)
-        partitions += [Partition(source.name, source.type, i, spec) for i, spec in enumerate(specs)]
-    return partitions
+        specs = plan_url_partitions(source.files, source.partition_size, url_col=source.url_col,
+                                    caption_col=source.caption_col)
+    elif isinstance(source, FolderSource):
+        from pipelines.sources.folder import plan_folder_partitions
+
+        specs = plan_folder_partitions(source.path, source.partition_size)
+    elif isinstance(source, WebDatasetSource):
+        raise UsageError(f"source {source.name!r}: type 'webdataset' is not built yet (a later data-build "
+                                  "part); convert the tars to a folder, or use a folder / urls / synthetic source")
+    else:
+        specs = _plan_synthetic(source)
+    return [Partition(source.name, source.type, i, spec) for i, spec in enumerate(specs)]
 
 
 def read_partition(cfg: BuildConfig, partition: Partition, work_dir: str | None = None) -> tuple[list[dict], dict]:
@@ -99,10 +106,6 @@ def read_partition(cfg: BuildConfig, partition: Partition, work_dir: str | None 
         from pipelines.sources.folder import read_folder_partition
 
         records = read_folder_partition(source.path, partition.spec)
-    elif isinstance(source, WebDatasetSource):
-        from pipelines.sources.tars import read_tar_partition
-
-        records = read_tar_partition(partition.spec)
     else:
         records = _read_synthetic(source, partition.spec, cfg.run.seed)
     for record in records:

@@ -14,27 +14,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from onegen.shards import build_prefix, check_shard_schema, read_entries, read_manifest, row_latents
+from onegen.dataset import Build, open_build
+from onegen.shards import build_prefix, read_entries, read_manifest
 from onegen.storage import Storage
 
 LABEL_HEIGHT = 12
-
-
-def locate_build(target: str, name: str | None = None) -> tuple[Storage, str]:
-    """(storage at the root, build name) from a build URI (ROOT/builds/NAME) or a root holding one build."""
-    if "/builds/" in target.rstrip("/") + "/" and not target.rstrip("/").endswith("/builds"):
-        root, _, rest = target.rstrip("/").rpartition("/builds/")
-        return Storage(root), rest.split("/")[0]
-    storage = Storage(target)
-    names = sorted({rel.split("/")[1] for rel in storage.list("builds", recursive=True) if rel.count("/") >= 2})
-    if name:
-        if name not in names:
-            raise FileNotFoundError(f"{storage.uri('builds')}: no build {name!r} (builds there: {names or 'none'})")
-        return storage, name
-    if len(names) != 1:
-        raise FileNotFoundError(f"{storage.uri('builds')}: {len(names)} builds ({', '.join(names) or 'none'}); "
-                                f"name one as {storage.uri('builds')}/NAME")
-    return storage, names[0]
 
 
 def summarise(storage: Storage, name: str) -> dict[str, Any]:
@@ -72,16 +56,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def sample_rows(storage: Storage, name: str, count: int, seed: int) -> list[dict[str, Any]]:
+def sample_rows(build: Build, count: int, seed: int) -> list[dict[str, Any]]:
     """`count` random latent rows of the committed shards (reproducible for a seed)."""
-    import pyarrow.parquet as pq
-
-    rows = []
-    for entry in read_entries(storage, name).values():
-        path = entry["files"]["latents"]["path"]
-        table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
-        check_shard_schema(table.schema, storage.uri(path))
-        rows += table.to_pylist()
+    rows = list(build.rows(skip_duplicates=False, as_tensors=False))
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(rows), size=min(count, len(rows)), replace=False) if rows else []
     return [rows[i] for i in sorted(picked)]
@@ -101,7 +78,7 @@ def contact_sheet(rows: list[dict[str, Any]], cell: int = 128) -> Image.Image:
             tokenizers[spec] = PixelTokenizer() if spec == "pixel" else load_image_tokenizer(spec)
         tokenizer = tokenizers[spec]
         cells = []
-        for (view, modality), (mean, _) in row_latents(row).items():
+        for (view, modality), (mean, _) in row["latents"].items():
             with torch.no_grad():
                 pixels = tokenizer.decode(torch.from_numpy(mean)[None])[0]
             picture = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -128,11 +105,11 @@ def _fit(picture: np.ndarray, cell: int) -> np.ndarray:
 
 
 def inspect_build(target: str, out: str | None, samples: int = 8, seed: int = 0) -> tuple[dict[str, Any], str | None]:
-    storage, name = locate_build(target)
-    summary = summarise(storage, name)
+    build = open_build(target)
+    summary = summarise(build.storage, build.name)
     path = None
     if out is not None and summary["rows"]:
-        sheet = contact_sheet(sample_rows(storage, name, samples, seed))
+        sheet = contact_sheet(sample_rows(build, samples, seed))
         buffer = io.BytesIO()
         sheet.save(buffer, format="PNG")
         Storage(out.rsplit("/", 1)[0] if "/" in out else ".").write_bytes(out.rsplit("/", 1)[-1], buffer.getvalue())

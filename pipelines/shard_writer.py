@@ -27,8 +27,12 @@ _CHUNK = 1 << 16
 
 
 def crash_point(point: str) -> None:
-    """SIGKILL this process when ONEGEN_CRASH_AT names `point` (the tests' exact crash points)."""
+    """SIGKILL the driver when ONEGEN_CRASH_AT names `point` (the tests' exact crash points): its whole process group
+    when it leads one (started from a shell, or with start_new_session), else itself only (a child sharing its
+    parent's group, e.g. under pytest, must not take the parent down). Never an exception: Ray would retry it."""
     if os.environ.get("ONEGEN_CRASH_AT") == point:
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

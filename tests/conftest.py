@@ -250,3 +250,18 @@ def ray_head(free_tcp_port, wait_for_http, stop_processes, session_pids):
         assert left == [], f"Ray processes of this test still alive: {left}"
         assert ray_processes(temp_dir, proc.pid, session_pids) == []
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_build(tmp_path_factory, ray_head):
+    """The shared small build every later test reads (docs/INTERFACES.md §6): `configs/build/synthetic_small.yaml`
+    (24 synthetic scenes, 2 views, 64 px, pixel tokenizer) built once per session on the session Ray head, as a user
+    runs it. Yields {"root": storage root, "name", "uri": the build's URI, "config": the config file, "stdout"}.
+    Tests must not write into it."""
+    from build_runs import REPO, ok, run_build
+
+    root = tmp_path_factory.mktemp("synthetic_build")
+    config = REPO / "configs/build/synthetic_small.yaml"
+    result = ok(run_build(ray_head, config, f"run.work_dir={root / 'work'}", f"storage.root={root / 'data'}"))
+    yield {"root": str(root / "data"), "name": "synthetic_small", "uri": str(root / "data/builds/synthetic_small"),
+           "config": config, "stdout": result.stdout}

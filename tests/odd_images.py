@@ -15,7 +15,7 @@ Inputs (relative paths; a multiview group is one input named by its folder):
     empty.png                 zero bytes                                                empty_file
     exif_rotated.jpg          stored 96 x 144 (H x W), EXIF orientation 6: upright 144 x 96   kept
     gray16.png                16-bit grayscale (I;16), values 0..65535                  kept
-    huge_20000.png            a valid PNG claiming 20000 x 20000 with one row of data   too_large (never decoded)
+    huge_30000.png            a valid PNG claiming 30000 x 30000 with one row of data   too_large (never decoded)
     not_really.jpg            a text file named .jpg                                    not_an_image
     palette_transparent.png   palette PNG with a transparent index                      kept
     photo.jpg + photo.txt     JPEG, text sidecar caption                                kept
@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-HUGE_SIDE = 20000
+HUGE_SIDE = 30000
 JPEG_QUALITY = 92
 
 
@@ -156,7 +156,7 @@ def write_odd_folder(folder: str | Path) -> dict[str, dict[str, Any]]:
     # Refusals -----------------------------------------------------------------------------------------------------
     image("empty.png", b"", dropped="empty_file")
     image("not_really.jpg", b"These are my holiday notes, not a picture.\n", dropped="not_an_image")
-    image("huge_20000.png", huge_png(), dropped="too_large", mode="L")
+    image("huge_30000.png", huge_png(), dropped="too_large", mode="L")
     whole = _encode(_photo("chelsea", 128, 160), "JPEG", quality=JPEG_QUALITY)
     image("truncated.jpg", whole[: len(whole) // 2], dropped="truncated", mode="RGB")
     image("tiny_32.png", _encode(_photo("coffee", 32, 32), "PNG"), dropped="too_small", mode="RGB")

@@ -56,12 +56,26 @@ def test_closest_bucket_and_bucket_size_per_resolution():
     assert bucket_size(768, 1024, 16, resolution=1024) == (1664, 2304)  # the latent grid of f = 8, times 16
 
 
-@pytest.mark.parametrize("resolution", [0, 384, 768, "512"])
+@pytest.mark.parametrize("resolution", [0, 48, 300, 4096, "512", True, 96.5])
 def test_unknown_resolutions_are_refused_with_the_supported_ones(resolution):
-    with pytest.raises(ValueError, match=r"\[256, 512, 1024\]"):
+    with pytest.raises(ValueError, match=r"256, 512 or 1024, or a multiple of 16 from 64 to 2048"):
         closest_aspect_bucket(100, 100, resolution)
-    with pytest.raises(ValueError, match=r"\[256, 512, 1024\]"):
+    with pytest.raises(ValueError, match=r"256, 512 or 1024"):
         bucket_size(100, 100, resolution=resolution)
+
+
+def test_other_resolutions_scale_the_512_table_to_whole_tokens():
+    from model.images import aspect_ratio_table
+
+    for resolution in (64, 128, 384, 768, 2048):
+        table = aspect_ratio_table(resolution)
+        assert list(table) == list(ASPECT_RATIO_512)
+        for key, (h, w) in table.items():
+            assert h % 16 == 0 and w % 16 == 0 and h >= 16 and w >= 16
+            h512, w512 = ASPECT_RATIO_512[key]
+            assert abs(h - h512 * resolution / 512) <= 8 and abs(w - w512 * resolution / 512) <= 8
+    assert closest_aspect_bucket(64, 64, 64) == (64, 64) and closest_aspect_bucket(64, 128, 64) == (48, 96)
+    assert aspect_ratio_table(128)["1.0"] == (128, 128) and aspect_ratio_table(768)["0.5"] == (528, 1056)
 
 
 def test_bucket_for_samples_and_sizes(synthetic_sample):

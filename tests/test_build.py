@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
+from build_runs import manifest_view, ok, run_build, write_config
 from http_images import FAULTS, ImageServer, write_url_list
 from odd_images import write_odd_folder
 from onegen.shards import check_shard_schema, read_entries, read_manifest, row_latents, sha256_hex
@@ -28,29 +28,6 @@ from pipelines.shard_writer import CRASH_POINTS
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
-BUILD_TIMEOUT_S = 300
-
-
-def write_config(path: Path, root: Path, sources: list[dict], **build) -> Path:
-    config = {"run": {"name": "t", "work_dir": str(root / "work"), "seed": 0},
-              "storage": {"root": str(root / "data")},
-              "build": {"name": "b", "sources": sources, **build}}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run_build(ray_head, config: Path, *overrides: str, extra_env: dict | None = None,
-              timeout: float = BUILD_TIMEOUT_S) -> subprocess.CompletedProcess:
-    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"], **(extra_env or {}))
-    cmd = [sys.executable, "-m", "pipelines.build", "--config", str(config)]
-    for item in overrides:
-        cmd += ["--set", item]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return result
 
 
 def latent_rows(storage: Storage, entry: dict) -> list[dict]:
@@ -135,7 +112,7 @@ def test_every_shard_decodes_and_pixel_latents_give_back_the_bucketed_images(mix
             latents = row_latents(row)
             mean, std = latents[(0, "image")]
             assert std is None and mean.shape == (16, row["bucket_h"] // 2, row["bucket_w"] // 2)
-            pixels = ((tokenizer.decode(torch.from_numpy(mean)[None])[0] + 1) * 127.5).round().byte()
+            pixels = ((tokenizer.decode(torch.from_numpy(mean.copy())[None])[0] + 1) * 127.5).round().byte()
             np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), sample.image)
             assert set(row["modalities"]) >= {"image", "canny", "blur", "inpaint"}
             rows_seen += 1
@@ -164,10 +141,10 @@ def test_exact_duplicates_are_listed_in_the_manifest_first_one_kept(mixed):
 
 def test_a_rerun_skips_every_committed_shard_and_changes_nothing(mixed, ray_head):
     storage = mixed["storage"]
-    before = storage.read_bytes("builds/b/manifest.json")
+    before = storage.read_bytes("builds/b/manifest/_final.json")
     result = ok(run_build(ray_head, mixed["config"]))
     assert "0 committed" in result.stdout and f"{len(mixed['entries'])} skipped" in result.stdout
-    assert storage.read_bytes("builds/b/manifest.json") == before
+    assert storage.read_bytes("builds/b/manifest/_final.json") == before
 
 
 def test_a_changed_config_under_the_same_name_is_refused_with_the_way_out(mixed, ray_head):
@@ -208,13 +185,6 @@ def small(tmp_path_factory, ray_head):
     return {"config": config, "root": root, "reference": Storage(str(reference / "data"))}
 
 
-def _manifest_view(storage: Storage) -> tuple[dict, dict]:
-    manifest = read_manifest(storage, "b")
-    entries = read_entries(storage, "b")
-    return manifest, {shard: (e["ids"], e["files"]["images"]["sha256"], e["files"]["latents"]["sha256"])
-                      for shard, e in entries.items()}
-
-
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_a_crash_at_any_commit_point_then_a_rerun_equals_an_uninterrupted_build(small, ray_head, point):
     where = small["root"] / f"crash-{point}"
@@ -225,6 +195,87 @@ def test_a_crash_at_any_commit_point_then_a_rerun_equals_an_uninterrupted_build(
     for entry in read_entries(storage, "b").values():  # what a reader sees after the crash is whole
         for kind in ("images", "latents"):
             assert sha256_hex(storage.read_bytes(entry["files"][kind]["path"])) == entry["files"][kind]["sha256"]
-    assert not storage.exists("builds/b/manifest.json")
+    assert not storage.exists("builds/b/manifest/_final.json")
     ok(run_build(ray_head, config))
-    assert _manifest_view(storage) == _manifest_view(small["reference"])
+    assert manifest_view(storage) == manifest_view(small["reference"])
+
+
+def whole_and_unique(storage: Storage) -> None:
+    """What a reader can see of a build at any moment: committed shards whose files match their entries, no sample
+    in two shards."""
+    entries = read_entries(storage, "b")
+    for entry in entries.values():
+        for kind in ("images", "latents"):
+            assert sha256_hex(storage.read_bytes(entry["files"][kind]["path"])) == entry["files"][kind]["sha256"]
+    ids = [i for entry in entries.values() for i in entry["ids"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_a_rerun_finishes_its_frozen_plan_whatever_the_source_lists_now(tmp_path, ray_head):
+    photos = tmp_path / "photos"
+    write_odd_folder(photos)
+    sources = [{"name": "odd", "type": "folder", "path": str(photos), "partition_size": 4}]
+
+    def config(name: str) -> Path:
+        (tmp_path / name).mkdir()
+        return write_config(tmp_path / name / "build.yaml", tmp_path / name, sources, conditions={"kinds": ["canny"]})
+
+    ok(run_build(ray_head, config("reference")))
+    crashed = config("crashed")
+    assert run_build(ray_head, crashed, extra_env={"ONEGEN_CRASH_AT": "before_manifest"}).returncode == -9
+    storage = Storage(str(tmp_path / "crashed/data"))
+    plan = storage.read_bytes("builds/b/plan.json")
+
+    gone = run_build(ray_head, crashed, f"build.sources[0].path={tmp_path / 'nowhere'}")
+    assert gone.returncode == 2, gone.stderr[-3000:]
+    assert "source 'odd'" in gone.stderr and "point the source where its inputs are" in gone.stderr
+
+    from PIL import Image
+    Image.new("RGB", (96, 96), "teal").save(photos / "zz_added_later.png")
+    result = ok(run_build(ray_head, crashed))
+    assert "lists other inputs than when this build's plan was frozen" in result.stderr
+    assert "build.name=b-v2" in result.stdout  # the note is in the closing table too
+    assert storage.read_bytes("builds/b/plan.json") == plan
+    assert manifest_view(storage) == manifest_view(Storage(str(tmp_path / "reference/data")))
+    assert not any("zz_added_later" in i for e in read_entries(storage, "b").values() for i in e["input_ids"])
+
+
+def test_an_unknown_crash_point_is_refused(small, ray_head):
+    result = run_build(ray_head, small["config"](small["root"] / "unknown-point"),
+                       extra_env={"ONEGEN_CRASH_AT": "before_lunch"})
+    assert result.returncode == 2 and "ONEGEN_CRASH_AT" in result.stderr and "mid_tar" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigkills_of_the_driver_group_at_random_moments_then_a_rerun_equals_an_uninterrupted_build(small, ray_head):
+    """The driver's whole process group SIGKILLed at random moments (seeded: ONEGEN_KILL_SEED), again and again;
+    after every kill what a reader sees is whole, and the run that finally finishes equals an uninterrupted build."""
+    import random
+    import signal
+
+    from build_runs import REPO, build_command, build_env
+
+    seed = int(os.environ.get("ONEGEN_KILL_SEED", "0"))
+    rng = random.Random(seed)
+    where = small["root"] / f"killed-{seed}"
+    config = small["config"](where)
+    storage = Storage(str(where / "data"))
+    kills = 0
+    for attempt in range(8):
+        with open(where / f"attempt-{attempt}.log", "wb") as log:
+            proc = subprocess.Popen(build_command(config), cwd=REPO, env=build_env(ray_head), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                returncode = proc.wait(timeout=rng.uniform(1.0, 14.0))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+                kills += 1
+                whole_and_unique(storage)
+                continue
+        assert returncode == 0, (where / f"attempt-{attempt}.log").read_text()[-4000:]
+        break
+    assert kills >= 2, f"seed {seed}: only {kills} kills landed before a run finished"
+    ok(run_build(ray_head, config))  # finishes what the last kill left (or changes nothing)
+    whole_and_unique(storage)
+    assert manifest_view(storage) == manifest_view(small["reference"])

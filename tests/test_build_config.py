@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from onegen.build_config import BuildConfig
 from onegen.config import SCHEMAS, ConfigError, config_hash, content_hash, load_config
 
+REPO = Path(__file__).resolve().parents[1]
 SYNTH = "build.sources=[{name: synth, type: synthetic, scenes: 4}]"
 
 
@@ -55,3 +58,27 @@ def test_how_the_job_runs_is_not_content_but_what_it_writes_is():
     for content in ("build.sources[0].scenes=5", "build.resolutions=[512]", "build.encode.latent_dtype=bfloat16",
                     "run.seed=3", "build.conditions.canny_low=50", "build.decode.min_size=32"):
         assert content_hash(build_cfg(SYNTH, content)) != content_hash(base), content
+
+
+def test_a_key_of_the_commands_own_section_may_leave_the_section_out():
+    folder = REPO / "configs/build/folder.yaml"
+    cfg = load_config(folder, ["sources[0].path=/data/photos", "resolutions=[64]"], BuildConfig)
+    assert cfg.build.sources[0].path == "/data/photos" and cfg.build.resolutions == [64]
+    with pytest.raises(ConfigError, match="sources.*no such item"):
+        load_config(folder, ["sources[3].path=/x"], BuildConfig)
+    with pytest.raises(ConfigError, match="nope: unknown key"):
+        load_config(folder, ["nope=1"], BuildConfig)
+
+
+def test_where_the_inputs_sit_is_not_content():
+    folder = REPO / "configs/build/folder.yaml"
+    here = load_config(folder, ["sources[0].path=/a"], BuildConfig)
+    there = load_config(folder, ["sources[0].path=/b"], BuildConfig)
+    assert content_hash(here) == content_hash(there) and config_hash(here) == config_hash(there)
+    assert content_hash(load_config(folder, ["sources[0].partition_size=3"], BuildConfig)) != content_hash(here)
+
+
+@pytest.mark.parametrize("name", ["synthetic", "synthetic_small", "folder"])
+def test_the_shipped_build_configs_validate(name):
+    cfg = load_config(REPO / f"configs/build/{name}.yaml", [], BuildConfig)
+    assert cfg.build_name == name

@@ -126,3 +126,45 @@ def test_the_cluster_example_runs_against_local_stand_ins(ray_head, mlflow_serve
         filter_string="attributes.run_name = 'readme-cluster'")
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert (work / "readme-cluster" / "pipeline" / "model_index.json").is_file()
+
+
+@pytest.mark.integration
+def test_the_build_section_runs_on_a_folder_of_images(ray_head, tmp_path: Path):
+    """README's data-build block on a folder of odd files (tests/odd_images.py), then its reader snippet: what the
+    section says the build printed and wrote is what it prints and writes."""
+    from odd_images import write_odd_folder
+
+    folder = tmp_path / "my images"
+    expected = write_odd_folder(folder)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"])
+    section = README.split("## Building a data set", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in fenced_block("## Building a data set", "bash").splitlines() if line.strip()]
+    assert [shlex.split(line)[1:3] for line in lines] == [["build", "--config"], ["build", "inspect"]]
+    outputs = []
+    for line in lines:
+        argv = [str(Path(sys.executable).with_name("onegen")), *shlex.split(line)[1:]]
+        argv = [f"sources[0].path={folder}" if arg == "sources[0].path=/path/to/your/images" else arg for arg in argv]
+        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (argv, result.stderr[-3000:])
+        outputs.append(result.stdout)
+    build = tmp_path / "work/data/builds/folder"
+    for rel in ("build.json", "plan.json", "images/photos-00000.tar", "latents/photos-00000.parquet",
+                "stats/photos-00000.json", "manifest/photos-00000.json", "manifest/_final.json"):
+        assert (build / rel).is_file(), rel
+        assert f"`builds/folder/{rel}`" in section, rel
+    kept = sum(1 for item in expected.values() if not item.get("dropped"))
+    assert f"inputs {len(expected)}: kept {kept}" in outputs[0]
+    for reason in {item["dropped"] for item in expected.values() if item.get("dropped")}:
+        assert reason in outputs[0] and reason in section, reason
+    assert (tmp_path / "work/folder_sheet.png").is_file() and "complete" in outputs[1]
+
+    snippet = fenced_block("Read it back with the one reader", "python")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        scope: dict = {}
+        exec(compile(snippet, "README.md", "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    assert scope["build"].complete and scope["row"]["latents"][(0, "image")][0].dtype == torch.float32

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     if args.words:
         if args.words[0] != "inspect" or len(args.words) != 2:
             raise UsageError(f"expected `onegen build inspect ROOT_OR_BUILD`, got {' '.join(args.words)!r}")
-        from pipelines.inspect_build import format_summary, inspect_build, locate_build, summary_json
+        from onegen.dataset import locate_build
+        from pipelines.inspect_build import format_summary, inspect_build, summary_json
 
         target = args.words[1]
         out = args.out or f"{locate_build(target)[1]}_contact_sheet.png"
