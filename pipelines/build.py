@@ -40,7 +40,7 @@ from onegen.errors import UsageError, step
 from onegen.shards import (BUILD_SCHEMA, PLAN_SCHEMA, SHARD_SCHEMA_VERSION, build_json_path, build_prefix,
                            canonical_json, manifest_path, plan_path, read_entries, sha256_hex)
 from onegen.storage import Storage
-from pipelines.ingest import Partition, plan_partitions, plan_source, read_partition
+from pipelines.ingest import Partition, plan_source, read_partition
 
 TAG_BUILD = "onegen.build"
 TAG_BUILD_URI = "onegen.build_uri"
@@ -141,7 +141,7 @@ def frozen_plan(storage: Storage, cfg: BuildConfig, digest: str) -> tuple[list[P
     rel = plan_path(cfg.build_name)
     froze = False
     if not storage.exists(rel):
-        plan = plan_partitions(cfg)
+        plan = [partition for source in cfg.build.sources for partition in _listed(source)]
         document = {"schema": PLAN_SCHEMA, "build": cfg.build_name, "content_hash": digest,
                     "sources": source_locations(cfg), "partitions": [p.to_dict() for p in plan]}
         froze = storage.put_if_absent(rel, canonical_json(document))
@@ -167,11 +167,8 @@ def changes_since_plan(cfg: BuildConfig, document: dict[str, Any], plan: list[Pa
         if now[source.name] != frozen_sources.get(source.name):
             notes.append(f"source {source.name}: the plan was frozen from {frozen_sources.get(source.name)}; its "
                          f"remaining inputs are read from {now[source.name]}")
-        try:
-            current = plan_source(source)
-        except (OSError, ValueError) as err:
-            raise BuildConflict(f"source {source.name!r}: {err}; {len(mine)} partitions of this build's frozen plan "
-                                "still read from it: point the source where its inputs are") from err
+        current = _listed(source, f"; {len(mine)} partitions of this build's frozen plan still read from it: "
+                                  "point the source where its inputs are")
         now_specs = {p.spec_sha256 for p in current}
         frozen_specs = {p.spec_sha256 for p in plan if p.source == source.name}
         changed = [p for p in mine if p.spec_sha256 not in now_specs]
@@ -183,6 +180,15 @@ def changes_since_plan(cfg: BuildConfig, document: dict[str, Any], plan: list[Pa
                          f"`unreadable`, a new one is not in it); build new inputs as a new build, "
                          f"--set build.name={cfg.build_name}-v2")
     return notes
+
+
+def _listed(source, hint: str = "") -> list[Partition]:
+    """A source's partitions; a source that cannot be listed (no such folder, no images, an unreadable url list) is
+    the user's to fix: a UsageError naming the source (exit 2), not a traceback."""
+    try:
+        return plan_source(source)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"source {source.name!r}: {err}{hint}") from err
 
 
 def check_plan_matches(entries: dict[str, dict], plan: list[Partition], storage: Storage, name: str) -> None:
@@ -284,7 +290,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     digest = content_hash(cfg)
     with step("claim the build name", storage.uri(build_json_path(name))):
         claim_build(storage, cfg)
-    with step("plan partitions", storage.uri(plan_path(name))):
+    with step("plan partitions"):
         plan, document, froze = frozen_plan(storage, cfg, digest)
     entries = read_entries(storage, name)
     check_plan_matches(entries, plan, storage, name)

@@ -246,6 +246,15 @@ def test_an_unknown_crash_point_is_refused(small, ray_head):
     assert result.returncode == 2 and "ONEGEN_CRASH_AT" in result.stderr and "mid_tar" in result.stderr
 
 
+def test_a_source_that_is_not_there_is_refused_naming_it(tmp_path, ray_head):
+    config = write_config(tmp_path / "build.yaml", tmp_path,
+                          [{"name": "mine", "type": "folder", "path": str(tmp_path / "nowhere")}])
+    result = run_build(ray_head, config)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "source 'mine'" in result.stderr and "check the folder source's path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_sigkills_of_the_driver_group_at_random_moments_then_a_rerun_equals_an_uninterrupted_build(small, ray_head):
     """The driver's whole process group SIGKILLed at random moments (seeded: ONEGEN_KILL_SEED), again and again;

@@ -109,10 +109,24 @@ def listed_versions(storage: Storage) -> dict[str, tuple[int, str]]:
     infos = storage.filesystem.get_file_info(pafs.FileSelector(storage.path, recursive=True, allow_not_found=True))
     by_path = {info.path: info for info in infos if info.type == pafs.FileType.File}
     out = {}
-    for rel in names:
+    for rel in _without_link_repeats(storage, names):
         info = by_path.get(storage.fs_path(rel))
         out[rel] = (int(info.size), str(info.mtime_ns)) if info is not None else storage.stat(rel)
     return out
+
+
+def _without_link_repeats(storage: Storage, names: list[str]) -> list[str]:
+    """A local folder may reach one file by several paths through symlinks (a link to a parent folder repeats the
+    whole tree until the OS stops at ELOOP): keep each real file once, under its shortest path, so a link never
+    multiplies inputs. S3 has no links."""
+    if not isinstance(storage.filesystem, pafs.LocalFileSystem):
+        return names
+    import os
+
+    shortest: dict[str, str] = {}
+    for rel in sorted(names, key=lambda name: (name.count("/"), name)):
+        shortest.setdefault(os.path.realpath(storage.fs_path(rel)), rel)
+    return sorted(shortest.values())
 
 
 def _outermost_group(rel: str, groups: set[str]) -> str | None:
