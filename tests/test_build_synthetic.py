@@ -92,3 +92,31 @@ def test_the_plan_is_frozen_and_every_shard_of_it_is_committed(synthetic_build):
     assert [f"{p['source']}-{p['index']:05d}" for p in plan["partitions"]] == sorted(entries) == build.shards()
     assert plan["content_hash"] == build.manifest()["content_hash"]
     assert "manifest: 3 shards, 24 samples" in synthetic_build["stdout"]
+
+
+def test_ray_job_submit_of_the_build_equals_the_local_run(synthetic_build, ray_head, tmp_path):
+    """`ray job submit --working-dir . -- python -m pipelines.build ...` (what a cluster runs) writes the very build
+    the driver run wrote: same manifest, same shard bytes."""
+    import subprocess
+
+    from build_runs import REPO, manifest_view
+    from conftest import VENV_BIN
+    from onegen.build_config import BuildConfig
+    from onegen.config import load_config
+    from onegen.raycluster import job_runtime_env
+    from onegen.storage import Storage
+
+    overrides = [f"run.work_dir={tmp_path / 'work'}", f"storage.root={tmp_path / 'data'}"]
+    runtime_env = job_runtime_env(load_config(synthetic_build["config"], overrides, BuildConfig))
+    runtime_env.pop("working_dir")
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".",
+           "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines.build",
+           "--config", "configs/build/synthetic_small.yaml"]
+    for item in overrides:
+        cmd += ["--set", item]
+    result = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-4000:]
+    assert "manifest: 3 shards, 24 samples" in output
+    assert manifest_view(Storage(str(tmp_path / "data")), "synthetic_small") == \
+        manifest_view(Storage(synthetic_build["root"]), "synthetic_small")
