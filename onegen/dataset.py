@@ -20,8 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from onegen.shards import (ShardSchemaError, build_prefix, check_shard_schema, read_entries, read_manifest,
-                           row_latents, sha256_hex)
+from onegen.shards import (ShardSchemaError, build_json_path, build_prefix, check_shard_schema, read_entries,
+                           read_manifest, row_latents, sha256_hex)
 from onegen.storage import Storage
 
 
@@ -51,7 +51,7 @@ def build_names(storage: Storage) -> list[str]:
 def open_build(target: str, storage_root: str | None = None) -> "Build":
     """The build at `target` (see `locate_build`); FileNotFoundError naming where it looked if there is none."""
     storage, name = locate_build(target, storage_root)
-    if not storage.exists(f"{build_prefix(name)}/build.json"):
+    if not storage.exists(build_json_path(name)):
         known = build_names(storage)
         raise FileNotFoundError(f"{storage.uri(build_prefix(name))}: no build there (builds under "
                                 f"{storage.uri('builds')}: {', '.join(known) or 'none'}); run `onegen build` first "
@@ -104,6 +104,9 @@ class Build:
 
     def read_file(self, shard: str, kind: str) -> bytes:
         """The bytes of a shard's `images` tar or `latents` parquet, checked against the manifest's sha256."""
+        if shard not in self.entries():
+            committed = ", ".join(self.entries()) or "none"
+            raise KeyError(f"{self.uri}: no committed shard {shard!r} (committed: {committed})")
         recorded = self.entries()[shard]["files"][kind]
         data = self.storage.read_bytes(recorded["path"])
         if sha256_hex(data) != recorded["sha256"]:
