@@ -208,6 +208,23 @@ def ray_processes(temp_dir: str, sid: int, session_pids) -> list[int]:
     return sorted(pids)
 
 
+def _wait_for_a_driver(gcs: str, env: dict, alive: Callable[[], bool], attempts: int = 5) -> None:
+    """The dashboard answers before the head's raylet has registered; a driver that connects then fails ("Failed to
+    connect to Ray cluster"). Connect one throwaway driver first, so the first test's driver finds a ready head."""
+    probe = "import ray; ray.init(address=%r, log_to_driver=False); assert ray.cluster_resources().get('CPU'); " \
+            "ray.shutdown()" % gcs
+    last = ""
+    for _ in range(attempts):
+        if not alive():
+            raise RuntimeError("the Ray head exited while starting")
+        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        if result.returncode == 0:
+            return
+        last = result.stderr[-2000:]
+        time.sleep(2)
+    raise TimeoutError(f"no driver could join the Ray head at {gcs}: {last}")
+
+
 @pytest.fixture(scope="session")
 def ray_head(free_tcp_port, wait_for_http, stop_processes, session_pids):
     """One `ray start --head --block` on 127.0.0.1 for the session, every port chosen free (other Ray clusters may
@@ -230,6 +247,7 @@ def ray_head(free_tcp_port, wait_for_http, stop_processes, session_pids):
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         wait_for_http(f"{dashboard}/api/version", timeout_s=120, alive=lambda: proc.poll() is None)
+        _wait_for_a_driver(f"127.0.0.1:{ports['port']}", env, alive=lambda: proc.poll() is None)
         yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{ports['port']}", "env": env}
     except Exception:
         log.flush()
