@@ -15,16 +15,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from onegen.dataset import Build, open_build
-from onegen.shards import build_prefix, read_entries, read_manifest
 from onegen.storage import Storage
 
 LABEL_HEIGHT = 12
 
 
-def summarise(storage: Storage, name: str) -> dict[str, Any]:
-    entries = read_entries(storage, name)
+def summarise(build: Build) -> dict[str, Any]:
+    entries = build.entries()
     try:
-        manifest = read_manifest(storage, name)
+        manifest = build.manifest()
     except FileNotFoundError:
         manifest = None
     counts: Counter = Counter()
@@ -34,7 +33,7 @@ def summarise(storage: Storage, name: str) -> dict[str, Any]:
         for item in entry["counts"]:
             counts[(item["resolution"], tuple(item["bucket"]), item["views"], ",".join(item["modalities"]),
                     item["split"])] += item["rows"]
-    return {"build": name, "uri": storage.uri(build_prefix(name)), "complete": manifest is not None,
+    return {"build": build.name, "uri": build.uri, "complete": manifest is not None,
             "shards": len(entries), "samples": sum(e["samples"] for e in entries.values()),
             "rows": sum(e["rows"] for e in entries.values()), "inputs": sum(e["inputs"] for e in entries.values()),
             "dropped": dict(sorted(dropped.items())),
@@ -104,11 +103,14 @@ def _fit(picture: np.ndarray, cell: int) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def inspect_build(target: str, out: str | None, samples: int = 8, seed: int = 0) -> tuple[dict[str, Any], str | None]:
+def inspect_build(target: str, out: str | None = None, samples: int = 8, seed: int = 0
+                  ) -> tuple[dict[str, Any], str | None]:
+    """(summary, contact sheet path or None when the build has no rows); `out` defaults to NAME_contact_sheet.png."""
     build = open_build(target)
-    summary = summarise(build.storage, build.name)
+    summary = summarise(build)
+    out = out or f"{build.name}_contact_sheet.png"
     path = None
-    if out is not None and summary["rows"]:
+    if summary["rows"]:
         sheet = contact_sheet(sample_rows(build, samples, seed))
         buffer = io.BytesIO()
         sheet.save(buffer, format="PNG")

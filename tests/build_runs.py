@@ -47,6 +47,19 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
+def pixel_latent_picture(mean):
+    """A pixel-tokenizer latent mean (C, h, w; numpy or torch) back to the (H, W, 3) uint8 picture it encodes. No
+    clamping: an exact latent decodes into [-1, 1], anything else shows up as a mismatch."""
+    import numpy as np
+    import torch
+
+    from model.tokenizers import PixelTokenizer
+
+    mean = torch.as_tensor(np.array(mean, copy=True))
+    decoded = PixelTokenizer().decode(mean[None])[0]
+    return ((decoded + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
 def manifest_view(storage: Storage, name: str = "b") -> tuple[dict, dict]:
     """What two builds must agree on: the final manifest, and per shard its ids and file digests."""
     manifest = read_manifest(storage, name)

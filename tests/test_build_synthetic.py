@@ -11,18 +11,11 @@ import pytest
 import torch
 import yaml
 
+from build_runs import pixel_latent_picture
 from onegen.dataset import open_build
 from onegen.shards import plan_path, read_entries
 
 pytestmark = pytest.mark.integration
-
-
-def pixels(mean: torch.Tensor) -> np.ndarray:
-    """A pixel-tokenizer latent back to the uint8 picture it encodes."""
-    from model.tokenizers import PixelTokenizer
-
-    decoded = PixelTokenizer().decode(mean[None])[0]
-    return ((decoded + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,8 @@ def test_every_picture_and_condition_view_is_what_the_renderers_draw_from_the_tr
                 expected["pose"] = render.pose_condition((64, 64), sample.keypoints)
             assert set(latents) == set(expected), (scene, v)
             for modality, picture in expected.items():
-                np.testing.assert_array_equal(pixels(latents[modality]), picture, err_msg=f"{scene} v{v} {modality}")
+                np.testing.assert_array_equal(pixel_latent_picture(latents[modality]), picture,
+                                              err_msg=f"{scene} v{v} {modality}")
                 checked.add(modality)
     assert checked == {"image", "canny", "depth", "semantic", "boxes", "pose"}
 

@@ -26,12 +26,9 @@ def run(args: argparse.Namespace) -> int:
     if args.words:
         if args.words[0] != "inspect" or len(args.words) != 2:
             raise UsageError(f"expected `onegen build inspect ROOT_OR_BUILD`, got {' '.join(args.words)!r}")
-        from onegen.dataset import locate_build
         from pipelines.inspect_build import format_summary, inspect_build, summary_json
 
-        target = args.words[1]
-        out = args.out or f"{locate_build(target)[1]}_contact_sheet.png"
-        summary, sheet = inspect_build(target, out, samples=args.samples)
+        summary, sheet = inspect_build(args.words[1], args.out, samples=args.samples)
         print(summary_json(summary) if args.json else format_summary(summary))
         if sheet:
             print(f"contact sheet: {sheet}")
