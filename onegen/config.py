@@ -843,6 +843,7 @@ def _explain(error: dict[str, Any], schema: type[OnegenConfig]) -> str:
     return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {_show(value)}"
 
 
-# The build schema lives in its own module (it is big) and adds itself to SCHEMAS; importing it here means every
-# user of SCHEMAS (`onegen config check`, the CLI) sees it, whichever module was imported first.
+# The build and train schemas live in their own modules (they are big) and add themselves to SCHEMAS; importing them
+# here means every user of SCHEMAS (`onegen config check`, the CLI) sees them, whichever module was imported first.
 import onegen.build_config  # noqa: E402,F401 - needs the classes above
+import onegen.train_config  # noqa: E402,F401 - needs the classes above

@@ -16,12 +16,13 @@ checked against the sha256 its entry recorded before a row of it is returned.
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from onegen.shards import (ShardSchemaError, build_json_path, build_prefix, check_shard_schema, read_entries,
-                           read_manifest, row_latents, sha256_hex)
+from onegen.shards import (ShardSchemaError, build_json_path, build_prefix, canonical_json, check_shard_schema,
+                           read_entries, read_manifest, row_latents, sha256_hex)
 from onegen.storage import Storage
 
 
@@ -64,6 +65,8 @@ class Build:
     storage: Storage
     name: str
     _entries: dict[str, dict[str, Any]] | None = field(default=None, repr=False)
+    _tables: "OrderedDict[str, Any]" = field(default_factory=OrderedDict, repr=False)
+    table_cache: int = 8  # shard tables kept decoded by `row` (random access by the trainer's plan)
 
     @property
     def uri(self) -> str:
@@ -80,6 +83,10 @@ class Build:
     def manifest(self) -> dict[str, Any]:
         """The final manifest (FileNotFoundError, saying how to finish the build, while it is incomplete)."""
         return read_manifest(self.storage, self.name)
+
+    def manifest_digest(self) -> str:
+        """sha256 of the final manifest (canonical JSON): what a training run records to name the data it read."""
+        return sha256_hex(canonical_json(self.manifest()))
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """{shard: manifest entry} of every committed shard, in shard-name order."""
@@ -122,6 +129,17 @@ class Build:
         check_shard_schema(table.schema, self.storage.uri(self.entries()[shard]["files"]["latents"]["path"]))
         return table
 
+    def row(self, shard: str, index: int, *, as_tensors: bool = True) -> dict[str, Any]:
+        """Row `index` of a shard, decoded as `rows` decodes it; the last `table_cache` shard tables stay in memory,
+        so a reader that jumps between rows (the trainer's plan) reads and checks each shard once in a while."""
+        table = self._tables.pop(shard, None)
+        if table is None:
+            table = self.table(shard)
+        self._tables[shard] = table
+        while len(self._tables) > self.table_cache:
+            self._tables.popitem(last=False)
+        return _decoded(table.slice(index, 1).to_pylist()[0], as_tensors)
+
     def rows(self, shards: Iterable[str] | None = None, *, resolution: int | None = None, split: str | None = None,
              skip_duplicates: bool = True, as_tensors: bool = True) -> Iterator[dict[str, Any]]:
         """Every row of `shards` (default: all), in shard then row order, with "latents" = {(view, modality):
@@ -133,12 +151,15 @@ class Build:
                 if row["id"] in skip or (resolution is not None and row["resolution"] != resolution) or \
                         (split is not None and row["split"] != split):
                     continue
-                latents = row_latents(row)
-                if as_tensors:
-                    latents = {key: (_tensor(mean), None if std is None else _tensor(std))
-                               for key, (mean, std) in latents.items()}
-                row["latents"] = latents
-                yield row
+                yield _decoded(row, as_tensors)
+
+
+def _decoded(row: dict[str, Any], as_tensors: bool) -> dict[str, Any]:
+    latents = row_latents(row)
+    if as_tensors:
+        latents = {key: (_tensor(mean), None if std is None else _tensor(std)) for key, (mean, std) in latents.items()}
+    row["latents"] = latents
+    return row
 
 
 def _tensor(array):

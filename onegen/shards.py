@@ -86,6 +86,14 @@ LATENT_SCHEMA = pa.schema([
 ], metadata={SCHEMA_METADATA_KEY: str(SHARD_SCHEMA_VERSION).encode()})
 
 
+# The modality name a shard stores for each view role of model/tasks.py (what a task's frame is filled from). Roles
+# missing here (references, source images, HED) have no modality a build writes yet.
+ROLE_MODALITIES = {
+    "image": "image", "canny": "canny", "blurred_image": "blur", "masked_image": "inpaint", "depth": "depth",
+    "semantic_map": "semantic", "bounding_boxes": "boxes", "pose": "pose",
+}
+
+
 class ShardSchemaError(ValueError):
     """A shard or manifest does not follow this module's schema (wrong version, missing columns, bad entry)."""
 

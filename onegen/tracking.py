@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -179,3 +180,32 @@ def start_run(cfg: OnegenConfig, run_name: str | None = None, tags: dict[str, st
         mlflow.end_run(end_status(err))
         raise
     mlflow.end_run(end_status(None))
+
+
+class MetricsLogger:
+    """Buffered per-step metrics of a run that another process opened (a training worker logging into the driver's
+    run): `log(metrics, step)` buffers, a `log_batch` goes out every `every` steps and on `flush()`."""
+
+    def __init__(self, tracking_uri: str, run_id: str, every: int = 1):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.every = max(1, int(every))
+        self.pending: list = []
+        self.steps = 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        # MLflow takes at most 1000 metrics per batch
+        while self.pending:
+            chunk, self.pending = self.pending[:1000], self.pending[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)

@@ -98,7 +98,7 @@ def test_config_check_prints_the_resolved_config_and_ok():
 
 def test_config_check_reports_every_problem_with_exit_2(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("run: {name: x}\ntrain: {lrr: 1, steps: many}\n")
+    bad.write_text("run: {name: x}\ndemo: {}\ntrain: {lrr: 1, steps: many}\n")  # demo: picks the demo schema
     result = onegen("config", "check", str(bad), "--set", "model.preset=")
     assert result.returncode == 2
     assert f"{bad}: train.lrr: unknown key (valid: lr, steps" in result.stderr

@@ -1,0 +1,174 @@
+"""`onegen train`'s config schema: the shared sections plus `model:` and `train:` (data, stages, optimizer, engine).
+
+    model: {preset: nextdit-tiny, text_encoder: tiny-t5}
+    train:
+      data: {builds: [{uri: synthetic_small}]}          # a build name (under storage.root) or a full build URI
+      stages:
+        - name: stage1
+          steps: 200
+          resolution: 64
+          mixture:
+            - {task: text2image, weight: 2}
+            - {task: depth2image}                        # both directions, drawn evenly
+            - {task: semanticmap2image, direction: generate, optional: true}
+      global_batch_size: 8                               # content: split evenly over train.num_workers ranks
+
+Roles (onegen.config): the maths (stages, mixture, seeds, global batch, optimizer, precision, ZeRO stage) is content
+and gates the "changed config" refusal of a resumed run; worker count, GPUs, checkpoint cadence, logging and failure
+retries are runtime, so a run resumes on a bigger cluster. The paper's stages and source mixtures are part 3 of the
+trainer; `stages` is a list from the first version so they add configs, not schema (INTERFACES §6).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from model.limits import resolution_problem
+from onegen.config import RUNTIME, SCHEMAS, ModelSection, OnegenConfig, _role, _Section, check_safe_name
+
+TINY_T5 = "tiny-t5"  # a seeded random T5 built locally (model.tokenizers.build_tiny_t5): no download, tests and CPU
+
+
+class TrainModelSection(ModelSection):
+    text_encoder: str = Field(TINY_T5, min_length=1, description=f"T5 encoder: hub id, a release-layout folder "
+                              f"(text_encoder/ + tokenizer/), or {TINY_T5!r} (a seeded tiny T5 built under "
+                              "run.work_dir/models, d_model = the preset's caption_channels)")
+    text_max_length: int = Field(300, gt=0, le=512, description="prompt tokens (the release truncates at 300)")
+
+
+class BuildRef(_Section):
+    uri: str = Field(min_length=1, description="a build name under storage.root, or the build's full URI")
+    weight: float = Field(1.0, gt=0, description="rows of this build per epoch: floor(weight) copies, plus one "
+                                                 "more with probability frac(weight)")
+
+
+class TrainData(_Section):
+    builds: list[BuildRef] = Field(min_length=1)
+    latents: Literal["mean", "sample"] = Field("sample", description="VAE posterior: its mean, or mean + std * eps "
+                                                                     "(a point posterior, the pixel tokenizer's, "
+                                                                     "is the same either way)")
+
+
+class MixtureItem(_Section):
+    task: str = Field(min_length=1, description="a task of model/tasks.py, e.g. text2image, depth2image")
+    direction: str | None = Field(None, description="null: each of the task's directions, drawn evenly")
+    weight: float = Field(1.0, gt=0)
+    optional: bool = Field(False, description="true: skipped (and logged) when the builds have no row for it; "
+                                              "false: such a run is refused before any worker starts")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from model.tasks import get_task  # a pure-python module: no torch import
+
+        try:
+            return get_task(value).name  # aliases and tokens become the task's name
+        except KeyError as err:
+            raise ValueError(str(err).strip("'\"")) from None
+
+    @model_validator(mode="after")
+    def _known_direction(self) -> "MixtureItem":
+        from model.tasks import get_task
+
+        directions = get_task(self.task).directions
+        if self.direction is not None and self.direction not in directions:
+            raise ValueError(f"task {self.task} has no direction {self.direction!r}; valid: {', '.join(directions)}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name its loss is logged under: task, or task:direction."""
+        return self.task if self.direction is None else f"{self.task}:{self.direction}"
+
+
+class StageSection(_Section):
+    name: str = Field(min_length=1, description="names the checkpoint folder runs/RUN/NAME/")
+    steps: int = Field(gt=0, description="optimizer steps of the stage")
+    resolution: int = Field(description="the build resolution the stage trains on (rows of other resolutions are "
+                                        "skipped)")
+    mixture: list[MixtureItem] = Field(min_length=1)
+
+    _safe_name = field_validator("name")(check_safe_name)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: int) -> int:
+        problem = resolution_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class OptimizerSection(_Section):
+    """torch.optim.AdamW handed to DeepSpeed (INTERFACES §6: no JIT-compiled optimizer)."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="after the warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine / linear decay ends at lr * this")
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0: none)")
+
+
+class FlowSection(_Section):
+    """The objective's settings (model.flow.FlowConfig)."""
+
+    shift: float = Field(3.0, gt=0, description="static shift of the training sigmas (the paper: 3)")
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    clean_condition_prob: float = Field(0.0, ge=0, le=1, description="condition views kept clean, at the "
+                                                                     "sampler's condition time")
+    text_dropout_prob: float = Field(0.1, ge=0, le=1)
+    loss_on: Literal["all", "targets"] = "all"
+
+
+class TrainSection(_Section):
+    data: TrainData
+    stages: list[StageSection] = Field(min_length=1)
+    global_batch_size: int = Field(8, gt=0, description="samples per optimizer step, split evenly over the ranks")
+    optimizer: OptimizerSection = OptimizerSection()
+    flow: FlowSection = FlowSection()
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 on GPUs; fp32 on CPUs (bf16 matmul is "
+                                                                  "several times slower there)")
+    zero_stage: Literal[1, 2] = Field(2, description="DeepSpeed ZeRO stage (3 comes with the EMA export)")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (ranks)", **_role(RUNTIME))
+    use_gpu: bool = Field(False, description="one GPU per worker", **_role(RUNTIME))
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker (2-core machines: 1 each for 2 "
+                                                          "workers)", **_role(RUNTIME))
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (and one at the end)",
+                                  **_role(RUNTIME))
+    keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept per stage", **_role(RUNTIME))
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the latest checkpoint (-1: "
+                                                    "unlimited)", **_role(RUNTIME))
+    log_every: int = Field(1, gt=0, description="steps between MLflow metric writes", **_role(RUNTIME))
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> "TrainSection":
+        names = [stage.name for stage in self.stages]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"stage names must be unique (they name checkpoint folders), repeated: {repeated}")
+        return self
+
+
+class TrainConfig(OnegenConfig):
+    """`onegen train`: Ray Train + DeepSpeed training of the NextDiT on the latents of one or more builds."""
+
+    model: TrainModelSection = TrainModelSection()
+    train: TrainSection
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        problems = super().cross_field_problems()
+        train = self.train
+        if train.global_batch_size % train.num_workers:
+            problems.append(("train.global_batch_size",
+                             f"{train.global_batch_size} does not split evenly over train.num_workers="
+                             f"{train.num_workers} ranks; make it a multiple of the worker count"))
+        return problems
+
+
+SCHEMAS["train"] = TrainConfig

@@ -1,0 +1,67 @@
+"""Training runs for the tests: the step loop in a fresh process (DeepSpeed's process group and its globals stay out
+of the pytest process), and `onegen train` as a user runs it, joined to the session's Ray head."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs/train/tiny.yaml"
+TRAIN_TIMEOUT_S = 420
+
+
+def train_overrides(build: dict, work: Path, *extra: str) -> list[str]:
+    """--set items that point configs/train/tiny.yaml at the shared synthetic build and a private work dir."""
+    return [f"storage.root={build['root']}", f"run.work_dir={work}", *extra]
+
+
+def in_fresh_process(fn, *args, timeout: float = TRAIN_TIMEOUT_S):
+    """fn(*args) in a spawned process (fn importable by name); its return value or its exception."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result(timeout=timeout)
+
+
+def single_process_stage(overrides: list[str], restore: str | None = None, save_to: str | None = None) -> dict:
+    """configs/train/tiny.yaml's first stage on one process (no Ray): {"losses": [(step, task label, loss)],
+    "checkpoints": [step, ...]}; with save_to, each checkpoint folder is copied to save_to/checkpoint_STEP."""
+    import shutil
+
+    import torch
+
+    from onegen.config import load_config
+    from onegen.train_config import TrainConfig
+    from training.engine import init_distributed
+    from training.loop import run_stage
+
+    cfg = load_config(TINY, ["train.num_workers=1", *overrides], TrainConfig)
+    init_distributed()
+    losses, checkpoints = [], []
+
+    def save(folder: str, metrics: dict, step: int) -> None:
+        checkpoints.append(step)
+        if save_to:
+            shutil.copytree(folder, Path(save_to) / f"checkpoint_{step:06d}")
+
+    def log(metrics: dict, step: int) -> None:
+        label = next(k for k in metrics if k.startswith("train/loss/"))[len("train/loss/"):]
+        losses.append((step, label, metrics["train/loss"]))
+
+    run_stage(cfg, 0, rank=0, world_size=1, device=torch.device("cpu"), restore=restore, save=save, log=log)
+    return {"losses": losses, "checkpoints": checkpoints}
+
+
+def train_command(*overrides: str, config: Path = TINY) -> list[str]:
+    cmd = [sys.executable, "-m", "training.launch", "--config", str(config)]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run_train(ray_head, *overrides: str, timeout: float = TRAIN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"])
+    return subprocess.run(train_command(*overrides), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,77 @@
+"""What a training worker loads before its first step: the NextDiT, the frozen T5, the objective's settings and the
+loss channel mask of the builds' image tokenizer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model.flow import FlowConfig
+from onegen.train_config import TINY_T5, TrainConfig
+
+
+def build_model(cfg: TrainConfig):
+    """The preset's NextDiT, initialised from run.seed (every rank builds the same weights)."""
+    from model.nextdit import NextDiT
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
+
+
+def tiny_t5_folder(cfg: TrainConfig, d_model: int) -> Path:
+    """The seeded tiny T5 (model.tokenizers.build_tiny_t5) under run.work_dir/models, built once: into a temporary
+    folder renamed into place, so workers racing to build it never read a half-written one."""
+    from model.tokenizers import build_tiny_t5
+
+    target = Path(cfg.run.work_dir) / "models" / f"{TINY_T5}-d{d_model}-seed{cfg.run.seed}"
+    if not (target / "text_encoder").is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".tiny-t5-", dir=target.parent))
+        try:
+            build_tiny_t5(scratch, d_model=d_model, seed=cfg.run.seed)
+            os.rename(scratch, target)
+        except OSError:
+            if not (target / "text_encoder").is_dir():
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def load_text_encoder(cfg: TrainConfig, caption_channels: int, device: torch.device):
+    """The frozen T5 of `model.text_encoder`; its width must be the model's caption_channels."""
+    from model.tokenizers import T5TextEncoder
+
+    source = cfg.model.text_encoder
+    folder = tiny_t5_folder(cfg, caption_channels) if source == TINY_T5 else source
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
+    encoder = T5TextEncoder.from_pretrained(folder, torch_dtype=dtype, max_length=cfg.model.text_max_length)
+    if encoder.hidden_size != caption_channels:
+        raise ValueError(f"model.text_encoder={source}: T5 width {encoder.hidden_size} but model.preset="
+                         f"{cfg.model.preset} reads captions of width {caption_channels}; pick a matching pair")
+    return encoder.to(device)
+
+
+def flow_config(cfg: TrainConfig) -> FlowConfig:
+    flow = cfg.train.flow
+    return FlowConfig(shift=flow.shift, logit_mean=flow.logit_mean, logit_std=flow.logit_std,
+                      clean_condition_prob=flow.clean_condition_prob, text_dropout_prob=flow.text_dropout_prob,
+                      loss_on=flow.loss_on)
+
+
+def loss_channel_mask(image_tokenizer: str) -> torch.Tensor | None:
+    """Channels in the loss for latents of the build's tokenizer: the pixel tokenizer's zero pad channels are left
+    out (their target is trivially the noise); a VAE's are all in (None)."""
+    if image_tokenizer.split("@")[0].strip() != "pixel":
+        return None
+    from model.tokenizers import PixelTokenizer
+
+    return PixelTokenizer().loss_channel_mask
+
+
+__all__ = ["build_model", "flow_config", "load_text_encoder", "loss_channel_mask", "tiny_t5_folder"]

@@ -1,0 +1,222 @@
+"""One stage of training on one rank: data plan, model, engine, steps, checkpoints. Ray Train runs `train_worker` on
+every worker (training/launch.py); `run_stage` itself takes plain callbacks, so it also runs without Ray.
+
+Checkpoint folder (INTERFACES §3), what `save` receives every `checkpoint_every` steps and at the end:
+
+    ds/            DeepSpeed's state (model, ZeRO optimizer shards, LR schedule), engine.save_checkpoint(tag="ds")
+    state.json     step, data cursor, RNG scheme, builds' manifest digests, content hash, MLflow run id, world size
+
+Resuming loads both and continues at the next step: the plan's batch and every random draw of a step are functions of
+(seed, stage, step, rank), so the losses after a resume equal an uninterrupted run's, step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from onegen.config import content_hash
+from onegen.dataset import Build, open_build
+from onegen.train_config import TrainConfig
+from training.reader import Cursor, DataPlan, DataPlanError, index_rows, rank_share
+
+STATE_FILE = "state.json"
+STATE_SCHEMA = "onegen.train_state/1"
+DS_TAG = "ds"
+RNG_SCHEME = "per step and rank: SeedSequence([run.seed, stage index, step, rank]) (training.step.step_seed)"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this config cannot continue (another config, other data, another worker count)."""
+
+
+@dataclass
+class StageData:
+    builds: list[Build]
+    plan: DataPlan
+    digests: list[dict]
+    image_tokenizer: str
+    notes: list[str]
+
+
+def stage_data(cfg: TrainConfig, stage_index: int) -> StageData:
+    """The builds (final ones only), their rows at the stage's resolution and the stage's data plan. Raises
+    DataPlanError naming what is missing; the driver calls it before starting workers, every worker again."""
+    stage = cfg.train.stages[stage_index]
+    builds = []
+    for ref in cfg.train.data.builds:
+        build = open_build(ref.uri, storage_root=cfg.storage.root)
+        if not build.complete:
+            raise DataPlanError(f"train.data.builds: {build.uri} is not final (no manifest/_final.json): the trainer "
+                                "trains only on finished builds; rerun its `onegen build` to finish it")
+        builds.append(build)
+    rows = index_rows(builds, stage.resolution)
+    if not rows:
+        raise DataPlanError(f"stage {stage.name}: the builds have no train rows at resolution {stage.resolution} "
+                            f"({', '.join(b.uri for b in builds)}); build that resolution or change the stage's")
+    plan = DataPlan(rows, stage.mixture, seed=cfg.run.seed, stage=stage_index,
+                    global_batch=cfg.train.global_batch_size,
+                    build_weights=[ref.weight for ref in cfg.train.data.builds])
+    refusals, notes = plan.problems()
+    if refusals:
+        raise DataPlanError("\n".join(f"stage {stage.name}: {line}" for line in refusals))
+    tokenizers = sorted({builds[r.build].row(r.shard, r.index, as_tensors=False)["image_tokenizer"]
+                         for r in {row.build: row for row in rows}.values()})
+    if len(tokenizers) != 1:
+        raise DataPlanError(f"train.data.builds: the builds were encoded with different image tokenizers "
+                            f"({', '.join(tokenizers)}); train on builds of one tokenizer")
+    digests = [{"uri": b.uri, "manifest_digest": b.manifest_digest()} for b in builds]
+    return StageData(builds, plan, digests, tokenizers[0], notes)
+
+
+def read_state(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def check_resumable(state: dict, cfg: TrainConfig, data: StageData, world_size: int) -> None:
+    """Refuse a checkpoint this run cannot continue exactly."""
+    if state.get("content_hash") != content_hash(cfg):
+        raise ResumeError(f"run {cfg.run.name}: its checkpoints were written with another config (content hash "
+                          f"{state.get('content_hash')}, this config {content_hash(cfg)}); start a new run.name or "
+                          "restore the config")
+    if state.get("builds") != data.digests:
+        raise ResumeError(f"run {cfg.run.name}: its checkpoints were trained on other data ({state.get('builds')}); "
+                          "train on the same builds or start a new run.name")
+    if state.get("world_size") != world_size:
+        raise ResumeError(f"run {cfg.run.name}: checkpoint written by {state.get('world_size')} ranks, resumed on "
+                          f"{world_size}; ZeRO optimizer shards follow the rank count, so resume with "
+                          f"train.num_workers={state.get('world_size')} (resharding comes with ZeRO-3 checkpoints)")
+
+
+def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int, device: torch.device,
+              restore: str | None, save: Callable[[str, dict, int], None],
+              log: Callable[[dict, int], None], mlflow_run_id: str | None = None,
+              process_group=None) -> dict:
+    """Train stage `stage_index` on this rank from `restore` (a checkpoint folder or None) to its last step.
+
+    save(folder, metrics, step): hand a written checkpoint folder on (every rank calls it with its own folder);
+    log(metrics, step): per-step metrics (called on rank 0 only). Returns the last step's metrics."""
+    import torch.distributed as dist
+
+    from model.views import stack
+    from training.components import build_model, flow_config, load_text_encoder, loss_channel_mask
+    from training.engine import make_engine
+    from training.samples import make_sample
+    from training.step import StepRunner, TextEncoding, step_generator, step_seed
+
+    stage = cfg.train.stages[stage_index]
+    data = stage_data(cfg, stage_index)
+    for note in data.notes:
+        print(f"[{stage.name}] {note}", flush=True)
+    per_rank = cfg.train.global_batch_size // world_size
+    model = build_model(cfg)
+    text_encoder = load_text_encoder(cfg, model.config.caption_channels, device)
+    engine = make_engine(model, cfg.train, total_steps=stage.steps, per_rank_batch=per_rank)
+    bf16 = cfg.train.precision == "bf16"
+    runner = StepRunner(engine, TextEncoding.from_encoder(text_encoder, device), flow_config(cfg),
+                        channel_mask=loss_channel_mask(data.image_tokenizer), device=device,
+                        model_dtype=torch.bfloat16 if bf16 else None)
+    group = process_group if process_group is not None else (dist.group.WORLD if dist.is_initialized() else None)
+
+    step, cursor = 0, data.plan.start()
+    if restore is not None:
+        state = read_state(restore)
+        check_resumable(state, cfg, data, world_size)
+        engine.load_checkpoint(restore, tag=DS_TAG)
+        step, cursor = int(state["step"]), Cursor.from_dict(state["cursor"])
+        if rank == 0:
+            print(f"[{stage.name}] resumed from {restore} at step {step}", flush=True)
+
+    def checkpoint(metrics: dict) -> None:
+        folder = tempfile.mkdtemp(prefix=f"onegen-ckpt-{rank}-")
+        try:
+            engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step})
+            if rank == 0:
+                state = {"schema": STATE_SCHEMA, "run": cfg.run.name, "stage": stage.name, "stage_index": stage_index,
+                         "step": step, "steps": stage.steps, "cursor": cursor.to_dict(),
+                         "rng": {"seed": cfg.run.seed, "scheme": RNG_SCHEME}, "content_hash": content_hash(cfg),
+                         "builds": data.digests, "mlflow_run_id": mlflow_run_id, "world_size": world_size}
+                (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            save(folder, metrics, step)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    metrics: dict = {"step": step}
+    engine.train()
+    started, first_step = time.perf_counter(), step
+    while step < stage.steps:
+        key, choices = data.plan.batch(cursor)
+        label = data.plan.label(key)
+        seed = step_seed(cfg.run.seed, stage_index, step, rank)
+        cpu_generator = step_generator(seed)
+        rows = data.plan.rows
+        samples = [make_sample(data.builds[rows[c.row].build].row(rows[c.row].shard, rows[c.row].index), c,
+                               data.plan.mixture[c.item].task, cpu_generator, cfg.train.data.latents == "sample")
+                   for c in rank_share(choices, rank, world_size)]
+        generator = cpu_generator if device.type == "cpu" else step_generator(seed, device)
+        t0 = time.perf_counter()
+        result = runner.step(stack(samples), generator, group)
+        step += 1
+        cursor = data.plan.advance(cursor)
+        metrics = {"train/loss": result["loss"], f"train/loss/{label}": result["loss"], "train/lr": result["lr"],
+                   "train/grad_norm": result["grad_norm"], "train/step_seconds": time.perf_counter() - t0,
+                   "train/epoch": cursor.epoch}
+        if rank == 0:
+            log(metrics, step)
+            if step % 10 == 0 or step == stage.steps:
+                rate = (time.perf_counter() - started) / max(1, step - first_step)
+                print(f"[{stage.name}] step {step}/{stage.steps} loss {result['loss']:.4f} ({label}) "
+                      f"lr {result['lr']:.2e} {rate:.2f} s/step", flush=True)
+        if step % cfg.train.checkpoint_every == 0 or step == stage.steps:
+            checkpoint({"step": step, "loss": result["loss"], "epoch": cursor.epoch})
+    return metrics
+
+
+def train_worker(config: dict) -> None:
+    """The Ray Train worker function (TorchTrainer's train_loop_per_worker)."""
+    import ray.train
+
+    from onegen.tracking import MetricsLogger
+    from training.engine import init_distributed
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    init_distributed()
+    logger = MetricsLogger(cfg.tracking.uri, config["mlflow_run_id"], every=cfg.train.log_every) if rank == 0 \
+        else None
+
+    def save(folder: str, metrics: dict, step: int) -> None:
+        if logger is not None:
+            logger.flush()  # what a checkpoint covers is in MLflow before the checkpoint exists
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+    checkpoint = ray.train.get_checkpoint()
+    try:
+        if checkpoint is None:
+            run_stage(cfg, config["stage"], rank=rank, world_size=world_size, device=device, restore=None,
+                      save=save, log=logger.log if logger else _ignore, mlflow_run_id=config["mlflow_run_id"])
+        else:
+            with checkpoint.as_directory() as folder:
+                run_stage(cfg, config["stage"], rank=rank, world_size=world_size, device=device, restore=folder,
+                          save=save, log=logger.log if logger else _ignore, mlflow_run_id=config["mlflow_run_id"])
+    finally:
+        if logger is not None:
+            logger.flush()
+
+
+def _ignore(metrics: dict, step: int) -> None:
+    pass
+
+
+__all__ = ["DS_TAG", "ResumeError", "STATE_FILE", "StageData", "check_resumable", "read_state", "run_stage",
+           "stage_data", "train_worker"]

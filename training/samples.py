@@ -1,0 +1,114 @@
+"""From a build row and a task to the view sequence the model trains on.
+
+    supported_directions(row, task)          which directions of a task a row can feed (its latents, cameras, views)
+    make_sample(row, choice, ...)            the ViewSample (model/views.py, as the pipeline lays it out) and prompt
+
+A row is a build's parquet row (onegen/shards.py): one sample or one multiview group, with per-view latents keyed by
+(view, modality). The frames, their order, roles and target masks come from `model.views.view_layout`, the prompt from
+the task's own builder (`model.views.full_prompt` / `Task.build_prompt`): the trainer and the inference pipeline share
+both, so a model is trained on exactly the sequences and prompts it is later sampled with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from model.tasks import Task, get_task
+from model.views import RAY_ROLE, ViewSample, build_sample, full_prompt, view_layout
+from onegen.shards import ROLE_MODALITIES
+
+MAX_CAMERAS = get_task("multiview").max_views // 2
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One sample of a global step, fixed by the plan: which row, which mixture item and direction, which picture
+    view (single-view tasks; -1 for multiview, which takes the row's views) and which caption."""
+
+    row: int
+    item: int
+    direction: str
+    view: int
+    caption: int
+
+
+def supported_directions(task: Task, directions: tuple[str, ...], keys: frozenset, num_views: int,
+                         has_cameras: bool, view: int | None = None) -> tuple[str, ...]:
+    """The directions of `task` (among `directions`) a row can feed: every frame's modality among its latent keys
+    {(view, modality)} (for view `view`, or for any one view when None), cameras for every view for multiview."""
+    if task.view_layout == "camera_pairs":
+        ok = has_cameras and num_views >= 2 and all((v, "image") in keys for v in range(num_views))
+        return directions if ok else ()
+    if task.view_layout != "fixed":
+        return ()  # reference tasks (faceid, subject_driven) need identity sets: no build writes them yet
+    modalities = [ROLE_MODALITIES.get(role) for role in task.view_roles]
+    if None in modalities:
+        return ()
+    views = range(num_views) if view is None else (view,)
+    return directions if any(all((v, m) in keys for m in modalities) for v in views) else ()
+
+
+def usable_views(task: Task, keys: frozenset, num_views: int) -> list[int]:
+    """Picture views of a row that carry every modality a single-view task needs."""
+    modalities = [ROLE_MODALITIES[role] for role in task.view_roles]
+    return [v for v in range(num_views) if all((v, m) in keys for m in modalities)]
+
+
+def prompt_kwargs(task: Task, row: Mapping, view: int) -> dict:
+    """Extra prompt fields of the task's style: the colour entries of the classes seen in `view` for semantic maps
+    and boxes (the colours the build drew them in)."""
+    if task.prompt_style not in ("colour_mask", "colour_box"):
+        return {}
+    entries: dict[str, str] = {}
+    colours = json.loads(row.get("class_colours") or "{}")
+    for entity in row.get("entities") or []:
+        if entity["view"] == view and entity["class"] not in entries:
+            entries[entity["class"]] = entity.get("colour") or colours.get(entity["class"], {}).get("name")
+    return {"entries": [(label, colour) for label, colour in entries.items() if colour]}
+
+
+def _latent(row: Mapping, key: tuple[int, str], generator: torch.Generator | None, sample: bool) -> torch.Tensor:
+    mean, std = row["latents"][key]
+    if not sample or std is None:
+        return mean
+    return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+
+
+def make_sample(row: Mapping, choice: Choice, task_name: str, generator: torch.Generator | None = None,
+                sample_posterior: bool = True) -> ViewSample:
+    """The ViewSample of `row` for a planned choice. Latents: the posterior mean, or mean + std·ε drawn from
+    `generator` (sample_posterior); ray frames from the row's cameras (focal from K, in the release's unit-image
+    convention)."""
+    task = get_task(task_name)
+    captions = row.get("captions") or []
+    caption = captions[choice.caption]["text"] if captions else ""
+    size = (row["latents"][(max(choice.view, 0), "image")][0].shape[-2:])
+    if task.view_layout == "camera_pairs":
+        cameras = sorted(row["cameras"], key=lambda c: c["view"])[:MAX_CAMERAS]
+        layout = view_layout(task, direction=choice.direction, num_cameras=len(cameras))
+        pictures = {2 * i: _latent(row, (camera["view"], "image"), generator, sample_posterior)
+                    for i, camera in enumerate(cameras)}
+        c2w = torch.tensor([camera["c2w_opengl"] for camera in cameras], dtype=torch.float64).reshape(-1, 4, 4)
+        focal = _unit_focal(cameras[0], row["bucket_w"])
+        return build_sample(layout, full_prompt(task, caption), size=tuple(size), picture_latents=pictures,
+                            cameras=c2w, ray_views=[i for i, role in enumerate(layout.roles) if role == RAY_ROLE],
+                            **({} if focal is None else {"focal": focal}))
+    layout = view_layout(task, direction=choice.direction)
+    pictures = {i: _latent(row, (choice.view, ROLE_MODALITIES[role]), generator, sample_posterior)
+                for i, role in enumerate(layout.roles)}
+    prompt = full_prompt(task, caption, prompt_kwargs(task, row, choice.view))
+    return build_sample(layout, prompt, size=tuple(size), picture_latents=pictures)
+
+
+def _unit_focal(camera: Mapping, width: int) -> float | None:
+    """K's fx over the image width: the release's unit-image focal (model.cameras.RELEASE_FOCAL); None without K."""
+    K = camera.get("K")
+    return None if not K else float(K[0]) / float(width)
+
+
+__all__ = ["Choice", "MAX_CAMERAS", "make_sample", "prompt_kwargs", "supported_directions",
+           "usable_views"]
