@@ -164,17 +164,22 @@ def end_status(error: BaseException | None) -> str:
 
 @contextlib.contextmanager
 def start_run(cfg: OnegenConfig, run_name: str | None = None, tags: dict[str, str] | None = None, *,
-              nested: bool = False) -> Iterator["mlflow.ActiveRun"]:
+              nested: bool = False, run_id: str | None = None) -> Iterator["mlflow.ActiveRun"]:
     """Open an MLflow run named `run_name` (default `run.name`) tagged with git commit/dirty and config hash, with
-    the resolved config logged. The run ends as `end_status` says: FINISHED, KILLED (Ctrl-C) or FAILED."""
+    the resolved config logged; or, with `run_id`, continue that run (a resumed training run keeps its run: its
+    config was logged when it started). The run ends as `end_status` says: FINISHED, KILLED (Ctrl-C) or FAILED."""
     import mlflow
 
     install_log_redaction()
-    experiment_id = ensure_experiment(cfg)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run.name, tags=run_tags(cfg, tags),
-                           nested=nested)
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        experiment_id = ensure_experiment(cfg)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run.name,
+                               tags=run_tags(cfg, tags), nested=nested)
     try:
-        log_config(cfg)
+        if run_id is None:
+            log_config(cfg)
         yield run
     except BaseException as err:
         mlflow.end_run(end_status(err))

@@ -23,32 +23,49 @@ def build_model(cfg: TrainConfig):
         return NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
 
 
-def tiny_t5_folder(cfg: TrainConfig, d_model: int) -> Path:
-    """The seeded tiny T5 (model.tokenizers.build_tiny_t5) under run.work_dir/models, built once: into a temporary
-    folder renamed into place, so workers racing to build it never read a half-written one."""
+def tiny_t5_folder(cfg: TrainConfig, d_model: int, *, build: bool = True) -> Path:
+    """The seeded tiny T5 (model.tokenizers.build_tiny_t5) under run.work_dir/models, built once by a process that is
+    not one rank of several (transformers' save_pretrained writes weights only on rank 0 of an initialised process
+    group; the driver builds it before workers start): into a temporary folder renamed into place, so a reader never
+    sees a half-written one. build=False: FileNotFoundError naming the fix when it is missing."""
     from model.tokenizers import build_tiny_t5
 
     target = Path(cfg.run.work_dir) / "models" / f"{TINY_T5}-d{d_model}-seed{cfg.run.seed}"
-    if not (target / "text_encoder").is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".tiny-t5-", dir=target.parent))
+    if (target / "text_encoder" / "config.json").is_file():
+        return target
+    if not build:
+        raise FileNotFoundError(f"model.text_encoder={TINY_T5}: {target} is missing on this node (the driver builds "
+                                "it under run.work_dir); on a multi-node cluster give a text encoder every node can "
+                                "load (a hub id or a shared folder)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".tiny-t5-", dir=target.parent))
+    try:
+        build_tiny_t5(scratch, d_model=d_model, seed=cfg.run.seed)
+        if not (scratch / "text_encoder" / "config.json").is_file():
+            raise RuntimeError(f"building the tiny T5 in {scratch} wrote no weights (built by a rank other than 0?)")
         try:
-            build_tiny_t5(scratch, d_model=d_model, seed=cfg.run.seed)
             os.rename(scratch, target)
         except OSError:
-            if not (target / "text_encoder").is_dir():
+            if not (target / "text_encoder" / "config.json").is_file():
                 raise
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
 def load_text_encoder(cfg: TrainConfig, caption_channels: int, device: torch.device):
-    """The frozen T5 of `model.text_encoder`; its width must be the model's caption_channels."""
+    """The frozen T5 of `model.text_encoder`; its width must be the model's caption_channels. The tiny T5 is built
+    here only by a lone process (one rank): several ranks expect the driver to have built it."""
+    import torch.distributed as dist
+
     from model.tokenizers import T5TextEncoder
 
     source = cfg.model.text_encoder
-    folder = tiny_t5_folder(cfg, caption_channels) if source == TINY_T5 else source
+    if source == TINY_T5:
+        lone = not dist.is_initialized() or dist.get_world_size() == 1
+        folder = tiny_t5_folder(cfg, caption_channels, build=lone)
+    else:
+        folder = source
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
     encoder = T5TextEncoder.from_pretrained(folder, torch_dtype=dtype, max_length=cfg.model.text_max_length)
     if encoder.hidden_size != caption_channels:

@@ -38,6 +38,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("config", "onegen.cli.config_check", "check a config file and print it resolved"),
     ("synth", "onegen.cli.synth", "render the synthetic world (exact labels) or draw a contact sheet"),
     ("build", "onegen.cli.build", "build the One-Gen dataset (Ray Data job), or `build inspect` one"),
+    ("train", "onegen.cli.train", "train OneDiffusion on a build (Ray Train + DeepSpeed), checkpointed and resumable"),
     ("demo", "onegen.cli.demo", "run the demo chain: synthetic world -> Ray -> shards -> train -> sample -> evaluate"),
 ]
 
