@@ -74,10 +74,14 @@ def test_the_mlflow_run_has_the_config_and_the_loss_by_step_overall_and_per_task
     assert sorted(history) == list(range(1, STEPS + 1))
     losses = [history[s][0] for s in range(1, STEPS + 1)]
     assert np.mean(losses[-8:]) < np.mean(losses[:8])  # it learns (several tasks mixed: a loose check)
+    client = MlflowClient(f"sqlite:///{trained['work'] / 'mlflow.db'}")
+    text2image = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss/text2image"),
+                                          key=lambda m: m.step)]
+    assert len(text2image) >= 6 and np.mean(text2image[-3:]) < 0.9 * np.mean(text2image[:3]), text2image
     per_task = {key for key in keys if key.startswith("train/loss/")}
     assert {"train/loss/text2image", "train/loss/depth2image"} <= per_task
     assert sum(keys[key] for key in per_task) == STEPS  # every step is one task's batch
-    run = MlflowClient(f"sqlite:///{trained['work'] / 'mlflow.db'}").get_run(run_id)
+    run = client.get_run(run_id)
     assert run.data.params["train.global_batch_size"] == "4" and run.data.params["model.preset"] == "nextdit-tiny"
     assert run.info.status == "FINISHED" and state_run_id(trained) == run_id
 
