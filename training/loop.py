@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -113,8 +114,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
 
     stage = cfg.train.stages[stage_index]
     data = stage_data(cfg, stage_index)
-    for note in data.notes:
-        print(f"[{stage.name}] {note}", flush=True)
+    for note in data.notes if rank == 0 else ():
+        say(f"[{stage.name}] {note}")
     per_rank = cfg.train.global_batch_size // world_size
     model = build_model(cfg)
     text_encoder = load_text_encoder(cfg, model.config.caption_channels, device)
@@ -132,7 +133,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
         engine.load_checkpoint(restore, tag=DS_TAG)
         step, cursor = int(state["step"]), Cursor.from_dict(state["cursor"])
         if rank == 0:
-            print(f"[{stage.name}] resumed from {restore} at step {step}", flush=True)
+            say(f"[{stage.name}] resumed from {restore} at step {step}")
 
     def checkpoint(metrics: dict) -> None:
         folder = tempfile.mkdtemp(prefix=f"onegen-ckpt-{rank}-")
@@ -172,11 +173,17 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
             log(metrics, step)
             if step % 10 == 0 or step == stage.steps:
                 rate = (time.perf_counter() - started) / max(1, step - first_step)
-                print(f"[{stage.name}] step {step}/{stage.steps} loss {result['loss']:.4f} ({label}) "
-                      f"lr {result['lr']:.2e} {rate:.2f} s/step", flush=True)
+                say(f"[{stage.name}] step {step}/{stage.steps} loss {result['loss']:.4f} ({label}) "
+                    f"lr {result['lr']:.2e} {rate:.2f} s/step")
         if step % cfg.train.checkpoint_every == 0 or step == stage.steps:
             checkpoint({"step": step, "loss": result["loss"], "epoch": cursor.epoch})
     return metrics
+
+
+def say(message: str) -> None:
+    """A progress line on the process's real stdout: Ray Train patches `print` in workers to write both there and to
+    its logger's console handler, which shows every line twice in the driver's output."""
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def train_worker(config: dict) -> None:
