@@ -45,8 +45,7 @@ def trained(ray_head, synthetic_build, tmp_path_factory):
     overrides = train_overrides(synthetic_build, work, *RUN_SETTINGS)
     result = run_train(ray_head, *overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return {"work": work, "overrides": overrides, "result": result,
-            "stage": Path(synthetic_build["root"]) / "runs/tiny/stage1"}
+    return {"work": work, "overrides": overrides, "result": result, "stage": work / "data/runs/tiny/stage1"}
 
 
 def test_two_workers_train_with_zero2_and_write_checkpoints(trained, synthetic_build):
@@ -140,15 +139,12 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_the_same_losses(t
                                                                                 tmp_path):
     """SIGKILL one Ray Train worker after the first checkpoint: Ray restarts the group from it by itself, and every
     loss logged (before and after the restart, re-logged steps included) equals the uninterrupted run's."""
-    root = tmp_path / "data"
-    root.mkdir()
-    (root / "builds").symlink_to(Path(synthetic_build["root"]) / "builds")
     work = tmp_path / "work"
-    overrides = [f"storage.root={root}", f"run.work_dir={work}", *RUN_SETTINGS]
+    overrides = train_overrides(synthetic_build, work, *RUN_SETTINGS)
     env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"])
     with open(tmp_path / "train.log", "w") as log:
         proc = subprocess.Popen(train_command(*overrides), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        stage = root / "runs/tiny/stage1"
+        stage = work / "data/runs/tiny/stage1"
         deadline = time.monotonic() + 300
         # A checkpoint counts once every rank reported it and the controller saw the reports: kill a few steps
         # after checkpoint 10 (step 16 of 30; checkpoint 20 may or may not exist then: either is a valid resume point)

@@ -15,8 +15,11 @@ TRAIN_TIMEOUT_S = 420
 
 
 def train_overrides(build: dict, work: Path, *extra: str) -> list[str]:
-    """--set items that point configs/train/tiny.yaml at the shared synthetic build and a private work dir."""
-    return [f"storage.root={build['root']}", f"run.work_dir={work}", *extra]
+    """--set items that point configs/train/tiny.yaml at the shared synthetic build (by its full URI) and keep
+    everything the run writes (runs/, MLflow, the tiny T5) in a private work dir: the shared build's root stays
+    untouched."""
+    return [f"storage.root={work / 'data'}", f"run.work_dir={work}", f"train.data.builds[0].uri={build['uri']}",
+            *extra]
 
 
 def in_fresh_process(fn, *args, timeout: float = TRAIN_TIMEOUT_S):
