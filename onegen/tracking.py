@@ -171,10 +171,10 @@ def start_run(cfg: OnegenConfig, run_name: str | None = None, tags: dict[str, st
     import mlflow
 
     install_log_redaction()
+    experiment_id = ensure_experiment(cfg)  # also points MLflow at the configured store
     if run_id is not None:
         run = mlflow.start_run(run_id=run_id, nested=nested)
     else:
-        experiment_id = ensure_experiment(cfg)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run.name,
                                tags=run_tags(cfg, tags), nested=nested)
     try:

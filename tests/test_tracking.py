@@ -122,6 +122,23 @@ def test_second_run_reuses_the_experiment(tmp_path: Path):
     assert first.info.run_id != second.info.run_id
 
 
+def test_a_run_is_continued_by_id_in_the_configured_store_from_a_fresh_process_state(tmp_path: Path):
+    """A resumed training run continues its MLflow run: start_run(run_id=) must point MLflow at the config's store
+    first (a fresh driver has no tracking URI set), keep the params of the first start and log on."""
+    cfg = make_config(tmp_path)
+    with start_run(cfg) as first:
+        mlflow.log_metric("loss", 1.0, step=1)
+    mlflow.set_tracking_uri(None)  # what a new process starts with
+    with start_run(cfg, run_id=first.info.run_id) as again:
+        mlflow.log_metric("loss", 0.5, step=2)
+    assert again.info.run_id == first.info.run_id
+    client = MlflowClient(tracking_uri(cfg))
+    run = client.get_run(first.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["run.name"] == "track-test"
+    assert [(m.step, m.value) for m in client.get_metric_history(first.info.run_id, "loss")] == [(1, 1.0), (2, 0.5)]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
 def test_git_state_of_the_repo_and_the_job_override(tmp_path: Path, monkeypatch):
     commit, dirty = git_state(REPO)
     assert re.fullmatch(r"[0-9a-f]{40}", commit) and dirty in ("true", "false")

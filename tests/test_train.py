@@ -163,3 +163,34 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_the_same_losses(t
     assert any(len(values) > 1 for values in history.values()) or "resumed from" in output
     for step, values in history.items():
         np.testing.assert_allclose(values, [reference[step][0]] * len(values), rtol=1e-5, err_msg=f"step {step}")
+
+
+@pytest.mark.slow
+def test_running_the_command_again_after_the_driver_died_continues_the_run(trained, ray_head, synthetic_build,
+                                                                            tmp_path):
+    """SIGKILL the whole `onegen train` process group after checkpoint 20: the same command again continues from
+    the latest checkpoint in the same MLflow run (ending FINISHED), with the uninterrupted run's losses."""
+    import os
+
+    work = tmp_path / "work"
+    cmd = train_command(*train_overrides(synthetic_build, work, *RUN_SETTINGS))
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"])
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while logged_steps(work) < 22:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "continuing run tiny from" in again.stdout
+    run_id, history, _ = loss_history(work)
+    _, reference, _ = loss_history(trained["work"])
+    assert sorted(history) == list(range(1, STEPS + 1))
+    for step, values in history.items():
+        np.testing.assert_allclose(values, [reference[step][0]] * len(values), rtol=1e-5, err_msg=f"step {step}")
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_run(run_id).info.status == "FINISHED"
