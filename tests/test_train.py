@@ -122,7 +122,7 @@ def logged_steps(work: Path) -> int:
     return int(row[0] or 0)
 
 
-def train_workers(ray_head) -> list[psutil.Process]:
+def train_workers() -> list[psutil.Process]:
     """The Ray Train worker processes now alive (their titles say RayTrainWorker)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -151,7 +151,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_the_same_losses(t
         while not (stage / "checkpoint_000010/state.json").exists() or logged_steps(work) < 16:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[-3000:]
             time.sleep(0.2)
-        victims = train_workers(ray_head)
+        victims = train_workers()
         assert victims, "no Ray Train worker process found"
         victims[-1].send_signal(signal.SIGKILL)
         assert proc.wait(timeout=400) == 0, (tmp_path / "train.log").read_text()[-5000:]

@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import socket
 
-import pytest
 import torch
 
 from onegen.train_config import TrainSection
