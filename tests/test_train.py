@@ -122,6 +122,15 @@ def logged_steps(work: Path) -> int:
     return int(row[0] or 0)
 
 
+def registered_checkpoint(stage: Path) -> str | None:
+    """The newest checkpoint Ray Train's controller has registered for the stage (its snapshot file), or None."""
+    try:
+        snapshot = json.loads((stage / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return None
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+
 def train_workers() -> list[psutil.Process]:
     """The Ray Train worker processes now alive (their titles say RayTrainWorker)."""
     found = []
@@ -146,9 +155,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_with_the_same_losses(t
         proc = subprocess.Popen(train_command(*overrides), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         stage = work / "data/runs/tiny/stage1"
         deadline = time.monotonic() + 300
-        # A checkpoint counts once every rank reported it and the controller saw the reports: kill a few steps
-        # after checkpoint 10 (step 16 of 30; checkpoint 20 may or may not exist then: either is a valid resume point)
-        while not (stage / "checkpoint_000010/state.json").exists() or logged_steps(work) < 16:
+        # A checkpoint counts once Ray Train's controller registered every rank's report (it polls the workers every
+        # 2 s): kill as soon as its snapshot names one (checkpoint 10, or 20: either is a valid resume point)
+        while registered_checkpoint(stage) is None:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[-3000:]
             time.sleep(0.2)
         victims = train_workers()
