@@ -84,7 +84,7 @@ def flow_config(cfg: TrainConfig) -> FlowConfig:
 def loss_channel_mask(image_tokenizer: str) -> torch.Tensor | None:
     """Channels in the loss for latents of the build's tokenizer: the pixel tokenizer's zero pad channels are left
     out (their target is trivially the noise); a VAE's are all in (None)."""
-    if image_tokenizer.split("@")[0].strip() != "pixel":
+    if image_tokenizer != "pixel":  # the id the build records (model.tokenizers: "pixel", or a VAE id)
         return None
     from model.tokenizers import PixelTokenizer
 

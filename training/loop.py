@@ -12,6 +12,7 @@ Resuming loads both and continues at the next step: the plan's batch and every r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -68,8 +69,7 @@ def stage_data(cfg: TrainConfig, stage_index: int) -> StageData:
     refusals, notes = plan.problems()
     if refusals:
         raise DataPlanError("\n".join(f"stage {stage.name}: {line}" for line in refusals))
-    tokenizers = sorted({builds[r.build].row(r.shard, r.index, as_tensors=False)["image_tokenizer"]
-                         for r in {row.build: row for row in rows}.values()})
+    tokenizers = sorted({row.image_tokenizer for row in rows})
     if len(tokenizers) != 1:
         raise DataPlanError(f"train.data.builds: the builds were encoded with different image tokenizers "
                             f"({', '.join(tokenizers)}); train on builds of one tokenizer")
@@ -209,13 +209,9 @@ def train_worker(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     try:
-        if checkpoint is None:
-            run_stage(cfg, config["stage"], rank=rank, world_size=world_size, device=device, restore=None,
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
+            run_stage(cfg, config["stage"], rank=rank, world_size=world_size, device=device, restore=folder,
                       save=save, log=logger.log if logger else _ignore, mlflow_run_id=config["mlflow_run_id"])
-        else:
-            with checkpoint.as_directory() as folder:
-                run_stage(cfg, config["stage"], rank=rank, world_size=world_size, device=device, restore=folder,
-                          save=save, log=logger.log if logger else _ignore, mlflow_run_id=config["mlflow_run_id"])
     finally:
         if logger is not None:
             logger.flush()

@@ -56,6 +56,7 @@ class RowInfo:
     keys: frozenset  # {(view, modality)} of its latents
     has_cameras: bool
     num_captions: int
+    image_tokenizer: str
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def index_rows(builds: Sequence[Build], resolution: int) -> list[RowInfo]:
             lengths = pc.list_value_length(table["latents"]).to_pylist()
             camera_counts = pc.list_value_length(table["cameras"]).fill_null(0).to_pylist()
             caption_counts = pc.list_value_length(table["captions"]).fill_null(0).to_pylist()
-            columns = table.select(["id", "split", "resolution", "bucket_h", "bucket_w", "num_views"]).to_pylist()
+            columns = table.select(["id", "split", "resolution", "bucket_h", "bucket_w", "num_views",
+                                    "image_tokenizer"]).to_pylist()
             start = 0
             for i, meta in enumerate(columns):
                 keys = frozenset(zip(views[start:start + lengths[i]], modalities[start:start + lengths[i]]))
@@ -97,7 +99,8 @@ def index_rows(builds: Sequence[Build], resolution: int) -> list[RowInfo]:
                 if meta["split"] != TRAIN_SPLIT or meta["resolution"] != resolution or meta["id"] in skip:
                     continue
                 rows.append(RowInfo(b, shard, i, meta["id"], (meta["bucket_h"], meta["bucket_w"]), meta["num_views"],
-                                    keys, camera_counts[i] >= meta["num_views"] > 0, caption_counts[i]))
+                                    keys, camera_counts[i] >= meta["num_views"] > 0, caption_counts[i],
+                                    meta["image_tokenizer"]))
     return rows
 
 

@@ -37,19 +37,15 @@ class Choice:
 
 
 def supported_directions(task: Task, directions: tuple[str, ...], keys: frozenset, num_views: int,
-                         has_cameras: bool, view: int | None = None) -> tuple[str, ...]:
+                         has_cameras: bool) -> tuple[str, ...]:
     """The directions of `task` (among `directions`) a row can feed: every frame's modality among its latent keys
-    {(view, modality)} (for view `view`, or for any one view when None), cameras for every view for multiview."""
+    {(view, modality)} for at least one picture view, cameras for every view for multiview."""
     if task.view_layout == "camera_pairs":
         ok = has_cameras and num_views >= 2 and all((v, "image") in keys for v in range(num_views))
         return directions if ok else ()
-    if task.view_layout != "fixed":
-        return ()  # reference tasks (faceid, subject_driven) need identity sets: no build writes them yet
-    modalities = [ROLE_MODALITIES.get(role) for role in task.view_roles]
-    if None in modalities:
-        return ()
-    views = range(num_views) if view is None else (view,)
-    return directions if any(all((v, m) in keys for m in modalities) for v in views) else ()
+    if task.view_layout != "fixed" or any(role not in ROLE_MODALITIES for role in task.view_roles):
+        return ()  # reference tasks need identity sets, and some roles (hed, source_image) no build writes yet
+    return directions if usable_views(task, keys, num_views) else ()
 
 
 def usable_views(task: Task, keys: frozenset, num_views: int) -> list[int]:

@@ -109,6 +109,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def job_main(module: str, description: str, command: str, run: Callable[[argparse.Namespace], int],
+             argv: list[str] | None = None, **defaults) -> int:
+    """`python -m MODULE --config F [--set ...]`, a job's own entry point (what `ray job submit` runs): the config
+    options, `run` and error reporting of `onegen COMMAND` without the `onegen` front end. `defaults`: attributes
+    the command's other arguments would set."""
+    parser = ArgumentParser(prog=f"python -m {module}", description=description)
+    add_config_options(parser, required=True)
+    args = parser.parse_args(argv)
+    vars(args).update(defaults, command=command)
+    return run_command(command, run, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)

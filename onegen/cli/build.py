@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from onegen.cli import ArgumentParser, add_config_options, config_from_args, run_command
+from onegen.cli import add_config_options, config_from_args, job_main
 from onegen.errors import UsageError
 
 
@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.build ...`: the same command without the `onegen` front end."""
     from pipelines import build
 
-    parser = ArgumentParser(prog="python -m pipelines.build", description=build.__doc__.splitlines()[0])
-    add_config_options(parser, required=True)
-    args = parser.parse_args(argv)
-    args.words, args.command = [], "build"
-    return run_command("build", run, args)
+    return job_main("pipelines.build", build.__doc__.splitlines()[0], "build", run, argv, words=[])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from onegen.cli import ArgumentParser, add_config_options, config_from_args, run_command
+from onegen.cli import add_config_options, config_from_args, job_main
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m training.launch ...`: the same command without the `onegen` front end."""
     from training import launch
 
-    parser = ArgumentParser(prog="python -m training.launch", description=launch.__doc__.splitlines()[0])
-    add_config_options(parser, required=True)
-    args = parser.parse_args(argv)
-    args.command = "train"
-    return run_command("train", run, args)
+    return job_main("training.launch", launch.__doc__.splitlines()[0], "train", run, argv)
 
 
 if __name__ == "__main__":
