@@ -41,6 +41,7 @@ from onegen.shards import (BUILD_SCHEMA, PLAN_SCHEMA, SHARD_SCHEMA_VERSION, buil
                            canonical_json, manifest_path, plan_path, read_entries, sha256_hex)
 from onegen.storage import Storage
 from pipelines.ingest import Partition, plan_source, read_partition
+from pipelines.process import check_image_tokenizer
 
 TAG_BUILD = "onegen.build"
 TAG_BUILD_URI = "onegen.build_uri"
@@ -277,13 +278,15 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition]):
 def run_build(cfg: BuildConfig) -> BuildSummary:
     from onegen.preflight import check_run_targets
     from onegen.raycluster import init_ray
-    from pipelines.shard_writer import CRASH_POINTS, commit_shard, write_manifest
+    from pipelines.shard_writer import CRASH_POINTS, commit_shard, crash_point, write_manifest
 
     point = os.environ.get("ONEGEN_CRASH_AT")
     if point and point not in CRASH_POINTS:
         raise UsageError(f"ONEGEN_CRASH_AT={point!r} is not a crash point (one of {', '.join(CRASH_POINTS)}); it is "
                          "for tests: unset it")
     check_run_targets(cfg)  # work dir, Ray, MLflow and storage usable: refused before anything is written
+    with step("load the image tokenizer", cfg.build.encode.image_tokenizer):
+        check_image_tokenizer(cfg)
     started = time.perf_counter()
     storage = Storage.from_config(cfg)
     name = cfg.build_name
@@ -330,6 +333,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                 raise RuntimeError(f"the stream ended before shards {missing} were complete (a stage lost records)")
             summary.shards_committed = len(futures)
         entries = read_entries(storage, name)
+        if pending:
+            crash_point("before_final")  # every shard committed, the duplicate pass and _final.json not yet done
         with step("write the final manifest", storage.uri(manifest_path(name))):
             summary.manifest = write_manifest(storage, name, plan, entries, digest)
         summary.wall_s = time.perf_counter() - started

@@ -236,6 +236,31 @@ class ViewEncoder:
                 output["latents"].sort(key=lambda e: (e["view"], e["modality"] != IMAGE, e["modality"]))
 
 
+def check_image_tokenizer(cfg: BuildConfig) -> None:
+    """Load the configured tokenizer once on the driver, before anything is planned or written: a missing or wrong
+    VAE id fails the build in seconds with one line naming the key and the fix, not in every encoder actor after
+    the sources were read. (For a hub id this is also what fills the local cache the actors then read.)"""
+    spec = cfg.build.encode.image_tokenizer
+    if spec == "pixel":
+        return
+    from model.limits import BUCKET_MULTIPLE
+    from model.tokenizers import load_image_tokenizer
+    from onegen.errors import UsageError
+
+    try:
+        tokenizer = load_image_tokenizer(spec)
+    except (OSError, ValueError, ImportError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"build.encode.image_tokenizer={spec!r}: cannot load it ({reason}); set it to 'pixel', a "
+                         "local AutoencoderKL folder (config.json + weights, or a release root with vae/) or a hub "
+                         "id that is in the local Hugging Face cache") from None
+    factor = int(tokenizer.downsample_factor) * 2  # NextDiT's patch size: a bucket side must fill whole patches
+    if BUCKET_MULTIPLE % factor:
+        raise UsageError(f"build.encode.image_tokenizer={spec!r}: downsamples by {tokenizer.downsample_factor}, but "
+                         f"the aspect buckets are multiples of {BUCKET_MULTIPLE} pixels, which fill whole 2x2 patches "
+                         "only for a factor of at most 8; use an f=8 AutoencoderKL (SD3/FLUX class)")
+
+
 def tokenizer_identity(spec: str) -> tuple[str, str]:
     """(tokenizer id, sha256 of its config): which tokenizer made a shard's latents, for readers to check."""
     from pathlib import Path

@@ -22,7 +22,7 @@ from onegen.storage import Storage
 from pipelines.ingest import Partition
 from pipelines.record import wds_tar_bytes
 
-CRASH_POINTS = ("mid_tar", "before_parquet", "before_manifest", "in_manifest_put")
+CRASH_POINTS = ("mid_tar", "before_parquet", "before_manifest", "in_manifest_put", "before_final")
 _CHUNK = 1 << 16
 
 

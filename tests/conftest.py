@@ -226,10 +226,14 @@ def _wait_for_a_driver(gcs: str, env: dict, alive: Callable[[], bool], attempts:
 
 
 @pytest.fixture(scope="session")
-def ray_head(free_tcp_port, wait_for_http, stop_processes, session_pids):
+def ray_head(free_tcp_port, wait_for_http, stop_processes, session_pids, moto_endpoint):
     """One `ray start --head --block` on 127.0.0.1 for the session, every port chosen free (other Ray clusters may
     run here), HEAD_CPUS logical CPUs (an odd count, so output proves which cluster a driver joined) and a 1 GiB
-    object store. Yields {"dashboard": http URL, "gcs": HOST:PORT, "env": the environment to run drivers/CLIs in}."""
+    object store. Yields {"dashboard": http URL, "gcs": HOST:PORT, "env": the environment to run drivers/CLIs in}.
+
+    The head (so every Ray worker) and the drivers run in the test AWS environment pointed at the session's moto
+    server: onegen never forwards credentials to Ray (INTERFACES §1), so on a cluster the nodes' own credential
+    chain serves the workers, and here the head's environment stands in for it."""
     temp_dir = tempfile.mkdtemp(prefix="ogr", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     ports = {name: free_tcp_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                                 "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -237,6 +241,11 @@ def ray_head(free_tcp_port, wait_for_http, stop_processes, session_pids):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # so the job's `python` is this venv's
     env.pop("RAY_ADDRESS", None)
+    for name in AWS_VARS:
+        env.pop(name, None)
+    env.update(AWS_TEST_ENV, AWS_ENDPOINT_URL=moto_endpoint, AWS_EC2_METADATA_DISABLED="true",
+               AWS_CONFIG_FILE=os.path.join(temp_dir, "aws-config"),  # absent files: nothing of ~/.aws leaks in
+               AWS_SHARED_CREDENTIALS_FILE=os.path.join(temp_dir, "aws-credentials"))
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(HEAD_CPUS),
            "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", temp_dir,
            "--disable-usage-stats", "--object-store-memory", str(HEAD_OBJECT_STORE_BYTES)]

@@ -114,3 +114,53 @@ def test_ray_job_submit_of_the_build_equals_the_local_run(synthetic_build, ray_h
     assert "manifest: 3 shards, 24 samples" in output
     assert manifest_view(Storage(str(tmp_path / "data")), "synthetic_small") == \
         manifest_view(Storage(synthetic_build["root"]), "synthetic_small")
+
+
+def test_the_same_config_written_to_s3_gives_the_same_manifest(synthetic_build, ray_head, aws_env, moto_endpoint,
+                                                               make_bucket, tmp_path):
+    """storage.root on s3:// (moto on 127.0.0.1) is the same code path: the same manifest and shard bytes as the
+    local build; the Ray workers write with the credentials of their own environment (the head's)."""
+    from build_runs import REPO, manifest_view, ok, run_build
+    from onegen.storage import Storage
+
+    aws_env.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    root = f"s3://{make_bucket()}/onegen"
+    ok(run_build(ray_head, REPO / "configs/build/synthetic_small.yaml", f"run.work_dir={tmp_path / 'work'}",
+                 f"storage.root={root}"))
+    assert manifest_view(Storage(root), "synthetic_small") == manifest_view(Storage(synthetic_build["root"]),
+                                                                             "synthetic_small")
+    assert open_build(f"{root}/builds/synthetic_small").complete
+
+
+def test_the_build_is_an_mlflow_run_with_its_config_counts_and_manifest(synthetic_build):
+    """What a user sees in MLflow (through the client, as the UI reads it): the resolved config as params, kept /
+    dropped / shard / byte counts and samples/s per stage as metrics, the manifest and closing table as artifacts,
+    and the build as the run's dataset input."""
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from onegen.shards import canonical_json, sha256_hex
+
+    work = Path(synthetic_build["root"]).parent / "work"
+    client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
+    experiment = client.get_experiment_by_name("onegen")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`onegen.build` = 'synthetic_small'")
+    assert run.info.status == "FINISHED" and run.info.run_name == "build-synthetic_small"
+    params = run.data.params
+    assert params["build.resolutions"] == "[64]" and params["build.encode.image_tokenizer"] == "pixel"
+    metrics = run.data.metrics
+    build = open_build(synthetic_build["uri"])
+    manifest = build.manifest()
+    assert metrics["kept"] == manifest["totals"]["samples"] == 24 and metrics["rows"] == manifest["totals"]["rows"]
+    assert metrics["shards_committed"] == 3 and metrics["shards_skipped"] == 0 and metrics["inputs"] == 24
+    entries = build.entries().values()
+    assert metrics["bytes_written"] == sum(e["files"][k]["bytes"] for e in entries for k in ("images", "latents"))
+    assert {"samples_per_s.ingest", "samples_per_s.encode", "samples_per_s.pack"} <= set(metrics)
+    local = client.download_artifacts(run.info.run_id, "build/manifest.json", str(work / "artifacts-check"))
+    assert json.loads(Path(local).read_text()) == manifest
+    summary = Path(client.download_artifacts(run.info.run_id, "build/summary.txt", str(work / "artifacts-check")))
+    assert "manifest: 3 shards, 24 samples" in summary.read_text()
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "synthetic_small"
+    assert dataset_input.dataset.digest == sha256_hex(canonical_json(manifest))[:16]

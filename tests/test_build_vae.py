@@ -1,0 +1,82 @@
+"""`onegen build` with diffusers' `AutoencoderKL` as the image tokenizer: a tiny random-weight VAE saved locally (the
+release's f=8, 16-channel layout, tests/release_reference/tiny_release.py) encodes a small synthetic build; the
+stored posterior mean and std are the VAE's own, after `scaling_factor`, and decode back through its decoder. A
+missing or wrong VAE id fails the build at start-up, before anything is planned or written."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from build_runs import ok, run_build, write_config
+from onegen.dataset import open_build
+from onegen.storage import Storage
+from pipelines.record import samples_from_wds_tar
+from release_reference.tiny_release import tiny_vae
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-vae") / "vae"
+    tiny_vae().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_build(tmp_path_factory, vae_dir, ray_head):
+    root = tmp_path_factory.mktemp("vae-build")
+    config = write_config(root / "build.yaml", root, [
+        {"name": "synth", "type": "synthetic", "scenes": 4, "views_per_scene": 2, "partition_size": 2, "size": 64}],
+        resolutions=[64], decode={"min_size": 32}, conditions={"kinds": ["canny"]},
+        encode={"image_tokenizer": str(vae_dir), "batch_size": 4})
+    result = ok(run_build(ray_head, config))
+    return {"root": root, "result": result, "build": open_build("b", storage_root=str(root / "data"))}
+
+
+def test_the_vae_latents_are_its_posterior_after_scaling_and_decode_back(vae_build, vae_dir):
+    from model.tokenizers import load_image_tokenizer
+
+    build = vae_build["build"]
+    vae = load_image_tokenizer(str(vae_dir))
+    shard = build.shards()[0]
+    rows = list(build.rows([shard]))
+    pictures = {s.key: s.image for s in samples_from_wds_tar(build.read_file(shard, "images"))}
+    assert len(rows) == 2 and build.complete and build.manifest()["totals"]["rows"] == 4
+    for row in rows:
+        assert row["image_tokenizer"] == str(vae_dir) and row["downsample_factor"] == 8
+        assert len(row["image_tokenizer_sha"]) == 64
+        for view in range(row["num_views"]):
+            mean, std = row["latents"][(view, "image")]
+            assert mean.shape == std.shape == (16, 8, 8) and mean.dtype == torch.float32
+            assert float(std.min()) > 0
+            picture = torch.from_numpy(pictures[f"{row['id']}-r64-v{view}"].copy())
+            image = picture.permute(2, 0, 1)[None].float() / 127.5 - 1  # the [-1, 1] the tokenizers take
+            expected_mean, expected_std = vae.encode_posterior(image)
+            torch.testing.assert_close(mean, expected_mean[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(std, expected_std[0], rtol=1e-4, atol=1e-5)
+            decoded = vae.decode(mean[None])
+            assert decoded.shape == (1, 3, 64, 64) and torch.isfinite(decoded).all()
+        canny_mean, canny_std = row["latents"][(0, "canny")]
+        assert canny_mean.shape == (16, 8, 8) and float(canny_std.min()) > 0
+
+
+def test_a_missing_or_wrong_vae_fails_at_start_up_with_one_line(tmp_path, ray_head):
+    not_a_vae = tmp_path / "not-a-vae"
+    not_a_vae.mkdir()
+    (not_a_vae / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    for spec in (str(tmp_path / "no-such-vae"), "nobody-here/no-such-vae", str(not_a_vae)):
+        config = write_config(tmp_path / "build.yaml", tmp_path, [
+            {"name": "synth", "type": "synthetic", "scenes": 2, "size": 64}], resolutions=[64],
+            encode={"image_tokenizer": spec})
+        start = time.perf_counter()
+        result = run_build(ray_head, config, timeout=120)
+        elapsed = time.perf_counter() - start
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "build.encode.image_tokenizer" in lines[0] and spec in lines[0], lines
+        assert "'pixel'" in lines[0] and elapsed < 60
+        assert not Storage(str(tmp_path / "data")).exists("builds/b/build.json")  # refused before anything
