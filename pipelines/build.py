@@ -70,6 +70,7 @@ class BuildSummary:
     notes: list[str] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
     run_id: str | None = None
+    mlflow: list[str] = field(default_factory=list)  # where to see the build's MLflow run (table lines)
 
     def table(self) -> str:
         lines = [f"build {self.name} -> {self.uri}",
@@ -93,7 +94,9 @@ class BuildSummary:
         if self.manifest:
             totals = self.manifest["totals"]
             lines.append(f"  manifest: {totals['shards']} shards, {totals['samples']} samples, {totals['rows']} rows, "
-                         f"{totals['duplicates']} exact duplicates listed")
+                         f"{totals['duplicates']} exact duplicates listed (the whole build: manifest/_final.json)")
+        if self.mlflow:
+            lines += [f"  mlflow: {self.mlflow[0]}"] + [f"          {line}" for line in self.mlflow[1:]]
         return "\n".join(lines)
 
 
@@ -262,13 +265,19 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition]):
     encode = cfg.build.encode
     items = [{"partition": p.to_json()} for p in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # The weight-free stages are tasks spread over the cluster's CPUs. With the encoder's own remote args Ray Data
+    # would fuse them into the encoder actors (task -> actor fusion), and every partition would be read, decoded and
+    # drawn by the `encode.concurrency` actors alone. Different scheduling strategies (SPREAD for the tasks, DEFAULT
+    # for the actors, which go where their GPUs are) keep them apart: an unset strategy would inherit SPREAD.
+    spread = {"scheduling_strategy": "SPREAD"}
     ds = ds.map_batches(ingest_stage, batch_size=1, fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir)},
-                        num_cpus=stages.ingest_num_cpus)
+                        num_cpus=stages.ingest_num_cpus, **spread)
     for stage in ("decode", "bucket", "conditions"):
         ds = ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs={"cfg": cfg, "stage": stage},
-                            num_cpus=stages.num_cpus)
+                            num_cpus=stages.num_cpus, **spread)
     ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=stages.batch_size,
-                        concurrency=encode.concurrency, num_cpus=encode.num_cpus, num_gpus=encode.num_gpus or None)
+                        concurrency=encode.concurrency, num_cpus=encode.num_cpus, num_gpus=encode.num_gpus or None,
+                        scheduling_strategy="DEFAULT")
     return ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs={"cfg": cfg, "stage": "pack"},
                           num_cpus=stages.num_cpus)
 
@@ -375,7 +384,7 @@ class _tracked_run:
         import mlflow
 
         from onegen.secrets import install_log_redaction
-        from onegen.tracking import ensure_experiment, log_config, run_tags
+        from onegen.tracking import ensure_experiment, log_config, run_location, run_tags, tracking_uri
 
         install_log_redaction()
         experiment_id = ensure_experiment(self.cfg)
@@ -389,6 +398,7 @@ class _tracked_run:
         if not resume:
             log_config(self.cfg)
         self.summary.run_id = self.run.info.run_id
+        self.summary.mlflow = run_location(tracking_uri(self.cfg), self.run.info.experiment_id, self.run.info.run_id)
         return self.run
 
     def __exit__(self, kind, value, traceback):
@@ -401,13 +411,23 @@ class _tracked_run:
 
 
 def _log_results(run, storage: Storage, summary: BuildSummary) -> None:
+    """This attempt's work (shards committed and skipped, bytes, seconds, samples/s per stage) and the build's counts:
+    from the final manifest once it exists, so a build resumed after a crash (its MLflow run continued) shows the
+    whole build's kept, dropped and duplicates, not just what the last attempt did."""
     import mlflow
 
     metrics = {"shards_committed": summary.shards_committed, "shards_skipped": summary.shards_skipped,
-               "inputs": summary.inputs, "kept": summary.kept, "rows": summary.rows,
                "bytes_written": summary.bytes_written, "wall_s": summary.wall_s}
-    metrics.update({f"dropped.{reason}": n for reason, n in summary.dropped.items()})
     metrics.update({f"samples_per_s.{stage}": summary.inputs / s for stage, s in summary.seconds.items() if s})
+    if summary.manifest:
+        totals = summary.manifest["totals"]
+        metrics.update({"inputs": totals["inputs"], "kept": totals["samples"], "rows": totals["rows"],
+                        "duplicates": totals["duplicates"], "shards": totals["shards"]})
+        dropped = totals["dropped"]
+    else:
+        metrics.update({"inputs": summary.inputs, "kept": summary.kept, "rows": summary.rows})
+        dropped = summary.dropped
+    metrics.update({f"dropped.{reason}": n for reason, n in dropped.items()})
     mlflow.log_metrics({key.replace(":", "_"): float(v) for key, v in metrics.items()})
     mlflow.log_text(summary.table(), "build/summary.txt")
     if summary.manifest:

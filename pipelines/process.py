@@ -268,10 +268,14 @@ def tokenizer_identity(spec: str) -> tuple[str, str]:
     if spec == "pixel":
         return "pixel", hashlib.sha256(b"PixelTokenizer(scale=2.0)").hexdigest()
     folder = Path(spec)
+    if not folder.exists():  # a hub id: the snapshot the driver's check_image_tokenizer put in the local cache
+        from model.hub import resolve_pretrained_folder
+
+        folder = resolve_pretrained_folder(spec, allow_patterns=["vae/*"])
     for config in (folder / "config.json", folder / "vae" / "config.json"):
         if config.is_file():
             return spec, hashlib.sha256(config.read_bytes()).hexdigest()
-    return spec, ""  # a hub id: its revision is whatever from_pretrained resolved
+    return spec, ""
 
 
 # --- pack --------------------------------------------------------------------------------------------------------

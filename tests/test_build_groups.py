@@ -119,6 +119,17 @@ def test_a_kill_between_the_shards_and_the_final_pass_ends_with_the_same_final_m
     final = "builds/b/manifest/_final.json"
     assert storage.read_bytes(final) == groups["build"].storage.read_bytes(final)
 
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{where / 'work' / 'mlflow.db'}"
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("onegen").experiment_id])
+    assert run.info.status == "FINISHED" and f"mlflow: run {run.info.run_id} " in result.stdout
+    assert f"mlflow ui --backend-store-uri {store}" in result.stdout
+    metrics = run.data.metrics  # the killed attempt's run, continued: the whole build's counts
+    assert metrics["kept"] == 4 and metrics["duplicates"] == 1 and metrics["rows"] == 8
+    assert metrics["shards_committed"] == 0 and metrics["shards_skipped"] == 2
+
 
 def test_the_folder_on_s3_built_to_s3_holds_the_same_samples(groups, ray_head, aws_env, moto_endpoint, make_bucket):
     import boto3
