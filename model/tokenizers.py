@@ -194,15 +194,18 @@ class VAETokenizer(ImageTokenizer):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, subfolder: str | None = "vae",
-                        torch_dtype: torch.dtype | None = None, sample: bool = True) -> "VAETokenizer":
+                        torch_dtype: torch.dtype | None = None, sample: bool = True,
+                        revision: str | None = None) -> "VAETokenizer":
         """Load an AutoencoderKL from a hub id or a local folder.
 
         For a local folder, `subfolder` is used when `path/subfolder` exists, otherwise the folder itself is read
-        (so both a release root and a bare `vae/` folder work).
+        (so both a release root and a bare `vae/` folder work). `revision` pins a hub id's commit.
         """
         from diffusers import AutoencoderKL
 
-        root = resolve_pretrained_folder(path_or_hub_id, allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+        hub = {"revision": revision} if revision else {}
+        root = resolve_pretrained_folder(path_or_hub_id, allow_patterns=[f"{subfolder}/*"] if subfolder else None,
+                                         **hub)
         subfolder = _resolve_local_subfolder(root, subfolder)
         kwargs = {"subfolder": subfolder} if subfolder else {}
         if torch_dtype is not None:
@@ -246,10 +249,11 @@ class VAETokenizer(ImageTokenizer):
 
 
 def load_image_tokenizer(spec: str | Path, subfolder: str | None = "vae",
-                         torch_dtype: torch.dtype | None = None) -> ImageTokenizer:
+                         torch_dtype: torch.dtype | None = None, revision: str | None = None) -> ImageTokenizer:
     """Resolve "pixel", a saved PixelTokenizer folder, or an AutoencoderKL (local folder or hub id).
 
-    A local folder may be the tokenizer folder itself or a release root holding it in `subfolder`.
+    A local folder may be the tokenizer folder itself or a release root holding it in `subfolder`; `revision` pins a
+    hub id's commit.
     """
     if str(spec) == "pixel":
         return PixelTokenizer()
@@ -268,7 +272,7 @@ def load_image_tokenizer(spec: str | Path, subfolder: str | None = "vae",
         if class_name not in (None, "AutoencoderKL"):
             raise ValueError(f"{config_path} describes {class_name!r}; onegen reads AutoencoderKL or PixelTokenizer.")
         return VAETokenizer.from_pretrained(folder, subfolder=None, torch_dtype=torch_dtype)
-    return VAETokenizer.from_pretrained(str(spec), subfolder=subfolder, torch_dtype=torch_dtype)
+    return VAETokenizer.from_pretrained(str(spec), subfolder=subfolder, torch_dtype=torch_dtype, revision=revision)
 
 
 def _resolve_local_subfolder(folder: Path, subfolder: str | None) -> str | None:

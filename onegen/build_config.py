@@ -22,8 +22,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from model.limits import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, resolution_problem
-from onegen.config import MACHINE, RUNTIME, SCHEMAS, OnegenConfig, _role, _Section, check_safe_name
+from model.limits import BUCKET_MULTIPLE, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, resolution_problem
+from onegen.config import (MACHINE, RUNTIME, SCHEMAS, OnegenConfig, _role, _Section, check_safe_name,
+                           image_tokenizer_factor)
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"  # source names become shard names "NAME-00000": no '-' or '.' inside
 CONDITION_KINDS = ("canny", "blur", "inpaint")
@@ -109,6 +110,17 @@ class EncodeSection(_Section):
     compile: bool = Field(False, description="torch.compile the VAE encoder (GPU)", **_role(RUNTIME))
 
 
+def tokenizer_factor_problem(spec: str, factor: int | None) -> str | None:
+    """Why a tokenizer that downsamples by `factor` cannot encode the aspect buckets (sides are multiples of
+    BUCKET_MULTIPLE pixels, which must fill whole 2x2 latent patches), or None. Checked on the config (the factor
+    read without loading) and again by the build once it has loaded the tokenizer."""
+    if not factor or BUCKET_MULTIPLE % (factor * 2) == 0:
+        return None
+    return (f"{spec!r} downsamples by {factor}, but the aspect buckets are multiples of {BUCKET_MULTIPLE} pixels, "
+            f"which fill whole 2x2 latent patches only for a factor of at most {BUCKET_MULTIPLE // 2}; use an f=8 "
+            "AutoencoderKL (SD3/FLUX class) or 'pixel'")
+
+
 class StagesSection(_Section):
     """How the weight-free stages run (Ray Data tasks): never changes output bytes."""
 
@@ -159,6 +171,10 @@ class BuildSection(_Section):
                 raise ValueError(f"{name}: expected 0 < low <= high, got ({low}, {high})")
         if self.conditions.inpaint_fraction[1] > 1:
             raise ValueError("conditions.inpaint_fraction: the high end must be <= 1")
+        spec = self.encode.image_tokenizer
+        problem = tokenizer_factor_problem(spec, image_tokenizer_factor(spec))
+        if problem:
+            raise ValueError(f"encode.image_tokenizer: {problem}")
         return self
 
 

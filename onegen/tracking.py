@@ -56,12 +56,12 @@ def tracking_uri(cfg: OnegenConfig) -> str:
 def run_location(uri: str, experiment_id: str, run_id: str) -> list[str]:
     """Where a user finds a run, as lines for a closing table: its page on a tracking server, or the store and the
     `mlflow ui` command that shows a local one."""
-    from onegen.secrets import redact
-
     if uri.startswith(("http://", "https://")):
         return [f"{redact(uri.rstrip('/'))}/#/experiments/{experiment_id}/runs/{run_id}"]
-    return [f"run {run_id} (experiment {experiment_id}) in {redact(uri)}",
-            f"see it with: mlflow ui --backend-store-uri {redact(uri)}   (then http://127.0.0.1:5000)"]
+    where = f"run {run_id} (experiment {experiment_id}) in {redact(uri)}"
+    if not is_local_store(uri):  # databricks and other hosted stores: their own UI
+        return [where]
+    return [where, f"see it with: mlflow ui --backend-store-uri {redact(uri)}   (then http://127.0.0.1:5000)"]
 
 
 def is_local_store(uri: str) -> bool:

@@ -16,8 +16,8 @@
    Records flow pickled in one column: they hold nested, ragged arrays that Arrow has no type for.
 4. The driver gathers each shard's records (order preserved, so about one shard at a time is open) and commits it
    (pipelines/shard_writer.py) in a writer thread while the stream goes on. Then the final manifest.
-5. MLflow: one run per build (a rerun continues it), resolved config, the closing numbers, the manifest as an
-   artifact and `mlflow.log_input` of the build, so a training run can name the data it used.
+5. MLflow: one run per build (a rerun of an unfinished build continues it), resolved config, the closing numbers,
+   the manifest as an artifact and `mlflow.log_input` of the build, so a training run can name the data it used.
 """
 
 from __future__ import annotations
@@ -64,13 +64,14 @@ class BuildSummary:
     rows: int = 0
     bytes_written: int = 0
     dropped: Counter = field(default_factory=Counter)
-    seconds: Counter = field(default_factory=Counter)  # summed over records: CPU-side time per stage
+    seconds: Counter = field(default_factory=Counter)  # wall time per stage, summed over records (and workers)
     source_stats: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
     run_id: str | None = None
     mlflow: list[str] = field(default_factory=list)  # where to see the build's MLflow run (table lines)
+    build_bytes: int = 0  # every committed shard's tar + parquet, whichever attempt wrote it
 
     def table(self) -> str:
         lines = [f"build {self.name} -> {self.uri}",
@@ -94,7 +95,9 @@ class BuildSummary:
         if self.manifest:
             totals = self.manifest["totals"]
             lines.append(f"  manifest: {totals['shards']} shards, {totals['samples']} samples, {totals['rows']} rows, "
-                         f"{totals['duplicates']} exact duplicates listed (the whole build: manifest/_final.json)")
+                         f"{totals['duplicates']} exact duplicates listed")
+            lines.append(f"            of {totals['inputs']} inputs, {sum(totals['dropped'].values())} dropped; "
+                         f"{self.build_bytes / 2**20:.1f} MiB (the whole build: manifest/_final.json)")
         if self.mlflow:
             lines += [f"  mlflow: {self.mlflow[0]}"] + [f"          {line}" for line in self.mlflow[1:]]
         return "\n".join(lines)
@@ -246,17 +249,18 @@ def record_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stage: str) -> 
 class EncodeStage:
     """The tokenizer, loaded once per actor."""
 
-    def __init__(self, cfg: BuildConfig):
+    def __init__(self, cfg: BuildConfig, revision: str | None = None):
         from pipelines.process import ViewEncoder
 
-        self.encoder = ViewEncoder(cfg)
+        self.encoder = ViewEncoder(cfg, revision=revision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _dump(self.encoder.encode_records(_load(batch)))
 
 
-def build_dataset(ray, cfg: BuildConfig, pending: list[Partition]):
-    """The Ray Data pipeline over the pending partitions (lazy: it runs when iterated)."""
+def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str | None = None):
+    """The Ray Data pipeline over the pending partitions (lazy: it runs when iterated); `revision`: the commit of a
+    hub-id VAE the driver resolved (check_image_tokenizer)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -265,19 +269,18 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition]):
     encode = cfg.build.encode
     items = [{"partition": p.to_json()} for p in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # The weight-free stages are tasks spread over the cluster's CPUs. With the encoder's own remote args Ray Data
-    # would fuse them into the encoder actors (task -> actor fusion), and every partition would be read, decoded and
-    # drawn by the `encode.concurrency` actors alone. Different scheduling strategies (SPREAD for the tasks, DEFAULT
-    # for the actors, which go where their GPUs are) keep them apart: an unset strategy would inherit SPREAD.
-    spread = {"scheduling_strategy": "SPREAD"}
     ds = ds.map_batches(ingest_stage, batch_size=1, fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir)},
-                        num_cpus=stages.ingest_num_cpus, **spread)
+                        num_cpus=stages.ingest_num_cpus)
     for stage in ("decode", "bucket", "conditions"):
         ds = ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs={"cfg": cfg, "stage": stage},
-                            num_cpus=stages.num_cpus, **spread)
-    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=stages.batch_size,
-                        concurrency=encode.concurrency, num_cpus=encode.num_cpus, num_gpus=encode.num_gpus or None,
-                        scheduling_strategy="DEFAULT")
+                            num_cpus=stages.num_cpus)
+    # CPU encoding (num_gpus 0) with the stages' num_cpus would let Ray Data fuse the weight-free task stages into
+    # the encoder actors, and every partition would be read, decoded and drawn by the `encode.concurrency` actors
+    # alone. Naming the strategy Ray Data uses anyway (SPREAD) makes the remote args differ: the stages stay a task
+    # pool over every CPU of the cluster. (With GPUs, num_gpus already keeps them apart.)
+    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"cfg": cfg, "revision": revision},
+                        batch_size=stages.batch_size, concurrency=encode.concurrency, num_cpus=encode.num_cpus,
+                        num_gpus=encode.num_gpus or None, scheduling_strategy="SPREAD")
     return ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs={"cfg": cfg, "stage": "pack"},
                           num_cpus=stages.num_cpus)
 
@@ -295,7 +298,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                          "for tests: unset it")
     check_run_targets(cfg)  # work dir, Ray, MLflow and storage usable: refused before anything is written
     with step("load the image tokenizer", cfg.build.encode.image_tokenizer):
-        check_image_tokenizer(cfg)
+        revision = check_image_tokenizer(cfg)
     started = time.perf_counter()
     storage = Storage.from_config(cfg)
     name = cfg.build_name
@@ -323,7 +326,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             futures: list[Future] = []
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer") as writers, \
                     step("run the build's Ray Data stages"):
-                for batch in build_dataset(ray, cfg, pending).iter_batches(batch_size=None, batch_format="numpy"):
+                stream = build_dataset(ray, cfg, pending, revision)
+                for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
                     for record in _load(batch):
                         shard = record["shard"]
                         stats.setdefault(shard, {}).update(record.pop("source_stats", None) or {})
@@ -342,6 +346,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                 raise RuntimeError(f"the stream ended before shards {missing} were complete (a stage lost records)")
             summary.shards_committed = len(futures)
         entries = read_entries(storage, name)
+        summary.build_bytes = sum(e["files"][kind].get("bytes", 0) for e in entries.values()
+                                  for kind in ("images", "latents"))
         if pending:
             crash_point("before_final")  # every shard committed, the duplicate pass and _final.json not yet done
         with step("write the final manifest", storage.uri(manifest_path(name))):
@@ -422,7 +428,7 @@ def _log_results(run, storage: Storage, summary: BuildSummary) -> None:
     if summary.manifest:
         totals = summary.manifest["totals"]
         metrics.update({"inputs": totals["inputs"], "kept": totals["samples"], "rows": totals["rows"],
-                        "duplicates": totals["duplicates"], "shards": totals["shards"]})
+                        "duplicates": totals["duplicates"], "shards": totals["shards"], "bytes": summary.build_bytes})
         dropped = totals["dropped"]
     else:
         metrics.update({"inputs": summary.inputs, "kept": summary.kept, "rows": summary.rows})

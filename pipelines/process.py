@@ -176,7 +176,7 @@ class ViewEncoder:
 
     Stateful (holds the tokenizer), so the job runs it as a Ray Data actor; `encode_records` works in-process."""
 
-    def __init__(self, cfg: BuildConfig, device: str | None = None):
+    def __init__(self, cfg: BuildConfig, device: str | None = None, revision: str | None = None):
         import torch
 
         from model.tokenizers import load_image_tokenizer
@@ -185,10 +185,11 @@ class ViewEncoder:
         encode = cfg.build.encode
         self.device = device or ("cuda" if encode.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device == "cuda" else None
-        self.tokenizer = load_image_tokenizer(encode.image_tokenizer, torch_dtype=dtype).to(self.device)
+        self.tokenizer = load_image_tokenizer(encode.image_tokenizer, torch_dtype=dtype,
+                                              revision=revision).to(self.device)
         if encode.compile and hasattr(self.tokenizer, "vae"):
             self.tokenizer.vae.encoder = torch.compile(self.tokenizer.vae.encoder)
-        self.identity = tokenizer_identity(encode.image_tokenizer)
+        self.identity = tokenizer_identity(encode.image_tokenizer, revision)
 
     def encode_records(self, records: list[dict]) -> list[dict]:
         live = [r for r in records if not r["dropped"]]
@@ -236,15 +237,19 @@ class ViewEncoder:
                 output["latents"].sort(key=lambda e: (e["view"], e["modality"] != IMAGE, e["modality"]))
 
 
-def check_image_tokenizer(cfg: BuildConfig) -> None:
+def check_image_tokenizer(cfg: BuildConfig) -> str | None:
     """Load the configured tokenizer once on the driver, before anything is planned or written: a missing or wrong
     VAE id fails the build in seconds with one line naming the key and the fix, not in every encoder actor after
-    the sources were read. (For a hub id this is also what fills the local cache the actors then read.)"""
+    the sources were read. Returns the commit a hub id resolved to (None for a local folder or 'pixel'): the
+    encoder actors load that very commit, so every shard of a build is encoded by one VAE even if the hub repo moves
+    while the build runs (each node downloads it into its own cache)."""
     spec = cfg.build.encode.image_tokenizer
     if spec == "pixel":
-        return
-    from model.limits import BUCKET_MULTIPLE
+        return None
+    from pathlib import Path
+
     from model.tokenizers import load_image_tokenizer
+    from onegen.build_config import tokenizer_factor_problem
     from onegen.errors import UsageError
 
     try:
@@ -253,26 +258,31 @@ def check_image_tokenizer(cfg: BuildConfig) -> None:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UsageError(f"build.encode.image_tokenizer={spec!r}: cannot load it ({reason}); set it to 'pixel', a "
                          "local AutoencoderKL folder (config.json + weights, or a release root with vae/) or a hub "
-                         "id that is in the local Hugging Face cache") from None
-    factor = int(tokenizer.downsample_factor) * 2  # NextDiT's patch size: a bucket side must fill whole patches
-    if BUCKET_MULTIPLE % factor:
-        raise UsageError(f"build.encode.image_tokenizer={spec!r}: downsamples by {tokenizer.downsample_factor}, but "
-                         f"the aspect buckets are multiples of {BUCKET_MULTIPLE} pixels, which fill whole 2x2 patches "
-                         "only for a factor of at most 8; use an f=8 AutoencoderKL (SD3/FLUX class)")
+                         "id (downloaded on first use, or read from the local Hugging Face cache offline)") from None
+    problem = tokenizer_factor_problem(spec, int(tokenizer.downsample_factor))
+    if problem:
+        raise UsageError(f"build.encode.image_tokenizer: {problem}")
+    if Path(spec).exists():
+        return None
+    from model.hub import resolve_pretrained_folder
+
+    return resolve_pretrained_folder(spec, allow_patterns=["vae/*"]).name  # the cache's snapshots/<commit>
 
 
-def tokenizer_identity(spec: str) -> tuple[str, str]:
-    """(tokenizer id, sha256 of its config): which tokenizer made a shard's latents, for readers to check."""
+def tokenizer_identity(spec: str, revision: str | None = None) -> tuple[str, str]:
+    """(tokenizer id, sha256 of its config): which tokenizer made a shard's latents, for readers to check. A hub id
+    is recorded with the commit it was loaded at (`owner/name@commit`)."""
     from pathlib import Path
 
     if spec == "pixel":
         return "pixel", hashlib.sha256(b"PixelTokenizer(scale=2.0)").hexdigest()
     folder = Path(spec)
-    if not folder.exists():  # a hub id: the snapshot the driver's check_image_tokenizer put in the local cache
+    if not folder.exists():  # a hub id, loaded just before at `revision`: its cached snapshot, no network
         from model.hub import resolve_pretrained_folder
 
-        folder = resolve_pretrained_folder(spec, allow_patterns=["vae/*"])
-    for config in (folder / "config.json", folder / "vae" / "config.json"):
+        folder = resolve_pretrained_folder(spec, allow_patterns=["vae/*"], revision=revision, local_files_only=True)
+        spec = f"{spec}@{revision or folder.name}"
+    for config in (folder / "vae" / "config.json", folder / "config.json"):  # the loader prefers vae/ too
         if config.is_file():
             return spec, hashlib.sha256(config.read_bytes()).hexdigest()
     return spec, ""

@@ -187,8 +187,18 @@ def test_a_crash_at_any_commit_point_then_a_rerun_equals_an_uninterrupted_build(
     storage = Storage(str(where / "data"))
     whole_and_unique(storage)  # what a reader sees after the crash
     assert not storage.exists("builds/b/manifest/_final.json")
-    ok(run_build(ray_head, config))
+    rerun = ok(run_build(ray_head, config))
     assert manifest_view(storage) == manifest_view(small["reference"])
+    if point == "before_final":  # every shard was committed: the rerun only runs the duplicate pass and the final
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{where / 'work' / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("onegen").experiment_id])
+        totals = read_manifest(small["reference"], "b")["totals"]
+        metrics = run.data.metrics  # the killed attempt's run, continued: the whole build's counts
+        assert run.info.status == "FINISHED" and f"mlflow: run {run.info.run_id} " in rerun.stdout
+        assert metrics["kept"] == totals["samples"] and metrics["duplicates"] == totals["duplicates"] >= 1
+        assert metrics["shards_committed"] == 0 and metrics["shards_skipped"] == totals["shards"]
 
 
 def whole_and_unique(storage: Storage) -> None:

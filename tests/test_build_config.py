@@ -46,6 +46,18 @@ def test_bad_ranges_and_resolutions_are_refused():
     assert build_cfg(SYNTH, "build.resolutions=[512, 256]").build.resolutions == [256, 512]
 
 
+def test_a_vae_that_downsamples_more_than_the_buckets_allow_is_refused_from_its_config(tmp_path):
+    import json
+
+    f16 = tmp_path / "vae16"
+    f16.mkdir()
+    (f16 / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "block_out_channels": [8] * 5}))
+    with pytest.raises(ConfigError, match=r"encode.image_tokenizer: .*downsamples by 16.*f=8"):
+        build_cfg(SYNTH, f"build.encode.image_tokenizer={f16}")
+    (f16 / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "block_out_channels": [8] * 4}))
+    assert build_cfg(SYNTH, f"build.encode.image_tokenizer={f16}").build.encode.image_tokenizer == str(f16)
+
+
 def test_how_the_job_runs_is_not_content_but_what_it_writes_is():
     base = build_cfg(SYNTH)
     for runtime in ("build.stages.batch_size=3", "build.encode.concurrency=4", "build.encode.num_gpus=1",

@@ -1,8 +1,8 @@
 """`onegen build` over a folder with a multiview group (cameras.json), the same image under two names and a plain
-photo, at two resolutions: a group is one row per resolution with its cameras per view, never split; both
-resolutions are built for every sample; the later copy is listed as an exact duplicate; a kill after the shards and
-before the final pass still ends with the uninterrupted build's `_final.json`. The same folder on S3 (moto), with
-the build written to S3, holds the same samples."""
+photo, at two resolutions: a group is one row per resolution with its cameras per view, never split across shards
+or buckets; both resolutions are built for every sample; the later copy is listed as an exact duplicate. The same
+folder on S3 (moto), with the build written to S3, holds the same samples. (A kill between the shards and the final
+pass is tests/test_build.py's `before_final` crash point.)"""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from build_runs import ok, run_build, write_config
 from onegen.dataset import open_build
-from onegen.storage import Storage
+from model.images import center_crop_box
 from pipelines.bucket import bucket_for
 
 pytestmark = pytest.mark.integration
@@ -23,8 +23,9 @@ RESOLUTIONS = [64, 128]
 
 
 def write_group_folder(folder: Path) -> dict:
-    """a.png (64x128), plain.png (96x96), scene/ (3 views + cameras.json with c2w and K), z_copy.png (a.png's bytes
-    under another name, sorted into another partition of 2)."""
+    """a.png (64x128), plain.png (96x96), scene/ (3 views + cameras.json with c2w and K; view 1 is 96x128, so the
+    group's square bucket, taken from view 0, crops it), z_copy.png (a.png's bytes under another name, sorted into
+    another partition of 2)."""
     rng = np.random.default_rng(7)
     folder.mkdir(parents=True)
     Image.fromarray(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)).save(folder / "a.png")
@@ -33,14 +34,16 @@ def write_group_folder(folder: Path) -> dict:
     (folder / "scene").mkdir()
     frames = []
     for v in range(3):
-        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / "scene" / f"{v:03d}.png")
+        shape = (96, 128, 3) if v == 1 else (96, 96, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / "scene" / f"{v:03d}.png")
         angle = 2 * np.pi * v / 3
         c2w = np.eye(4)
         c2w[:3, :3] = [[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]]
         c2w[:3, 3] = [2 * np.sin(angle), 0.5, 2 * np.cos(angle)]
         frames.append({"file": f"{v:03d}.png", "c2w_opengl": c2w.tolist(),
-                       "K": [[80.0, 0, 48.0], [0, 80.0, 48.0], [0, 0, 1]]})
-    (folder / "scene" / "cameras.json").write_text(json.dumps({"frames": frames, "caption": "a scene"}))
+                       "K": [[80.0, 0, shape[1] / 2], [0, 80.0, shape[0] / 2], [0, 0, 1]], "shape": shape[:2]})
+    listed = [{key: value for key, value in frame.items() if key != "shape"} for frame in frames]
+    (folder / "scene" / "cameras.json").write_text(json.dumps({"frames": listed, "caption": "a scene"}))
     return {"frames": frames}
 
 
@@ -85,8 +88,11 @@ def test_every_sample_is_built_at_both_resolutions_and_a_group_is_one_row_with_i
         assert [c["view"] for c in row["cameras"]] == [0, 1, 2]
         for camera, frame in zip(row["cameras"], groups["expected"]["frames"]):
             np.testing.assert_allclose(np.reshape(camera["c2w_opengl"], (4, 4)), frame["c2w_opengl"])
-            scale = size / 96  # the square views are resized, not cropped: the intrinsics scale with them
-            np.testing.assert_allclose(np.reshape(camera["K"], (3, 3))[:2], np.array(frame["K"])[:2] * scale)
+            top, left, crop_h, crop_w = center_crop_box(*frame["shape"], size, size)  # the release's centre crop
+            k = np.array(frame["K"])
+            expected = np.array([(k[0] - left * k[2]) * size / crop_w, (k[1] - top * k[2]) * size / crop_h])
+            np.testing.assert_allclose(np.reshape(camera["K"], (3, 3))[:2], expected)
+        assert row["cameras"][1]["K"][2] == pytest.approx(48 * size / 96)  # view 1: cx moved by the 16 px crop
         assert {(v, m) for v, m in row["latents"]} == {(v, m) for v in range(3) for m in ("image", "canny")}
     shards_of_scene = {shard for shard in build.shards() for row_id in build.entries()[shard]["ids"]
                        if row_id == rows["scene"][0]["id"]}
@@ -104,31 +110,6 @@ def test_the_same_image_under_two_names_keeps_the_first_and_lists_the_other(grou
     assert manifest["totals"]["duplicates"] == 1
     seen = {row["id"] for row in build.rows()}  # the reader skips the listed copy
     assert rows["a.png"][0]["id"] in seen and rows["z_copy.png"][0]["id"] not in seen
-
-
-def test_a_kill_between_the_shards_and_the_final_pass_ends_with_the_same_final_manifest(groups, ray_head):
-    where = groups["root"] / "crashed"
-    config = folder_config(where, str(groups["root"] / "photos"))
-    crashed = run_build(ray_head, config, extra_env={"ONEGEN_CRASH_AT": "before_final"})
-    assert crashed.returncode == -9, (crashed.stdout + crashed.stderr)[-3000:]
-    storage = Storage(str(where / "data"))
-    assert len(storage.list("builds/b/manifest")) == len(groups["build"].shards())  # every shard, no final
-    assert not storage.exists("builds/b/manifest/_final.json")
-    result = ok(run_build(ray_head, config))
-    assert "0 committed" in result.stdout and "1 exact duplicates listed" in result.stdout
-    final = "builds/b/manifest/_final.json"
-    assert storage.read_bytes(final) == groups["build"].storage.read_bytes(final)
-
-    from mlflow import MlflowClient
-
-    store = f"sqlite:///{where / 'work' / 'mlflow.db'}"
-    client = MlflowClient(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("onegen").experiment_id])
-    assert run.info.status == "FINISHED" and f"mlflow: run {run.info.run_id} " in result.stdout
-    assert f"mlflow ui --backend-store-uri {store}" in result.stdout
-    metrics = run.data.metrics  # the killed attempt's run, continued: the whole build's counts
-    assert metrics["kept"] == 4 and metrics["duplicates"] == 1 and metrics["rows"] == 8
-    assert metrics["shards_committed"] == 0 and metrics["shards_skipped"] == 2
 
 
 def test_the_folder_on_s3_built_to_s3_holds_the_same_samples(groups, ray_head, aws_env, moto_endpoint, make_bucket):

@@ -119,7 +119,7 @@ def test_ray_job_submit_of_the_build_equals_the_local_run(synthetic_build, ray_h
 def test_the_same_config_written_to_s3_gives_the_same_manifest(synthetic_build, ray_head, aws_env, moto_endpoint,
                                                                make_bucket, tmp_path):
     """storage.root on s3:// (moto on 127.0.0.1) is the same code path: the same manifest and shard bytes as the
-    local build; the Ray workers write with the credentials of their own environment (the head's)."""
+    local build, written with the credentials of the standard chain (here the test environment's)."""
     from build_runs import REPO, manifest_view, ok, run_build
     from onegen.storage import Storage
 

@@ -55,11 +55,15 @@ def test_the_vae_latents_are_its_posterior_after_scaling_and_decode_back(vae_bui
             assert float(std.min()) > 0
             picture = torch.from_numpy(pictures[f"{row['id']}-r64-v{view}"].copy())
             image = picture.permute(2, 0, 1)[None].float() / 127.5 - 1  # the [-1, 1] the tokenizers take
-            expected_mean, expected_std = vae.encode_posterior(image)
-            torch.testing.assert_close(mean, expected_mean[0], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(std, expected_std[0], rtol=1e-4, atol=1e-5)
-            decoded = vae.decode(mean[None])
-            assert decoded.shape == (1, 3, 64, 64) and torch.isfinite(decoded).all()
+            with torch.no_grad():  # diffusers itself, not onegen's wrapper: the posterior, then scaling_factor
+                posterior = vae.vae.encode(image).latent_dist
+                expected = vae.vae.decode(posterior.mean).sample
+            factor = vae.vae.config.scaling_factor
+            torch.testing.assert_close(mean, posterior.mean[0] * factor, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(std, posterior.std[0] * factor, rtol=1e-4, atol=1e-5)
+            decoded = vae.decode(mean[None])  # divides by scaling_factor: the decoder sees the raw posterior mean
+            assert decoded.shape == (1, 3, 64, 64)
+            torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)
         canny_mean, canny_std = row["latents"][(0, "canny")]
         assert canny_mean.shape == (16, 8, 8) and float(canny_std.min()) > 0
 
@@ -73,10 +77,40 @@ def test_a_missing_or_wrong_vae_fails_at_start_up_with_one_line(tmp_path, ray_he
             {"name": "synth", "type": "synthetic", "scenes": 2, "size": 64}], resolutions=[64],
             encode={"image_tokenizer": spec})
         start = time.perf_counter()
-        result = run_build(ray_head, config, timeout=120)
+        result = run_build(ray_head, config, timeout=120, extra_env={"HF_HUB_OFFLINE": "1"})
         elapsed = time.perf_counter() - start
         assert result.returncode == 2, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "build.encode.image_tokenizer" in lines[0] and spec in lines[0], lines
         assert "'pixel'" in lines[0] and elapsed < 60
         assert not Storage(str(tmp_path / "data")).exists("builds/b/build.json")  # refused before anything
+
+
+def test_a_hub_id_is_encoded_at_the_commit_the_driver_resolved(vae_dir, tmp_path, monkeypatch):
+    """A hub id (here from a local Hugging Face cache, offline): the driver's check resolves it to a commit, the
+    encoder actors load exactly that commit, and rows name it (`owner/name@commit`) with the config's sha256."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub.constants
+
+    from onegen.build_config import BuildConfig
+    from onegen.config import load_config
+    from pipelines.process import ViewEncoder, check_image_tokenizer
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--onegen-test--tiny-vae"
+    shutil.copytree(vae_dir, repo / "snapshots" / commit / "vae")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = write_config(tmp_path / "build.yaml", tmp_path, [{"name": "synth", "type": "synthetic"}],
+                          encode={"image_tokenizer": "onegen-test/tiny-vae"})
+    cfg = load_config(config, [], BuildConfig)
+    assert check_image_tokenizer(cfg) == commit
+    encoder = ViewEncoder(cfg, revision=commit)
+    assert encoder.tokenizer.downsample_factor == 8
+    sha = hashlib.sha256((vae_dir / "config.json").read_bytes()).hexdigest()
+    assert encoder.identity == (f"onegen-test/tiny-vae@{commit}", sha)
