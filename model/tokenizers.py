@@ -203,9 +203,8 @@ class VAETokenizer(ImageTokenizer):
         """
         from diffusers import AutoencoderKL
 
-        hub = {"revision": revision} if revision else {}
         root = resolve_pretrained_folder(path_or_hub_id, allow_patterns=[f"{subfolder}/*"] if subfolder else None,
-                                         **hub)
+                                         revision=revision)
         subfolder = _resolve_local_subfolder(root, subfolder)
         kwargs = {"subfolder": subfolder} if subfolder else {}
         if torch_dtype is not None:

@@ -346,8 +346,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                 raise RuntimeError(f"the stream ended before shards {missing} were complete (a stage lost records)")
             summary.shards_committed = len(futures)
         entries = read_entries(storage, name)
-        summary.build_bytes = sum(e["files"][kind].get("bytes", 0) for e in entries.values()
-                                  for kind in ("images", "latents"))
+        summary.build_bytes = sum(map(entry_bytes, entries.values()))
         if pending:
             crash_point("before_final")  # every shard committed, the duplicate pass and _final.json not yet done
         with step("write the final manifest", storage.uri(manifest_path(name))):
@@ -355,6 +354,11 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         summary.wall_s = time.perf_counter() - started
         _log_results(run, storage, summary)
     return summary
+
+
+def entry_bytes(entry: dict) -> int:
+    """Bytes of a committed shard's files (its entry records them: the tar and the parquet)."""
+    return sum(f.get("bytes", 0) for f in entry["files"].values())
 
 
 def _raise_failed(futures: list[Future]) -> None:
@@ -369,7 +373,7 @@ def _count(summary: BuildSummary, result: tuple[dict, dict]) -> None:
     summary.kept += entry["samples"]
     summary.rows += entry["rows"]
     summary.dropped.update(entry["dropped"])
-    summary.bytes_written += sum(f.get("bytes", 0) for f in entry["files"].values())
+    summary.bytes_written += entry_bytes(entry)
     summary.seconds.update(stats["seconds"])
     if stats.get("source_stats"):
         merged = summary.source_stats.setdefault(entry["source"], Counter())
@@ -417,28 +421,22 @@ class _tracked_run:
 
 
 def _log_results(run, storage: Storage, summary: BuildSummary) -> None:
-    """This attempt's work (shards committed and skipped, bytes, seconds, samples/s per stage) and the build's counts:
-    from the final manifest once it exists, so a build resumed after a crash (its MLflow run continued) shows the
-    whole build's kept, dropped and duplicates, not just what the last attempt did."""
+    """This attempt's work (shards committed and skipped, bytes, seconds, samples/s per stage) and the build's counts
+    from the final manifest (run_build has written it by now), so a build resumed after a crash (its MLflow run
+    continued) shows the whole build's kept, dropped and duplicates, not just what the last attempt did."""
     import mlflow
 
     metrics = {"shards_committed": summary.shards_committed, "shards_skipped": summary.shards_skipped,
                "bytes_written": summary.bytes_written, "wall_s": summary.wall_s}
     metrics.update({f"samples_per_s.{stage}": summary.inputs / s for stage, s in summary.seconds.items() if s})
-    if summary.manifest:
-        totals = summary.manifest["totals"]
-        metrics.update({"inputs": totals["inputs"], "kept": totals["samples"], "rows": totals["rows"],
-                        "duplicates": totals["duplicates"], "shards": totals["shards"], "bytes": summary.build_bytes})
-        dropped = totals["dropped"]
-    else:
-        metrics.update({"inputs": summary.inputs, "kept": summary.kept, "rows": summary.rows})
-        dropped = summary.dropped
-    metrics.update({f"dropped.{reason}": n for reason, n in dropped.items()})
+    totals = summary.manifest["totals"]
+    metrics.update({"inputs": totals["inputs"], "kept": totals["samples"], "rows": totals["rows"],
+                    "duplicates": totals["duplicates"], "shards": totals["shards"], "bytes": summary.build_bytes})
+    metrics.update({f"dropped.{reason}": n for reason, n in totals["dropped"].items()})
     mlflow.log_metrics({key.replace(":", "_"): float(v) for key, v in metrics.items()})
     mlflow.log_text(summary.table(), "build/summary.txt")
-    if summary.manifest:
-        mlflow.log_text(json.dumps(summary.manifest, indent=1, sort_keys=True), "build/manifest.json")
-        mlflow.log_input(build_dataset_input(storage, summary), context="build")
+    mlflow.log_text(json.dumps(summary.manifest, indent=1, sort_keys=True), "build/manifest.json")
+    mlflow.log_input(build_dataset_input(storage, summary), context="build")
 
 
 def build_dataset_input(storage: Storage, summary: BuildSummary):

@@ -248,12 +248,17 @@ def check_image_tokenizer(cfg: BuildConfig) -> str | None:
         return None
     from pathlib import Path
 
+    from model.hub import resolve_pretrained_folder
     from model.tokenizers import load_image_tokenizer
     from onegen.build_config import tokenizer_factor_problem
     from onegen.errors import UsageError
 
+    source, revision = spec, None
     try:
-        tokenizer = load_image_tokenizer(spec)
+        if not Path(spec).exists():  # a hub id: one snapshot (download or cache), loaded from its folder below
+            folder = resolve_pretrained_folder(spec, allow_patterns=["vae/*"])
+            source, revision = str(folder), folder.name  # the cache's snapshots/<commit>
+        tokenizer = load_image_tokenizer(source)
     except (OSError, ValueError, ImportError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UsageError(f"build.encode.image_tokenizer={spec!r}: cannot load it ({reason}); set it to 'pixel', a "
@@ -262,11 +267,7 @@ def check_image_tokenizer(cfg: BuildConfig) -> str | None:
     problem = tokenizer_factor_problem(spec, int(tokenizer.downsample_factor))
     if problem:
         raise UsageError(f"build.encode.image_tokenizer: {problem}")
-    if Path(spec).exists():
-        return None
-    from model.hub import resolve_pretrained_folder
-
-    return resolve_pretrained_folder(spec, allow_patterns=["vae/*"]).name  # the cache's snapshots/<commit>
+    return revision
 
 
 def tokenizer_identity(spec: str, revision: str | None = None) -> tuple[str, str]:

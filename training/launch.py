@@ -29,7 +29,7 @@ class TrainSummary:
     stage: str
     steps: int
     checkpoint: str | None
-    mlflow: str
+    mlflow: list[str]  # where to see the MLflow run (onegen.tracking.run_location's lines)
     loss: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -37,8 +37,8 @@ class TrainSummary:
     def table(self) -> str:
         lines = [f"run {self.run}, stage {self.stage}: {self.steps} steps",
                  f"  final loss: {self.loss:.4f}" if self.loss is not None else "  final loss: (no step run)",
-                 f"  checkpoint: {self.checkpoint}", f"  mlflow:     {self.mlflow}",
-                 f"  seconds:    {self.seconds:.0f}"]
+                 f"  checkpoint: {self.checkpoint}", f"  mlflow:     {self.mlflow[0]}",
+                 *[f"              {line}" for line in self.mlflow[1:]], f"  seconds:    {self.seconds:.0f}"]
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
 
@@ -100,7 +100,8 @@ def run_train(cfg: TrainConfig) -> TrainSummary:
         except ResumeError as err:
             raise _as_config_error(err) from None
         if latest[1]["step"] >= stage.steps:
-            return TrainSummary(cfg.run.name, stage.name, stage.steps, latest[0], str(latest[1].get("mlflow_run_id")),
+            ran = [f"run {latest[1].get('mlflow_run_id')}"]
+            return TrainSummary(cfg.run.name, stage.name, stage.steps, latest[0], ran,
                                 notes=["already trained: nothing to do (a new run.name trains again)"])
     return _fit(cfg, stage, data, latest)
 
@@ -111,7 +112,7 @@ def _fit(cfg: TrainConfig, stage, data, latest) -> TrainSummary:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from onegen.raycluster import init_ray
-    from onegen.tracking import start_run
+    from onegen.tracking import run_location, start_run, tracking_uri
     from training.loop import train_worker
 
     started = time.perf_counter()
@@ -139,8 +140,8 @@ def _fit(cfg: TrainConfig, stage, data, latest) -> TrainSummary:
             result = trainer.fit()
         metrics = result.metrics or {}
         checkpoint = result.checkpoint.path if result.checkpoint else None
-        uri = f"{mlflow.get_tracking_uri()} run {active.info.run_id}"
-    return TrainSummary(cfg.run.name, stage.name, stage.steps, checkpoint, uri, metrics.get("loss"),
+        where = run_location(tracking_uri(cfg), active.info.experiment_id, active.info.run_id)
+    return TrainSummary(cfg.run.name, stage.name, stage.steps, checkpoint, where, metrics.get("loss"),
                         time.perf_counter() - started, list(data.notes))
 
 
