@@ -64,6 +64,21 @@ def run_location(uri: str, experiment_id: str, run_id: str) -> list[str]:
     return [where, f"see it with: mlflow ui --backend-store-uri {redact(uri)}   (then http://127.0.0.1:5000)"]
 
 
+def dataset_input(uri: str, name: str, manifest_digest: str):
+    """A build as an MLflow dataset for `mlflow.log_input`: its URI as the source, its final manifest's sha256 (the
+    first 16 hex digits, MLflow's digest width) as the digest. The build logs it, and so does every run trained on
+    it, so MLflow links a model to the very data it read."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path matches two equivalent local sources; either is right
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
+    return MetaDataset(source=source, name=name, digest=manifest_digest[:16])
+
+
 def is_local_store(uri: str) -> bool:
     """True when the client writes artifacts itself (database or file store), False for a tracking server."""
     if uri.startswith("databricks"):

@@ -32,10 +32,28 @@ TINY_T5 = "tiny-t5"  # a seeded random T5 built locally (model.tokenizers.build_
 
 
 class TrainModelSection(ModelSection):
-    text_encoder: str = Field(TINY_T5, min_length=1, description=f"T5 encoder: hub id, a release-layout folder "
-                              f"(text_encoder/ + tokenizer/), or {TINY_T5!r} (a seeded tiny T5 built under "
-                              "run.work_dir/models, d_model = the preset's caption_channels)")
+    init: str | None = Field(None, min_length=1, description="start from these weights (full fine-tuning): a "
+                             "release-layout folder or hub id (transformer/ read, e.g. lehduong/OneDiffusion or a "
+                             "checkpoint's pipeline/), whose transformer config must match model.preset; null: the "
+                             "preset's seeded initialisation")
+    text_encoder: str | None = Field(None, min_length=1, description=f"T5 encoder: hub id, a release-layout folder "
+                                     f"(text_encoder/ + tokenizer/), or {TINY_T5!r} (a seeded tiny T5 built under "
+                                     "run.work_dir/models, d_model = the preset's caption_channels); null: "
+                                     f"model.init's own text encoder when model.init is set, else {TINY_T5!r}")
     text_max_length: int = Field(300, gt=0, le=512, description="prompt tokens (the release truncates at 300)")
+
+    @field_validator("init", "text_encoder")
+    @classmethod
+    def _absolute_folder(cls, value: str | None) -> str | None:
+        """A local folder as an absolute path: Ray workers do not run in the driver's working directory."""
+        import os
+
+        return os.path.abspath(value) if value and os.path.isdir(value) else value
+
+    @property
+    def text_encoder_source(self) -> str:
+        """What model.text_encoder resolves to (null: the init's T5, or the tiny T5)."""
+        return self.text_encoder or self.init or TINY_T5
 
 
 class BuildRef(_Section):
@@ -126,6 +144,18 @@ class FlowSection(_Section):
     loss_on: Literal["all", "targets"] = "all"
 
 
+class EmaSection(_Section):
+    """diffusers' EMAModel over the transformer's weights; what every checkpoint's pipeline/ holds."""
+
+    decay: float = Field(0.9999, gt=0, lt=1, description="the most the decay reaches")
+    min_decay: float = Field(0.0, ge=0, lt=1)
+    use_warmup: bool = Field(True, description="decay = 1 - (1 + step / inv_gamma) ** -power, so a short run's EMA "
+                                               "is already near its weights (false: (1 + step) / (10 + step))")
+    inv_gamma: float = Field(1.0, gt=0)
+    power: float = Field(2 / 3, gt=0, description="2/3 suits runs of up to ~1M steps; 3/4 shorter ones")
+    update_after_step: int = Field(0, ge=0, description="steps before the average starts moving")
+
+
 class TrainSection(_Section):
     data: TrainData
     stages: list[StageSection] = Field(min_length=1)
@@ -134,7 +164,14 @@ class TrainSection(_Section):
     flow: FlowSection = FlowSection()
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 on GPUs; fp32 on CPUs (bf16 matmul is "
                                                                   "several times slower there)")
-    zero_stage: Literal[1, 2] = Field(2, description="DeepSpeed ZeRO stage (3 comes with the EMA export)")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage; under 3 the EMA step gathers the "
+                                                      "full parameters (deepspeed.zero.GatheredParameters)")
+    ema: EmaSection = EmaSection()
+    zero3_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3 keeps parameters with fewer "
+                                             "elements whole on every rank (DeepSpeed's default 1e5; 0 partitions "
+                                             "all)", **_role(RUNTIME))
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward "
+                                           "pass (less memory, ~30% more compute; same numbers)", **_role(RUNTIME))
     num_workers: int = Field(2, gt=0, description="Ray Train workers (ranks)", **_role(RUNTIME))
     use_gpu: bool = Field(False, description="one GPU per worker", **_role(RUNTIME))
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker (2-core machines: 1 each for 2 "

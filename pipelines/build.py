@@ -436,21 +436,14 @@ def _log_results(run, storage: Storage, summary: BuildSummary) -> None:
     mlflow.log_metrics({key.replace(":", "_"): float(v) for key, v in metrics.items()})
     mlflow.log_text(summary.table(), "build/summary.txt")
     mlflow.log_text(json.dumps(summary.manifest, indent=1, sort_keys=True), "build/manifest.json")
-    mlflow.log_input(build_dataset_input(storage, summary), context="build")
+    mlflow.log_input(build_dataset_input(summary), context="build")
 
 
-def build_dataset_input(storage: Storage, summary: BuildSummary):
-    """The build as an MLflow dataset: its URI as the source, the manifest's sha256 as the digest."""
-    import warnings
+def build_dataset_input(summary: BuildSummary):
+    """The build as an MLflow dataset (onegen.tracking.dataset_input): the same digest a training run logs."""
+    from onegen.tracking import dataset_input
 
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    with warnings.catch_warnings():  # a local path matches two equivalent local sources; either is right
-        warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(summary.uri)
-    digest = sha256_hex(canonical_json(summary.manifest))[:16]
-    return MetaDataset(source=source, name=summary.name, digest=digest)
+    return dataset_input(summary.uri, summary.name, sha256_hex(canonical_json(summary.manifest)))
 
 
 if __name__ == "__main__":  # `python -m pipelines.build` (what `ray job submit` runs) is `onegen build`

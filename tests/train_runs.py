@@ -64,7 +64,8 @@ def train_command(*overrides: str, config: Path = TINY) -> list[str]:
     return cmd
 
 
-def run_train(ray_head, *overrides: str, timeout: float = TRAIN_TIMEOUT_S) -> subprocess.CompletedProcess:
+def run_train(ray_head, *overrides: str, timeout: float = TRAIN_TIMEOUT_S,
+              extra_args: list[str] | None = None) -> subprocess.CompletedProcess:
     env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"])
-    return subprocess.run(train_command(*overrides), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(train_command(*overrides) + list(extra_args or ()), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,5 +1,5 @@
-"""What a training worker loads before its first step: the NextDiT, the frozen T5, the objective's settings and the
-loss channel mask of the builds' image tokenizer."""
+"""What a training worker loads before its first step besides the NextDiT (training/weights.py): the frozen T5, the
+objective's settings, the loss channel mask of the builds' image tokenizer, and that tokenizer for the export."""
 
 from __future__ import annotations
 
@@ -12,15 +12,6 @@ import torch
 
 from model.flow import FlowConfig
 from onegen.train_config import TINY_T5, TrainConfig
-
-
-def build_model(cfg: TrainConfig):
-    """The preset's NextDiT, initialised from run.seed (every rank builds the same weights)."""
-    from model.nextdit import NextDiT
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        return NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
 
 
 def tiny_t5_folder(cfg: TrainConfig, d_model: int, *, build: bool = True) -> Path:
@@ -53,25 +44,38 @@ def tiny_t5_folder(cfg: TrainConfig, d_model: int, *, build: bool = True) -> Pat
     return target
 
 
-def load_text_encoder(cfg: TrainConfig, caption_channels: int, device: torch.device):
-    """The frozen T5 of `model.text_encoder`; its width must be the model's caption_channels. The tiny T5 is built
-    here only by a lone process (one rank): several ranks expect the driver to have built it."""
+def load_text_encoder(cfg: TrainConfig, caption_channels: int, device: torch.device, sources: dict | None = None):
+    """The frozen T5 (model.text_encoder, or model.init's); its width must be the model's caption_channels (the
+    driver checked it from the config: training.weights). The tiny T5 is built here only by a lone process (one
+    rank): several ranks expect the driver to have built it."""
     import torch.distributed as dist
 
     from model.tokenizers import T5TextEncoder
+    from training.weights import text_encoder_folder
 
-    source = cfg.model.text_encoder
+    source = cfg.model.text_encoder_source
     if source == TINY_T5:
         lone = not dist.is_initialized() or dist.get_world_size() == 1
         folder = tiny_t5_folder(cfg, caption_channels, build=lone)
     else:
-        folder = source
+        folder = text_encoder_folder(cfg, sources or {})
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
     encoder = T5TextEncoder.from_pretrained(folder, torch_dtype=dtype, max_length=cfg.model.text_max_length)
     if encoder.hidden_size != caption_channels:
         raise ValueError(f"model.text_encoder={source}: T5 width {encoder.hidden_size} but model.preset="
                          f"{cfg.model.preset} reads captions of width {caption_channels}; pick a matching pair")
     return encoder.to(device)
+
+
+def export_image_tokenizer(identity: str):
+    """The image tokenizer a build recorded (`pixel`, a folder, or a hub id as `owner/name@commit`), loaded for the
+    checkpoints' pipeline/ (the VAE is part of the release layout)."""
+    from model.tokenizers import load_image_tokenizer
+
+    spec, revision = identity, None
+    if identity != "pixel" and not Path(identity).exists() and "@" in identity:
+        spec, revision = identity.rsplit("@", 1)
+    return load_image_tokenizer(spec, revision=revision)
 
 
 def flow_config(cfg: TrainConfig) -> FlowConfig:
@@ -91,4 +95,4 @@ def loss_channel_mask(image_tokenizer: str) -> torch.Tensor | None:
     return PixelTokenizer().loss_channel_mask
 
 
-__all__ = ["build_model", "flow_config", "load_text_encoder", "loss_channel_mask", "tiny_t5_folder"]
+__all__ = ["export_image_tokenizer", "flow_config", "load_text_encoder", "loss_channel_mask", "tiny_t5_folder"]

@@ -48,7 +48,9 @@ def deepspeed_config(train: TrainSection, per_rank_batch: int) -> dict:
         "train_micro_batch_size_per_gpu": per_rank_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(train.optimizer.grad_clip),
-        "zero_optimization": {"stage": int(train.zero_stage)},
+        "zero_optimization": {"stage": int(train.zero_stage),
+                              **({"stage3_param_persistence_threshold": int(train.zero3_persistence_threshold)}
+                                 if train.zero_stage == 3 else {})},
         "zero_allow_untested_optimizer": True,  # a client torch AdamW: DeepSpeed only knows its own by name
         "bf16": {"enabled": train.precision == "bf16"},
         "steps_per_print": 1 << 30,

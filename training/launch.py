@@ -87,7 +87,12 @@ def run_train(cfg: TrainConfig) -> TrainSummary:
             data = stage_data(cfg, 0)
         except (DataPlanError, FileNotFoundError) as err:
             raise _as_config_error(err) from None
-    if cfg.model.text_encoder == TINY_T5:
+    from training.weights import check_model_sources
+
+    with errors.step("check the model's weights", input=f"model.init={cfg.model.init}, "
+                                                        f"model.text_encoder={cfg.model.text_encoder_source}"):
+        sources = check_model_sources(cfg)
+    if cfg.model.text_encoder_source == TINY_T5:
         from model.presets import PRESETS
         from training.components import tiny_t5_folder
 
@@ -103,31 +108,34 @@ def run_train(cfg: TrainConfig) -> TrainSummary:
             ran = [f"run {latest[1].get('mlflow_run_id')}"]
             return TrainSummary(cfg.run.name, stage.name, stage.steps, latest[0], ran,
                                 notes=["already trained: nothing to do (a new run.name trains again)"])
-    return _fit(cfg, stage, data, latest)
+    return _fit(cfg, stage, data, latest, sources)
 
 
-def _fit(cfg: TrainConfig, stage, data, latest) -> TrainSummary:
+def _fit(cfg: TrainConfig, stage, data, latest, sources: dict) -> TrainSummary:
     import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from onegen.raycluster import init_ray
-    from onegen.tracking import run_location, start_run, tracking_uri
+    from onegen.tracking import dataset_input, run_location, start_run, tracking_uri
     from training.loop import train_worker
 
     started = time.perf_counter()
     run_id = latest[1].get("mlflow_run_id") if latest else None
     with start_run(cfg, run_name=cfg.run.name, run_id=run_id) as active:
         if run_id is None:
-            mlflow.log_dict({"builds": data.digests, "content_hash": content_hash(cfg), "notes": data.notes},
-                            "data/builds.json")
+            mlflow.log_dict({"builds": data.digests, "content_hash": content_hash(cfg), "notes": data.notes,
+                             "weights": {"init": cfg.model.init, "text_encoder": cfg.model.text_encoder_source,
+                                         "revisions": sources}}, "data/builds.json")
+            for build, digest in zip(data.builds, data.digests, strict=True):
+                mlflow.log_input(dataset_input(build.uri, build.name, digest["manifest_digest"]), context="train")
         else:
             print(f"continuing run {cfg.run.name} from {latest[0]} (step {latest[1]['step']}), MLflow run {run_id}")
         init_ray(cfg)
         train = cfg.train
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage": 0,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage": 0, "sources": sources,
                                "mlflow_run_id": active.info.run_id},
             torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,

@@ -4,7 +4,9 @@ every worker (training/launch.py); `run_stage` itself takes plain callbacks, so 
 Checkpoint folder (INTERFACES §3), what `save` receives every `checkpoint_every` steps and at the end:
 
     ds/            DeepSpeed's state (model, ZeRO optimizer shards, LR schedule), engine.save_checkpoint(tag="ds")
-    state.json     step, data cursor, RNG scheme, builds' manifest digests, content hash, MLflow run id, world size
+    pipeline/      the EMA weights in the release layout (training/ema.py): OneDiffusionPipeline.from_pretrained
+    state.json     step, data cursor, RNG scheme, builds' manifest digests, content hash, MLflow run id, world size,
+                   the EMA's step count, the weights the run started from
 
 Resuming loads both and continues at the next step: the plan's batch and every random draw of a step are functions of
 (seed, stage, step, rank), so the losses after a resume equal an uninterrupted run's, step for step.
@@ -30,7 +32,8 @@ from onegen.train_config import TrainConfig
 from training.reader import Cursor, DataPlan, DataPlanError, index_rows, rank_share
 
 STATE_FILE = "state.json"
-STATE_SCHEMA = "onegen.train_state/1"
+STATE_SCHEMA = "onegen.train_state/2"
+PIPELINE_DIR = "pipeline"
 DS_TAG = "ds"
 RNG_SCHEME = "per step and rank: SeedSequence([run.seed, stage index, step, rank]) (training.step.step_seed)"
 
@@ -83,6 +86,9 @@ def read_state(folder: str | Path) -> dict:
 
 def check_resumable(state: dict, cfg: TrainConfig, data: StageData, world_size: int) -> None:
     """Refuse a checkpoint this run cannot continue exactly."""
+    if state.get("schema") != STATE_SCHEMA:
+        raise ResumeError(f"run {cfg.run.name}: its checkpoints are {state.get('schema')}, this trainer writes "
+                          f"{STATE_SCHEMA} (no EMA pipeline/ before it); start a new run.name")
     if state.get("content_hash") != content_hash(cfg):
         raise ResumeError(f"run {cfg.run.name}: its checkpoints were written with another config (content hash "
                           f"{state.get('content_hash')}, this config {content_hash(cfg)}); start a new run.name or "
@@ -99,26 +105,35 @@ def check_resumable(state: dict, cfg: TrainConfig, data: StageData, world_size: 
 def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int, device: torch.device,
               restore: str | None, save: Callable[[str, dict, int], None],
               log: Callable[[dict, int], None], mlflow_run_id: str | None = None,
-              process_group=None) -> dict:
+              process_group=None, sources: dict | None = None) -> dict:
     """Train stage `stage_index` on this rank from `restore` (a checkpoint folder or None) to its last step.
 
     save(folder, metrics, step): hand a written checkpoint folder on (every rank calls it with its own folder);
-    log(metrics, step): per-step metrics (called on rank 0 only). Returns the last step's metrics."""
+    log(metrics, step): per-step metrics (called on rank 0 only); sources: the commits the driver pinned hub ids
+    to (training.weights.check_model_sources). Returns the last step's metrics."""
     import torch.distributed as dist
 
     from model.views import stack
-    from training.components import build_model, flow_config, load_text_encoder, loss_channel_mask
+    from training.components import export_image_tokenizer, flow_config, load_text_encoder, loss_channel_mask
+    from training.ema import EmaWeights
     from training.engine import make_engine
     from training.samples import make_sample
     from training.step import StepRunner, TextEncoding, step_generator, step_seed
+    from training.weights import load_transformer
 
     stage = cfg.train.stages[stage_index]
     data = stage_data(cfg, stage_index)
     for note in data.notes if rank == 0 else ():
         say(f"[{stage.name}] {note}")
     per_rank = cfg.train.global_batch_size // world_size
-    model = build_model(cfg)
-    text_encoder = load_text_encoder(cfg, model.config.caption_channels, device)
+    sources = sources or {}
+    model = load_transformer(cfg, sources)
+    if cfg.train.activation_checkpointing:
+        model.enable_gradient_checkpointing()
+    patch = int(model.config.patch_size[-1])
+    text_encoder = load_text_encoder(cfg, model.config.caption_channels, device, sources)
+    ema = EmaWeights(model, cfg.train.ema, keep=rank == 0, zero3=cfg.train.zero_stage == 3).to(device)
+    image_tokenizer = export_image_tokenizer(data.image_tokenizer) if rank == 0 else None
     engine = make_engine(model, cfg.train, total_steps=stage.steps, per_rank_batch=per_rank)
     bf16 = cfg.train.precision == "bf16"
     runner = StepRunner(engine, TextEncoding.from_encoder(text_encoder, device), flow_config(cfg),
@@ -131,6 +146,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
         state = read_state(restore)
         check_resumable(state, cfg, data, world_size)
         engine.load_checkpoint(restore, tag=DS_TAG)
+        ema.restore(Path(restore) / PIPELINE_DIR, state["ema"])
         step, cursor = int(state["step"]), Cursor.from_dict(state["cursor"])
         if rank == 0:
             say(f"[{stage.name}] resumed from {restore} at step {step}")
@@ -143,8 +159,13 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                 state = {"schema": STATE_SCHEMA, "run": cfg.run.name, "stage": stage.name, "stage_index": stage_index,
                          "step": step, "steps": stage.steps, "cursor": cursor.to_dict(),
                          "rng": {"seed": cfg.run.seed, "scheme": RNG_SCHEME}, "content_hash": content_hash(cfg),
-                         "builds": data.digests, "mlflow_run_id": mlflow_run_id, "world_size": world_size}
-                (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+                         "builds": data.digests, "mlflow_run_id": mlflow_run_id, "world_size": world_size,
+                         "ema": ema.state(), "init": {"uri": cfg.model.init, "revision": sources.get("init")},
+                         "text_encoder": {"uri": cfg.model.text_encoder_source,
+                                          "revision": sources.get("text_encoder")}}
+                ema.export(Path(folder) / PIPELINE_DIR, image_tokenizer, text_encoder)
+                (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")  # last: it marks a
+                # checkpoint complete for training.launch.latest_checkpoint
             save(folder, metrics, step)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -162,13 +183,19 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                                data.plan.mixture[c.item].task, cpu_generator, cfg.train.data.latents == "sample")
                    for c in rank_share(choices, rank, world_size)]
         generator = cpu_generator if device.type == "cpu" else step_generator(seed, device)
+        batch = stack(samples)
         t0 = time.perf_counter()
-        result = runner.step(stack(samples), generator, group)
+        result = runner.step(batch, generator, group)
+        ema.step(engine.module)
+        seconds = time.perf_counter() - t0
         step += 1
         cursor = data.plan.advance(cursor)
+        views, height, width = batch.latents.shape[1], batch.latents.shape[-2], batch.latents.shape[-1]
+        tokens = cfg.train.global_batch_size * views * -(-height // patch) * -(-width // patch)
         metrics = {"train/loss": result["loss"], f"train/loss/{label}": result["loss"], "train/lr": result["lr"],
-                   "train/grad_norm": result["grad_norm"], "train/step_seconds": time.perf_counter() - t0,
-                   "train/epoch": cursor.epoch}
+                   "train/grad_norm": result["grad_norm"], "train/step_seconds": seconds,
+                   "train/samples_per_s": cfg.train.global_batch_size / seconds, "train/tokens_per_s": tokens / seconds,
+                   "train/ema_decay": ema.decay(), "train/epoch": cursor.epoch}
         if rank == 0:
             log(metrics, step)
             if step % 10 == 0 or step == stage.steps:
@@ -211,7 +238,8 @@ def train_worker(config: dict) -> None:
     try:
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
             run_stage(cfg, config["stage"], rank=rank, world_size=world_size, device=device, restore=folder,
-                      save=save, log=logger.log if logger else _ignore, mlflow_run_id=config["mlflow_run_id"])
+                      save=save, log=logger.log if logger else _ignore, mlflow_run_id=config["mlflow_run_id"],
+                      sources=config.get("sources"))
     finally:
         if logger is not None:
             logger.flush()
@@ -221,5 +249,5 @@ def _ignore(metrics: dict, step: int) -> None:
     pass
 
 
-__all__ = ["DS_TAG", "ResumeError", "STATE_FILE", "StageData", "check_resumable", "read_state", "run_stage",
-           "stage_data", "train_worker"]
+__all__ = ["DS_TAG", "PIPELINE_DIR", "ResumeError", "STATE_FILE", "StageData", "check_resumable", "read_state",
+           "run_stage", "stage_data", "train_worker"]

@@ -110,12 +110,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def job_main(module: str, description: str, command: str, run: Callable[[argparse.Namespace], int],
-             argv: list[str] | None = None, **defaults) -> int:
+             argv: list[str] | None = None, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+             **defaults) -> int:
     """`python -m MODULE --config F [--set ...]`, a job's own entry point (what `ray job submit` runs): the config
-    options, `run` and error reporting of `onegen COMMAND` without the `onegen` front end. `defaults`: attributes
-    the command's other arguments would set."""
+    options (or the command's own `add_arguments`), `run` and error reporting of `onegen COMMAND` without the
+    `onegen` front end. `defaults`: attributes the command's other arguments would set."""
     parser = ArgumentParser(prog=f"python -m {module}", description=description)
-    add_config_options(parser, required=True)
+    if add_arguments is None:
+        add_config_options(parser, required=True)
+    else:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     vars(args).update(defaults, command=command)
     return run_command(command, run, args)

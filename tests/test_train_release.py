@@ -1,0 +1,192 @@
+"""Training part 2 on one process (no Ray; each run in a fresh spawned process): ZeRO-3 with EMA, activation
+checkpointing, the EMA's exact resume, `--init` from a release folder, and the refusals of the model's weights."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train_runs import in_fresh_process, single_process_stage, train_overrides
+
+ZERO3 = ("train.zero_stage=3", "train.zero3_persistence_threshold=0", "train.stages[0].steps=3",
+         "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.global_batch_size=2")
+
+
+def safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(path))
+    return weights
+
+
+def raw_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained (not averaged) weights of a checkpoint, consolidated from its DeepSpeed shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds").items()}
+
+
+def ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return safetensors_weights(checkpoint / "pipeline" / "transformer")
+
+
+def check_ema_follows_the_decay(checkpoints: list[Path]) -> None:
+    """EMA_1 = raw_1 (the warm-up's decay is 0 at the first step), then EMA_k = d_k EMA_(k-1) + (1 - d_k) raw_k with
+    d_k = diffusers' EMAModel.get_decay(k) for train.ema's defaults; and the average differs from the raw weights."""
+    from diffusers.training_utils import EMAModel
+
+    from onegen.train_config import EmaSection
+
+    ema = EmaSection()
+    decay_of = EMAModel([torch.zeros(1)], decay=ema.decay, use_ema_warmup=ema.use_warmup, power=ema.power).get_decay
+    previous = None
+    for checkpoint in checkpoints:
+        state = json.loads((checkpoint / "state.json").read_text())
+        step = state["ema"]["optimization_step"]
+        assert step == state["step"]
+        raw, ema = raw_weights(checkpoint), ema_weights(checkpoint)
+        assert set(raw) == set(ema) and len(raw) > 10
+        decay = decay_of(step)
+        assert state["ema"]["decay"] == pytest.approx(decay)
+        for name, value in ema.items():
+            expected = raw[name] if previous is None else decay * previous[name] + (1 - decay) * raw[name]
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=f"{checkpoint.name} {name}")
+        previous = ema
+    assert decay > 0.2
+    moved = max(float((ema[n] - raw[n]).abs().max()) for n in raw)
+    assert moved > 1e-5, "after a few steps the average should lag the raw weights"
+
+
+@pytest.fixture(scope="module")
+def zero3(synthetic_build, tmp_path_factory):
+    """3 steps of configs/train/tiny.yaml on one process under ZeRO-3 (every parameter partitioned), a checkpoint
+    after each step."""
+    root = tmp_path_factory.mktemp("zero3")
+    overrides = train_overrides(synthetic_build, root / "work", *ZERO3)
+    result = in_fresh_process(single_process_stage, overrides, None, str(root / "ckpt"))
+    return {"overrides": overrides, "result": result, "checkpoints": root / "ckpt"}
+
+
+def test_zero3_trains_with_an_ema_that_follows_its_decay(zero3):
+    checkpoints = sorted(zero3["checkpoints"].iterdir())
+    assert [c.name for c in checkpoints] == ["checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
+    ds = {p.name for p in (checkpoints[-1] / "ds").iterdir()}
+    assert "zero_pp_rank_0_mp_rank_00_model_states.pt" in ds  # ZeRO-3's layout (ZeRO-2 writes mp_rank_00_...)
+    check_ema_follows_the_decay(checkpoints)
+
+
+def test_activation_checkpointing_gives_the_same_losses(zero3, tmp_path):
+    again = in_fresh_process(single_process_stage, [*zero3["overrides"], "train.activation_checkpointing=true",
+                                                    f"run.work_dir={tmp_path}"])
+    assert [s for s, _, _ in again["losses"]] == [1, 2, 3]
+    np.testing.assert_allclose([x for _, _, x in again["losses"]], [x for _, _, x in zero3["result"]["losses"]],
+                               rtol=1e-5)
+
+
+def test_a_resumed_run_continues_the_average_exactly(zero3, tmp_path):
+    resumed = in_fresh_process(single_process_stage, zero3["overrides"],
+                               str(zero3["checkpoints"] / "checkpoint_000002"), str(tmp_path))
+    assert resumed["losses"] == zero3["result"]["losses"][2:]
+    for name, value in ema_weights(tmp_path / "checkpoint_000003").items():
+        torch.testing.assert_close(value, ema_weights(zero3["checkpoints"] / "checkpoint_000003")[name], rtol=0, atol=0)
+
+
+def make_release_folder(folder: Path, *, seed: int = 99, **preset_overrides) -> Path:
+    """A release-layout folder: a perturbed `nextdit-tiny` transformer, the pixel tokenizer, a tiny T5 (d_model =
+    the transformer's caption width), the release's scheduler."""
+    from model.nextdit import NextDiT
+    from model.pipeline import OneDiffusionPipeline
+    from model.tokenizers import PixelTokenizer, T5TextEncoder, build_tiny_t5
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = NextDiT.from_preset("nextdit-tiny", **preset_overrides)
+        with torch.no_grad():
+            for parameter in transformer.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    t5 = build_tiny_t5(folder.parent / f"{folder.name}-t5", d_model=transformer.config.caption_channels, seed=seed)
+    OneDiffusionPipeline(transformer, PixelTokenizer(), T5TextEncoder.from_pretrained(t5)).save_pretrained(folder)
+    return folder
+
+
+def test_init_starts_from_the_release_folders_weights_and_its_text_encoder(synthetic_build, tmp_path):
+    release = make_release_folder(tmp_path / "release")
+    lr = 1e-6
+    overrides = train_overrides(synthetic_build, tmp_path / "work", "train.stages[0].steps=1",
+                                "train.checkpoint_every=1", "train.global_batch_size=2", f"train.optimizer.lr={lr}",
+                                "train.optimizer.warmup_steps=0", "train.optimizer.schedule=constant",
+                                f"model.init={release}")
+    in_fresh_process(single_process_stage, overrides, None, str(tmp_path / "ckpt"))
+    checkpoint = tmp_path / "ckpt/checkpoint_000001"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["init"] == {"uri": str(release), "revision": None}
+    assert state["text_encoder"]["uri"] == str(release)  # model.text_encoder unset: the release's own T5
+    start = safetensors_weights(release / "transformer")
+    after_one_step = raw_weights(checkpoint)
+    # AdamW's first step moves each weight by at most lr (plus float32 rounding of weights near 1): the step
+    # started from the folder's weights
+    for name, value in start.items():
+        assert float((after_one_step[name] - value).abs().max()) <= lr * 1.5, name
+    assert any(float((after_one_step[n] - v).abs().max()) > lr / 2 for n, v in start.items())  # and it trained
+    from training.weights import load_transformer  # sanity: the seeded preset is far from the folder's weights
+
+    seeded = dict(load_transformer(_cfg(synthetic_build, tmp_path), {}).named_parameters())
+    assert max(float((seeded[n] - v).abs().max()) for n, v in start.items()) > 0.01
+
+
+def _cfg(synthetic_build, tmp_path, *extra: str):
+    from onegen.config import load_config
+    from onegen.train_config import TrainConfig
+    from train_runs import TINY
+
+    return load_config(TINY, train_overrides(synthetic_build, tmp_path / "work", *extra), TrainConfig)
+
+
+def test_a_checkpoints_pipeline_folder_fits_as_an_init(zero3, synthetic_build, tmp_path):
+    from training.weights import check_model_sources
+
+    pipeline = zero3["checkpoints"] / "checkpoint_000003" / "pipeline"
+    cfg = _cfg(synthetic_build, tmp_path, f"model.init={pipeline}")
+    assert check_model_sources(cfg) == {"init": None, "text_encoder": None}
+    assert cfg.model.text_encoder_source == str(pipeline)
+
+
+def test_weights_that_do_not_fit_are_refused_in_one_line(synthetic_build, tmp_path, monkeypatch):
+    from onegen.config import ConfigError
+    from training.weights import check_model_sources
+
+    wide = make_release_folder(tmp_path / "wide", hidden_size=144, num_heads=4)
+    with pytest.raises(ConfigError) as err:
+        check_model_sources(_cfg(synthetic_build, tmp_path, f"model.init={wide}"))
+    assert str(err.value).count("\n") == 0
+    assert "its transformer does not fit model.preset=nextdit-tiny (hidden_size 144 (preset 96))" in str(err.value)
+
+    other_t5 = make_release_folder(tmp_path / "t5-48", caption_channels=48)
+    with pytest.raises(ConfigError, match=r"model.text_encoder=.*T5 width \(d_model\) 48, but model.preset="
+                                          r"nextdit-tiny reads captions of width 32"):
+        check_model_sources(_cfg(synthetic_build, tmp_path, f"model.text_encoder={other_t5}"))
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way; offline mode answers at once
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=r"model.init='nobody/nothing-here': cannot read its transformer config"):
+        check_model_sources(_cfg(synthetic_build, tmp_path, "model.init=nobody/nothing-here"))
+
+
+def test_the_command_refuses_a_misfit_init_before_any_worker_starts(ray_head, synthetic_build, tmp_path):
+    from train_runs import run_train
+
+    wide = make_release_folder(tmp_path / "wide", hidden_size=144, num_heads=4)
+    started = time.monotonic()
+    result = run_train(ray_head, *train_overrides(synthetic_build, tmp_path / "work"), extra_args=["--init", str(wide)])
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "does not fit model.preset=nextdit-tiny" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "work/data/runs").exists()
