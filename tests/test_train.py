@@ -203,3 +203,11 @@ def test_running_the_command_again_after_the_driver_died_continues_the_run(train
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_run(run_id).info.status == "FINISHED"
+    import torch
+
+    from train_runs import ema_weights  # the average went on from the checkpoint's pipeline/ as if never stopped
+
+    last = f"checkpoint_{STEPS:06d}"
+    reference = ema_weights(trained["stage"] / last)
+    for name, value in ema_weights(work / "data/runs/tiny/stage1" / last).items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-7, msg=name)

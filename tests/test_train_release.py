@@ -11,57 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from train_runs import in_fresh_process, single_process_stage, train_overrides
+from train_runs import (check_ema_follows_the_decay, ema_weights, in_fresh_process, raw_weights,
+                        safetensors_weights, single_process_stage, train_overrides)
 
 ZERO3 = ("train.zero_stage=3", "train.zero3_persistence_threshold=0", "train.stages[0].steps=3",
          "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.global_batch_size=2")
-
-
-def safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    weights = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        weights.update(load_file(path))
-    return weights
-
-
-def raw_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The trained (not averaged) weights of a checkpoint, consolidated from its DeepSpeed shards."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds").items()}
-
-
-def ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return safetensors_weights(checkpoint / "pipeline" / "transformer")
-
-
-def check_ema_follows_the_decay(checkpoints: list[Path]) -> None:
-    """EMA_1 = raw_1 (the warm-up's decay is 0 at the first step), then EMA_k = d_k EMA_(k-1) + (1 - d_k) raw_k with
-    d_k = diffusers' EMAModel.get_decay(k) for train.ema's defaults; and the average differs from the raw weights."""
-    from diffusers.training_utils import EMAModel
-
-    from onegen.train_config import EmaSection
-
-    ema = EmaSection()
-    decay_of = EMAModel([torch.zeros(1)], decay=ema.decay, use_ema_warmup=ema.use_warmup, power=ema.power).get_decay
-    previous = None
-    for checkpoint in checkpoints:
-        state = json.loads((checkpoint / "state.json").read_text())
-        step = state["ema"]["optimization_step"]
-        assert step == state["step"]
-        raw, ema = raw_weights(checkpoint), ema_weights(checkpoint)
-        assert set(raw) == set(ema) and len(raw) > 10
-        decay = decay_of(step)
-        assert state["ema"]["decay"] == pytest.approx(decay)
-        for name, value in ema.items():
-            expected = raw[name] if previous is None else decay * previous[name] + (1 - decay) * raw[name]
-            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=f"{checkpoint.name} {name}")
-        previous = ema
-    assert decay > 0.2
-    moved = max(float((ema[n] - raw[n]).abs().max()) for n in raw)
-    assert moved > 1e-5, "after a few steps the average should lag the raw weights"
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +144,32 @@ def test_the_command_refuses_a_misfit_init_before_any_worker_starts(ray_head, sy
     assert "does not fit model.preset=nextdit-tiny" in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / "work/data/runs").exists()
+
+
+@pytest.mark.parametrize("case", ["missing build", "unfinished build", "text width"])
+def test_the_command_refuses_its_data_and_text_encoder_in_one_line_in_seconds(case, ray_head, synthetic_build,
+                                                                               tmp_path):
+    import shutil
+
+    from train_runs import run_train
+
+    work = tmp_path / "work"
+    overrides = train_overrides(synthetic_build, work)
+    if case == "missing build":
+        overrides.append("train.data.builds[0].uri=no_such_build")
+        expected = "no build there"
+    elif case == "unfinished build":
+        copy = work / "data/builds" / synthetic_build["name"]
+        shutil.copytree(Path(synthetic_build["root"]) / "builds" / synthetic_build["name"], copy)
+        (copy / "manifest/_final.json").unlink()
+        overrides.append(f"train.data.builds[0].uri={synthetic_build['name']}")
+        expected = "is not final (no manifest/_final.json)"
+    else:
+        overrides.append(f"model.text_encoder={make_release_folder(tmp_path / 'wide-t5', caption_channels=48)}")
+        expected = "T5 width (d_model) 48, but model.preset=nextdit-tiny reads captions of width 32"
+    started = time.monotonic()
+    result = run_train(ray_head, *overrides)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    assert not (work / "data/runs").exists()

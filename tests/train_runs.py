@@ -4,10 +4,14 @@ of the pytest process), and `onegen train` as a user runs it, joined to the sess
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/train/tiny.yaml"
@@ -69,3 +73,50 @@ def run_train(ray_head, *overrides: str, timeout: float = TRAIN_TIMEOUT_S,
     env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"])
     return subprocess.run(train_command(*overrides) + list(extra_args or ()), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(path))
+    return weights
+
+
+def raw_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained (not averaged) weights of a checkpoint, consolidated from its DeepSpeed shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return {k: v.detach().float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds").items()}
+
+
+def ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return safetensors_weights(checkpoint / "pipeline" / "transformer")
+
+
+def check_ema_follows_the_decay(checkpoints: list[Path]) -> None:
+    """EMA_1 = raw_1 (the warm-up's decay is 0 at the first step), then EMA_k = d_k EMA_(k-1) + (1 - d_k) raw_k with
+    d_k = diffusers' EMAModel.get_decay(k) for train.ema's defaults; and the average differs from the raw weights."""
+    from diffusers.training_utils import EMAModel
+
+    from onegen.train_config import EmaSection
+
+    ema = EmaSection()
+    decay_of = EMAModel([torch.zeros(1)], decay=ema.decay, use_ema_warmup=ema.use_warmup, power=ema.power).get_decay
+    previous = None
+    for checkpoint in checkpoints:
+        state = json.loads((checkpoint / "state.json").read_text())
+        step = state["ema"]["optimization_step"]
+        assert step == state["step"]
+        raw, ema = raw_weights(checkpoint), ema_weights(checkpoint)
+        assert set(raw) == set(ema) and len(raw) > 10
+        decay = decay_of(step)
+        assert state["ema"]["decay"] == pytest.approx(decay)
+        for name, value in ema.items():
+            expected = raw[name] if previous is None else decay * previous[name] + (1 - decay) * raw[name]
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=f"{checkpoint.name} {name}")
+        previous = ema
+    assert decay > 0.2
+    moved = max(float((ema[n] - raw[n]).abs().max()) for n in raw)
+    assert moved > 1e-5, "after a few steps the average should lag the raw weights"

@@ -37,7 +37,10 @@ class TrainSummary:
     def table(self) -> str:
         lines = [f"run {self.run}, stage {self.stage}: {self.steps} steps",
                  f"  final loss: {self.loss:.4f}" if self.loss is not None else "  final loss: (no step run)",
-                 f"  checkpoint: {self.checkpoint}", f"  mlflow:     {self.mlflow[0]}",
+                 f"  checkpoint: {self.checkpoint}",
+                 *([f"  pipeline:   {self.checkpoint}/pipeline   (the EMA weights, release layout)"]
+                   if self.checkpoint else []),
+                 f"  mlflow:     {self.mlflow[0]}",
                  *[f"              {line}" for line in self.mlflow[1:]], f"  seconds:    {self.seconds:.0f}"]
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
