@@ -153,7 +153,8 @@ class EmaSection(_Section):
                                                "is already near its weights (false: (1 + step) / (10 + step))")
     inv_gamma: float = Field(1.0, gt=0)
     power: float = Field(2 / 3, gt=0, description="2/3 suits runs of up to ~1M steps; 3/4 shorter ones")
-    update_after_step: int = Field(0, ge=0, description="steps before the average starts moving")
+    update_after_step: int = Field(0, ge=0, description="steps during which the average just copies the weights "
+                                                        "(decay 0) before it starts averaging")
 
 
 class TrainSection(_Section):

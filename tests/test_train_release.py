@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from train_runs import (check_ema_follows_the_decay, ema_weights, in_fresh_process, raw_weights,
-                        safetensors_weights, single_process_stage, train_overrides)
+                        safetensors_weights, single_process_stage, single_process_stage_counting_recomputes,
+                        train_overrides)
 
 ZERO3 = ("train.zero_stage=3", "train.zero3_persistence_threshold=0", "train.stages[0].steps=3",
          "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.global_batch_size=2")
@@ -37,11 +38,21 @@ def test_zero3_trains_with_an_ema_that_follows_its_decay(zero3):
 
 
 def test_activation_checkpointing_gives_the_same_losses(zero3, tmp_path):
-    again = in_fresh_process(single_process_stage, [*zero3["overrides"], "train.activation_checkpointing=true",
-                                                    f"run.work_dir={tmp_path}"])
+    again = in_fresh_process(single_process_stage_counting_recomputes,
+                             [*zero3["overrides"], "train.activation_checkpointing=true", f"run.work_dir={tmp_path}"])
+    assert again["recomputed_blocks"] == 3 * 2  # every step runs the preset's 2 blocks under checkpointing
     assert [s for s, _, _ in again["losses"]] == [1, 2, 3]
     np.testing.assert_allclose([x for _, _, x in again["losses"]], [x for _, _, x in zero3["result"]["losses"]],
                                rtol=1e-5)
+
+
+def test_under_bf16_the_ema_averages_the_float32_master_weights(synthetic_build, tmp_path):
+    """DeepSpeed's bf16 module holds rounded copies; the average follows the optimizer's float32 masters (what the
+    consolidated checkpoint holds), under ZeRO-2 as under ZeRO-3."""
+    overrides = train_overrides(synthetic_build, tmp_path / "work", "train.precision=bf16", "train.stages[0].steps=2",
+                                "train.checkpoint_every=1", "train.global_batch_size=2", "train.optimizer.lr=1e-5")
+    in_fresh_process(single_process_stage, overrides, None, str(tmp_path / "ckpt"))
+    check_ema_follows_the_decay(sorted((tmp_path / "ckpt").iterdir()), moved_at_least=1e-7)
 
 
 def test_a_resumed_run_continues_the_average_exactly(zero3, tmp_path):
@@ -52,12 +63,13 @@ def test_a_resumed_run_continues_the_average_exactly(zero3, tmp_path):
         torch.testing.assert_close(value, ema_weights(zero3["checkpoints"] / "checkpoint_000003")[name], rtol=0, atol=0)
 
 
-def make_release_folder(folder: Path, *, seed: int = 99, **preset_overrides) -> Path:
-    """A release-layout folder: a perturbed `nextdit-tiny` transformer, the pixel tokenizer, a tiny T5 (d_model =
-    the transformer's caption width), the release's scheduler."""
+def make_release_folder(folder: Path, *, seed: int = 99, vae: bool = False, **preset_overrides) -> Path:
+    """A release-layout folder: a perturbed `nextdit-tiny` transformer, the pixel tokenizer (vae: a tiny
+    AutoencoderKL), a tiny T5 (d_model = the transformer's caption width), the release's scheduler."""
     from model.nextdit import NextDiT
     from model.pipeline import OneDiffusionPipeline
-    from model.tokenizers import PixelTokenizer, T5TextEncoder, build_tiny_t5
+    from model.tokenizers import PixelTokenizer, T5TextEncoder, VAETokenizer, build_tiny_t5
+    from release_reference.tiny_release import tiny_vae
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -66,7 +78,8 @@ def make_release_folder(folder: Path, *, seed: int = 99, **preset_overrides) -> 
             for parameter in transformer.parameters():
                 parameter.add_(0.05 * torch.randn_like(parameter))
     t5 = build_tiny_t5(folder.parent / f"{folder.name}-t5", d_model=transformer.config.caption_channels, seed=seed)
-    OneDiffusionPipeline(transformer, PixelTokenizer(), T5TextEncoder.from_pretrained(t5)).save_pretrained(folder)
+    tokenizer = VAETokenizer(tiny_vae(), sample=False) if vae else PixelTokenizer()
+    OneDiffusionPipeline(transformer, tokenizer, T5TextEncoder.from_pretrained(t5)).save_pretrained(folder)
     return folder
 
 
@@ -91,7 +104,7 @@ def test_init_starts_from_the_release_folders_weights_and_its_text_encoder(synth
     assert any(float((after_one_step[n] - v).abs().max()) > lr / 2 for n, v in start.items())  # and it trained
     from training.weights import load_transformer  # sanity: the seeded preset is far from the folder's weights
 
-    seeded = dict(load_transformer(_cfg(synthetic_build, tmp_path), {}).named_parameters())
+    seeded = {n: p.detach() for n, p in load_transformer(_cfg(synthetic_build, tmp_path), {}).named_parameters()}
     assert max(float((seeded[n] - v).abs().max()) for n, v in start.items()) > 0.01
 
 
@@ -126,6 +139,13 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(synthetic_build, tmp_pa
     with pytest.raises(ConfigError, match=r"model.text_encoder=.*T5 width \(d_model\) 48, but model.preset="
                                           r"nextdit-tiny reads captions of width 32"):
         check_model_sources(_cfg(synthetic_build, tmp_path, f"model.text_encoder={other_t5}"))
+    made_for_a_vae = make_release_folder(tmp_path / "vae-release", vae=True)
+    with pytest.raises(ConfigError, match="its weights were made for AutoencoderKL latents, but the builds hold "
+                                          "'pixel' latents; build the data with the same image tokenizer"):
+        check_model_sources(_cfg(synthetic_build, tmp_path, f"model.init={made_for_a_vae}"), "pixel")
+    assert check_model_sources(_cfg(synthetic_build, tmp_path, f"model.init={made_for_a_vae}"),
+                               "vae-folder") == {"init": None, "text_encoder": None}
+
     import huggingface_hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way; offline mode answers at once

@@ -1,19 +1,24 @@
 """The EMA of the transformer's weights (diffusers' EMAModel, with its warm-up) and its export as a release-layout
 folder, the `pipeline/` of every checkpoint (INTERFACES §3):
 
-    ema = EmaWeights(model, cfg.train.ema, keep=rank == 0, zero3=cfg.train.zero_stage == 3)   # before DeepSpeed
-    ...; engine.step(); ema.step(engine.module)          # every rank (a collective under ZeRO-3)
+    ema = EmaWeights(model, cfg.train.ema, keep=rank == 0, masters=zero3 or bf16)   # before DeepSpeed
+    ...; engine.step(); ema.step(engine.module)          # every rank (collectives under ZeRO-3 / bf16)
     ema.export(folder / "pipeline", image_tokenizer, text_encoder)                          # rank 0
 
-Under ZeRO-3 each rank holds a shard of every parameter, so the step gathers the full parameters first
-(deepspeed.zero.GatheredParameters, a collective every rank enters) and only rank 0, which keeps the average and
-writes the export, updates it: never an average of empty shards. The average is float32 on the training device;
-`pipeline/transformer` holds it exactly, so a resume reads the average back from there (no second copy).
+The average is of the optimizer's float32 master weights. Under ZeRO-3 each rank holds a shard of every parameter,
+and under bf16 the module holds rounded copies, so the step assembles each full float32 master, one parameter at a
+time (deepspeed.utils.safe_get_full_fp32_param, a collective every rank enters in the same order: one parameter's
+memory at a time, not the whole model), and only rank 0, which keeps the average and writes the export, updates it:
+never an average of empty shards or of bf16 roundings. Under fp32 ZeRO-1/2 every rank's module already holds the full
+masters. The average is float32 on the training device; `pipeline/transformer` holds it exactly, so a resume reads it
+back from there (no second copy).
+
+The update is EMAModel.step's own line (s -= (1 - decay)(s - p)) applied per parameter, with EMAModel's decay and
+step count: EMAModel.step takes all parameters at once, which would need them all assembled at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -24,10 +29,10 @@ from onegen.train_config import EmaSection
 
 
 class EmaWeights:
-    def __init__(self, model: torch.nn.Module, cfg: EmaSection, *, keep: bool, zero3: bool):
+    def __init__(self, model: torch.nn.Module, cfg: EmaSection, *, keep: bool, masters: bool):
         from diffusers.training_utils import EMAModel
 
-        self.zero3 = zero3
+        self.masters = masters
         self.names = [name for name, _ in model.named_parameters()]
         self.config = dict(model.config)
         self.model_class = type(model)
@@ -43,16 +48,30 @@ class EmaWeights:
 
     @torch.no_grad()
     def step(self, module: torch.nn.Module) -> None:
-        """Move the average towards the module's current weights (call on every rank after each optimizer step)."""
-        params = list(module.parameters())
-        gathered = contextlib.nullcontext()
-        if self.zero3:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        with gathered:
+        """Move the average towards the current float32 master weights (call on every rank after each optimizer
+        step: assembling a partitioned master is a collective)."""
+        if self.ema is not None:
+            self.ema.optimization_step += 1
+            keep = 1 - self.ema.get_decay(self.ema.optimization_step)
+        for index, param in enumerate(module.parameters()):
+            full = self._full_master(param)
             if self.ema is not None:
-                self.ema.step(params)
+                shadow = self.ema.shadow_params[index]
+                shadow.sub_(keep * (shadow - full.to(shadow)))
+
+    def _full_master(self, param: torch.nn.Parameter) -> torch.Tensor:
+        if not self.masters:
+            return param.detach()
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            return full
+        if hasattr(param, "ds_id"):  # a frozen ZeRO-3 parameter has no master: gather the module's copy
+            with deepspeed.zero.GatheredParameters([param]):
+                return param.detach().clone()
+        return param.detach()
 
     @property
     def optimization_step(self) -> int:
@@ -77,18 +96,16 @@ class EmaWeights:
         """Continue the average of a checkpoint: its pipeline/transformer weights and step count."""
         if self.ema is None:
             return
-        saved = self.model_class.from_pretrained(Path(pipeline_folder) / "transformer")
-        weights = dict(saved.named_parameters())
-        device = self.ema.shadow_params[0].device
-        snapshot = self.ema.state_dict()
-        snapshot.update(optimization_step=int(state["optimization_step"]),
-                        shadow_params=[weights[name].detach().to(device) for name in self.names])
-        self.ema.load_state_dict(snapshot)
+        saved = dict(self.model_class.from_pretrained(Path(pipeline_folder) / "transformer").named_parameters())
+        with torch.no_grad():  # in place: no second copy of the average on the device
+            for name, shadow in zip(self.names, self.ema.shadow_params, strict=True):
+                shadow.copy_(saved[name])
+        self.ema.optimization_step = int(state["optimization_step"])
 
     def export(self, target: str | Path, image_tokenizer, text_encoder) -> Path:
         """Write the average as a release-layout folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/,
         model_index.json) that OneDiffusionPipeline.from_pretrained loads: into a scratch folder renamed into
-        place, so `target` is either absent or complete."""
+        place, so `target` (which must not exist yet) is either absent or complete."""
         from model.pipeline import OneDiffusionPipeline
 
         target = Path(target)

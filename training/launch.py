@@ -21,6 +21,7 @@ from onegen.config import ConfigError, content_hash
 from onegen.train_config import TINY_T5, TrainConfig
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 
 
 @dataclass
@@ -50,7 +51,9 @@ def runs_prefix(cfg: TrainConfig) -> str:
 
 
 def latest_checkpoint(cfg: TrainConfig, stage: str) -> tuple[str, dict] | None:
-    """(URI, state) of the newest checkpoint of a stage of this run, or None."""
+    """(URI, state) of the newest checkpoint of a stage of this run, or None: the one Ray Train registered last (its
+    controller's snapshot names it once every rank's files are in storage; it is also what Ray restores from), else,
+    without a snapshot, the newest folder holding a state.json."""
     import json
 
     from onegen.storage import Storage
@@ -58,6 +61,12 @@ def latest_checkpoint(cfg: TrainConfig, stage: str) -> tuple[str, dict] | None:
 
     storage = Storage(cfg.storage.root)
     prefix = f"{runs_prefix(cfg)}/{stage}"
+    try:
+        snapshot = json.loads(storage.read_bytes(f"{prefix}/{RAY_TRAIN_SNAPSHOT}"))
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return storage.uri(f"{prefix}/{name}"), json.loads(storage.read_bytes(f"{prefix}/{name}/{STATE_FILE}"))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no snapshot (yet), or one this code cannot read
+        pass
     found = []
     for rel in storage.list(prefix, recursive=True):
         parts = rel.split("/")
@@ -90,11 +99,12 @@ def run_train(cfg: TrainConfig) -> TrainSummary:
             data = stage_data(cfg, 0)
         except (DataPlanError, FileNotFoundError) as err:
             raise _as_config_error(err) from None
-    from training.weights import check_model_sources
+    from training.weights import check_model_sources, resumed_sources
 
     with errors.step("check the model's weights", input=f"model.init={cfg.model.init}, "
                                                         f"model.text_encoder={cfg.model.text_encoder_source}"):
-        sources = check_model_sources(cfg)
+        sources = check_model_sources(cfg, data.image_tokenizer)
+    check_export_tokenizer(data.image_tokenizer)
     if cfg.model.text_encoder_source == TINY_T5:
         from model.presets import PRESETS
         from training.components import tiny_t5_folder
@@ -107,11 +117,26 @@ def run_train(cfg: TrainConfig) -> TrainSummary:
             check_resumable(latest[1], cfg, data, cfg.train.num_workers)
         except ResumeError as err:
             raise _as_config_error(err) from None
+        sources = resumed_sources(latest[1], sources)
         if latest[1]["step"] >= stage.steps:
             ran = [f"run {latest[1].get('mlflow_run_id')}"]
             return TrainSummary(cfg.run.name, stage.name, stage.steps, latest[0], ran,
                                 notes=["already trained: nothing to do (a new run.name trains again)"])
     return _fit(cfg, stage, data, latest, sources)
+
+
+def check_export_tokenizer(identity: str) -> None:
+    """Every checkpoint's pipeline/ holds the builds' image tokenizer: load it here, before any worker starts, so a
+    VAE folder that only the build machine had, or a hub id out of reach, fails now in one line."""
+    from training.components import export_image_tokenizer
+
+    try:
+        export_image_tokenizer(identity)
+    except (OSError, ValueError, ImportError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError([f"train.data.builds: the builds' image tokenizer {identity!r} (recorded in their rows) "
+                           f"cannot be loaded here ({reason}); every checkpoint's pipeline/ includes it, so make "
+                           "that folder or hub id reachable from this machine and the workers"]) from None
 
 
 def _fit(cfg: TrainConfig, stage, data, latest, sources: dict) -> TrainSummary:

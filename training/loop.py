@@ -99,7 +99,7 @@ def check_resumable(state: dict, cfg: TrainConfig, data: StageData, world_size: 
     if state.get("world_size") != world_size:
         raise ResumeError(f"run {cfg.run.name}: checkpoint written by {state.get('world_size')} ranks, resumed on "
                           f"{world_size}; ZeRO optimizer shards follow the rank count, so resume with "
-                          f"train.num_workers={state.get('world_size')} (resharding comes with ZeRO-3 checkpoints)")
+                          f"train.num_workers={state.get('world_size')} (resharding a checkpoint is not supported yet)")
 
 
 def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int, device: torch.device,
@@ -132,10 +132,10 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
         model.enable_gradient_checkpointing()
     patch = int(model.config.patch_size[-1])
     text_encoder = load_text_encoder(cfg, model.config.caption_channels, device, sources)
-    ema = EmaWeights(model, cfg.train.ema, keep=rank == 0, zero3=cfg.train.zero_stage == 3).to(device)
+    bf16 = cfg.train.precision == "bf16"
+    ema = EmaWeights(model, cfg.train.ema, keep=rank == 0, masters=cfg.train.zero_stage == 3 or bf16).to(device)
     image_tokenizer = export_image_tokenizer(data.image_tokenizer) if rank == 0 else None
     engine = make_engine(model, cfg.train, total_steps=stage.steps, per_rank_batch=per_rank)
-    bf16 = cfg.train.precision == "bf16"
     runner = StepRunner(engine, TextEncoding.from_encoder(text_encoder, device), flow_config(cfg),
                         channel_mask=loss_channel_mask(data.image_tokenizer), device=device,
                         model_dtype=torch.bfloat16 if bf16 else None)
@@ -174,6 +174,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     engine.train()
     started, first_step = time.perf_counter(), step
     while step < stage.steps:
+        t0 = time.perf_counter()
         key, choices = data.plan.batch(cursor)
         label = data.plan.label(key)
         seed = step_seed(cfg.run.seed, stage_index, step, rank)
@@ -184,7 +185,6 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                    for c in rank_share(choices, rank, world_size)]
         generator = cpu_generator if device.type == "cpu" else step_generator(seed, device)
         batch = stack(samples)
-        t0 = time.perf_counter()
         result = runner.step(batch, generator, group)
         ema.step(engine.module)
         seconds = time.perf_counter() - t0

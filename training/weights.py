@@ -34,12 +34,13 @@ def _subfolder(root: Path, name: str) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
-def _config(key: str, spec: str, patterns: list[str], name: str) -> tuple[dict, str | None]:
-    """(config.json of `name/` in the folder or hub repo `spec`, the commit a hub id resolved to)."""
+def _config(key: str, spec: str, patterns: list[str], name: str,
+            revision: str | None = None) -> tuple[dict, str | None, Path]:
+    """(config.json of `name/` in the folder or hub repo `spec`, the commit a hub id resolved to, the folder)."""
     from model.hub import resolve_pretrained_folder
 
     try:
-        folder = resolve_pretrained_folder(spec, allow_patterns=patterns)
+        folder = resolve_pretrained_folder(spec, allow_patterns=patterns, revision=revision)
         path = _subfolder(folder, name) / "config.json"
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -47,7 +48,7 @@ def _config(key: str, spec: str, patterns: list[str], name: str) -> tuple[dict, 
         raise ConfigError([f"{key}={spec!r}: cannot read its {name} config ({reason}); give a release-layout folder "
                            f"({name}/config.json + weights), a {name} folder, or a hub id"]) from None
     revision = None if Path(spec).exists() else folder.name  # the cache's snapshots/<commit>
-    return config, revision
+    return config, revision, folder
 
 
 def transformer_config_problem(config: dict, preset: str) -> str | None:
@@ -56,8 +57,8 @@ def transformer_config_problem(config: dict, preset: str) -> str | None:
     from model.presets import PRESETS
 
     expected = PRESETS[preset]
-    differ = [f"{key} {_plain(config.get(key))} (preset {_plain(value)})" for key, value in expected.items()
-              if _plain(config.get(key, value)) != _plain(value)]
+    differ = [f"{key} {_plain(config.get(key, 'missing'))} (preset {_plain(value)})"
+              for key, value in expected.items() if _plain(config.get(key, "missing")) != _plain(value)]
     return f"{', '.join(differ)}" if differ else None
 
 
@@ -65,32 +66,62 @@ def _plain(value):
     return list(value) if isinstance(value, tuple | list) else value
 
 
-def check_model_sources(cfg: TrainConfig) -> dict:
-    """Check `model.init` against the preset and the text encoder's width against the preset's caption width, from
-    their configs alone. Returns {"init": commit or None, "text_encoder": commit or None} (None: a local folder, the
-    tiny T5, or no init): what the workers load. Raises ConfigError, one line naming the key and the fix."""
+def check_model_sources(cfg: TrainConfig, image_tokenizer: str | None = None) -> dict:
+    """Check `model.init` against the preset (and, given the builds' `image_tokenizer` id, against the kind of
+    latents it was made for) and the text encoder's width against the preset's caption width, from their configs
+    alone. Returns {"init": commit or None, "text_encoder": commit or None} (None: a local folder, the tiny T5, or no
+    init): what the workers load. Raises ConfigError, one line naming the key and the fix."""
     from model.presets import PRESETS
 
     model = cfg.model
     preset = PRESETS[model.preset]
     sources: dict = {"init": None, "text_encoder": None}
     if model.init is not None:
-        config, sources["init"] = _config("model.init", model.init, ["model_index.json", "transformer/config.json"],
-                                          "transformer")
+        config, sources["init"], folder = _config("model.init", model.init,
+                                                  ["model_index.json", "transformer/config.json"], "transformer")
         problem = transformer_config_problem(config, model.preset)
         if problem:
             raise ConfigError([f"model.init={model.init!r}: its transformer does not fit model.preset={model.preset} "
                                f"({problem}); pick the preset of those weights"])
+        problem = image_tokenizer and init_tokenizer_problem(folder, image_tokenizer)
+        if problem:
+            raise ConfigError([f"model.init={model.init!r}: {problem}"])
     spec = model.text_encoder_source
     if spec != TINY_T5:
         key = "model.text_encoder" if model.text_encoder else "model.init (its text encoder)"
-        config, sources["text_encoder"] = _config(key, spec, ["text_encoder/config.json"], "text_encoder")
+        same = spec == model.init  # the init's own T5: the commit the init resolved to, not a second lookup
+        config, sources["text_encoder"], _ = _config(key, spec, ["text_encoder/config.json"], "text_encoder",
+                                                     revision=sources["init"] if same else None)
         width = config.get("d_model")
+        if width is None:
+            raise ConfigError([f"{key}={spec!r}: no T5 encoder config there (no text_encoder/config.json with "
+                               "d_model); set model.text_encoder to a release-layout folder, a T5 folder or a hub id"])
         if width != preset["caption_channels"]:
             raise ConfigError([f"{key}={spec!r}: T5 width (d_model) {width}, but model.preset={model.preset} reads "
                                f"captions of width {preset['caption_channels']}; pair the preset with the text "
                                "encoder it was made for"])
     return sources
+
+
+def init_tokenizer_problem(folder: Path, image_tokenizer: str) -> str | None:
+    """Why weights made for one kind of latents cannot train on the builds' (pixel vs VAE), from the folder's
+    model_index.json; None when they fit or the folder does not say (a bare transformer folder)."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        return None
+    entry = json.loads(index_path.read_text()).get("vae") or [None, None]
+    made_for_pixels = entry[-1] == "PixelTokenizer"
+    if made_for_pixels != (image_tokenizer == "pixel"):
+        return (f"its weights were made for {entry[-1]} latents, but the builds hold {image_tokenizer!r} latents; "
+                "build the data with the same image tokenizer (build.encode.image_tokenizer) or train without --init")
+    return None
+
+
+def resumed_sources(state: dict, sources: dict) -> dict:
+    """The commits a resumed run loads: those its checkpoint recorded (the hub repo may have moved since), so the
+    losses after the resume are the ones the run would have had."""
+    recorded = {key: (state.get(key) or {}).get("revision") for key in ("init", "text_encoder")}
+    return {key: recorded[key] or value for key, value in sources.items()}
 
 
 def load_transformer(cfg: TrainConfig, sources: dict):
@@ -113,5 +144,5 @@ def text_encoder_folder(cfg: TrainConfig, sources: dict) -> Path:
     return pinned_folder(cfg.model.text_encoder_source, sources.get("text_encoder"), TEXT_ENCODER_FILES)
 
 
-__all__ = ["check_model_sources", "load_transformer", "pinned_folder", "text_encoder_folder",
-           "transformer_config_problem"]
+__all__ = ["check_model_sources", "init_tokenizer_problem", "load_transformer", "pinned_folder", "resumed_sources",
+           "text_encoder_folder", "transformer_config_problem"]
