@@ -193,3 +193,36 @@ def test_the_command_refuses_its_data_and_text_encoder_in_one_line_in_seconds(ca
     assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert time.monotonic() - started < 60
     assert not (work / "data/runs").exists()
+
+
+def test_a_hub_id_init_is_pinned_to_one_commit_for_the_run_and_its_resume(synthetic_build, tmp_path, monkeypatch):
+    """--init owner/name (here from a local Hugging Face cache, offline, with two commits): the driver pins the
+    commit `main` names, the init's own T5 is read at that same commit, the workers load that commit, and a resumed
+    run keeps the commit its checkpoint recorded after `main` moved."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from training.weights import check_model_sources, load_transformer, resumed_sources, text_encoder_folder
+
+    repo = tmp_path / "hub" / "models--onegen-test--tiny-release"
+    old, new = "a" * 40, "b" * 40
+    for commit, seed in ((old, 1), (new, 2)):
+        make_release_folder(tmp_path / f"release-{seed}", seed=seed)
+        shutil.copytree(tmp_path / f"release-{seed}", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    cfg = _cfg(synthetic_build, tmp_path, "model.init=onegen-test/tiny-release")
+    sources = check_model_sources(cfg, "pixel")
+    assert sources == {"init": new, "text_encoder": new}
+    state = {"init": {"uri": cfg.model.init, "revision": old}, "text_encoder": {"uri": cfg.model.init, "revision": old}}
+    assert resumed_sources(state, sources) == {"init": old, "text_encoder": old}
+    for commit, seed in ((old, 1), (new, 2)):
+        loaded = dict(load_transformer(cfg, {"init": commit}).named_parameters())
+        for name, value in safetensors_weights(tmp_path / f"release-{seed}" / "transformer").items():
+            assert torch.equal(loaded[name].detach(), value), (commit, name)
+        assert text_encoder_folder(cfg, {"text_encoder": commit}) == repo / "snapshots" / commit

@@ -164,8 +164,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                          "text_encoder": {"uri": cfg.model.text_encoder_source,
                                           "revision": sources.get("text_encoder")}}
                 ema.export(Path(folder) / PIPELINE_DIR, image_tokenizer, text_encoder)
-                (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")  # last: it marks a
-                # checkpoint complete for training.launch.latest_checkpoint
+                # last: a folder without it is no checkpoint (training.launch.latest_checkpoint's fallback scan)
+                (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
             save(folder, metrics, step)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
