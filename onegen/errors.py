@@ -46,6 +46,12 @@ def step(name: str, input: object | None = None) -> Iterator[None]:  # noqa: A00
         raise
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): the reason part of a
+    one-line error that wraps it."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def failed_step(err: BaseException) -> tuple[str | None, str | None]:
     """(step name, input) recorded by `step`, or (None, None)."""
     return getattr(err, _STEP_ATTR, None), getattr(err, _INPUT_ATTR, None)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onegen.config import ConfigError, OnegenConfig, default_config
-from onegen.errors import UnreachableError
+from onegen.errors import UnreachableError, first_line
 
 if TYPE_CHECKING:
     import ray
@@ -359,8 +359,7 @@ def init_ray(cfg: OnegenConfig | None = None, *, address: str | None = None) -> 
         with _one_gcs_connect_attempt():
             ray.init(address=target, runtime_env={"env_vars": env_vars} if env_vars else None)
     except ConnectionError as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UnreachableError(unreachable_message(target, _address_source(cfg, address), reason)) from err
+        raise UnreachableError(unreachable_message(target, _address_source(cfg, address), first_line(err))) from err
     try:
         _check_paths_reach_every_node(cfg, ray, target)
     except ConfigError:

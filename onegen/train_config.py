@@ -165,8 +165,8 @@ class TrainSection(_Section):
     flow: FlowSection = FlowSection()
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 on GPUs; fp32 on CPUs (bf16 matmul is "
                                                                   "several times slower there)")
-    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage; under 3 the EMA step gathers the "
-                                                      "full parameters (deepspeed.zero.GatheredParameters)")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage; under 3 the EMA step assembles each "
+                                                      "full float32 master weight, one parameter at a time")
     ema: EmaSection = EmaSection()
     zero3_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3 keeps parameters with fewer "
                                              "elements whole on every rank (DeepSpeed's default 1e5; 0 partitions "

@@ -251,7 +251,7 @@ def check_image_tokenizer(cfg: BuildConfig) -> str | None:
     from model.hub import resolve_pretrained_folder
     from model.tokenizers import load_image_tokenizer
     from onegen.build_config import tokenizer_factor_problem
-    from onegen.errors import UsageError
+    from onegen.errors import UsageError, first_line
 
     source, revision = spec, None
     try:
@@ -260,10 +260,10 @@ def check_image_tokenizer(cfg: BuildConfig) -> str | None:
             source, revision = str(folder), folder.name  # the cache's snapshots/<commit>
         tokenizer = load_image_tokenizer(source)
     except (OSError, ValueError, ImportError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"build.encode.image_tokenizer={spec!r}: cannot load it ({reason}); set it to 'pixel', a "
-                         "local AutoencoderKL folder (config.json + weights, or a release root with vae/) or a hub "
-                         "id (downloaded on first use, or read from the local Hugging Face cache offline)") from None
+        raise UsageError(f"build.encode.image_tokenizer={spec!r}: cannot load it ({first_line(err)}); set it to "
+                         "'pixel', a local AutoencoderKL folder (config.json + weights, or a release root with vae/) "
+                         "or a hub id (downloaded on first use, or read from the local Hugging Face cache offline)") \
+            from None
     problem = tokenizer_factor_problem(spec, int(tokenizer.downsample_factor))
     if problem:
         raise UsageError(f"build.encode.image_tokenizer: {problem}")

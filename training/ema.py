@@ -50,22 +50,20 @@ class EmaWeights:
     def step(self, module: torch.nn.Module) -> None:
         """Move the average towards the current float32 master weights (call on every rank after each optimizer
         step: assembling a partitioned master is a collective)."""
+        import deepspeed  # imported once per step, not per parameter
+
         if self.ema is not None:
             self.ema.optimization_step += 1
             keep = 1 - self.ema.get_decay(self.ema.optimization_step)
         for index, param in enumerate(module.parameters()):
-            full = self._full_master(param)
+            full = self._full_master(param, deepspeed) if self.masters else param.detach()
             if self.ema is not None:
                 shadow = self.ema.shadow_params[index]
                 shadow.sub_(keep * (shadow - full.to(shadow)))
 
-    def _full_master(self, param: torch.nn.Parameter) -> torch.Tensor:
-        if not self.masters:
-            return param.detach()
-        import deepspeed
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        full = safe_get_full_fp32_param(param)
+    @staticmethod
+    def _full_master(param: torch.nn.Parameter, deepspeed) -> torch.Tensor:
+        full = deepspeed.utils.safe_get_full_fp32_param(param)
         if full is not None:
             return full
         if hasattr(param, "ds_id"):  # a frozen ZeRO-3 parameter has no master: gather the module's copy

@@ -133,10 +133,10 @@ def check_export_tokenizer(identity: str) -> None:
     try:
         export_image_tokenizer(identity)
     except (OSError, ValueError, ImportError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError([f"train.data.builds: the builds' image tokenizer {identity!r} (recorded in their rows) "
-                           f"cannot be loaded here ({reason}); every checkpoint's pipeline/ includes it, so make "
-                           "that folder or hub id reachable from this machine and the workers"]) from None
+                           f"cannot be loaded here ({errors.first_line(err)}); every checkpoint's pipeline/ "
+                           "includes it, so make that folder or hub id reachable from this machine and the "
+                           "workers"]) from None
 
 
 def _fit(cfg: TrainConfig, stage, data, latest, sources: dict) -> TrainSummary:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from onegen.config import ConfigError
+from onegen.errors import first_line
 from onegen.train_config import TINY_T5, TrainConfig
 
 TRANSFORMER_FILES = ["model_index.json", "transformer/*"]
@@ -22,8 +23,8 @@ TEXT_ENCODER_FILES = ["text_encoder/*", "tokenizer/*"]
 
 
 def pinned_folder(spec: str, revision: str | None, patterns: list[str]) -> Path:
-    """The local folder of a path or a hub id (at `revision`, the commit the driver resolved; downloaded once per
-    node, then read from the cache)."""
+    """The local folder of a path or a hub id (at `revision`: the commit the driver resolved, or None for the one
+    `main` names now; downloaded once per node, then read from the cache)."""
     from model.hub import resolve_pretrained_folder
 
     return resolve_pretrained_folder(spec, allow_patterns=patterns, revision=revision)
@@ -37,16 +38,14 @@ def _subfolder(root: Path, name: str) -> Path:
 def _config(key: str, spec: str, patterns: list[str], name: str,
             revision: str | None = None) -> tuple[dict, str | None, Path]:
     """(config.json of `name/` in the folder or hub repo `spec`, the commit a hub id resolved to, the folder)."""
-    from model.hub import resolve_pretrained_folder
-
     try:
-        folder = resolve_pretrained_folder(spec, allow_patterns=patterns, revision=revision)
+        folder = pinned_folder(spec, revision, patterns)
         path = _subfolder(folder, name) / "config.json"
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError([f"{key}={spec!r}: cannot read its {name} config ({reason}); give a release-layout folder "
-                           f"({name}/config.json + weights), a {name} folder, or a hub id"]) from None
+        raise ConfigError([f"{key}={spec!r}: cannot read its {name} config ({first_line(err)}); give a "
+                           f"release-layout folder ({name}/config.json + weights), a {name} folder, or a hub "
+                           "id"]) from None
     revision = None if Path(spec).exists() else folder.name  # the cache's snapshots/<commit>
     return config, revision, folder
 
@@ -59,7 +58,7 @@ def transformer_config_problem(config: dict, preset: str) -> str | None:
     expected = PRESETS[preset]
     differ = [f"{key} {_plain(config.get(key, 'missing'))} (preset {_plain(value)})"
               for key, value in expected.items() if _plain(config.get(key, "missing")) != _plain(value)]
-    return f"{', '.join(differ)}" if differ else None
+    return ", ".join(differ) if differ else None
 
 
 def _plain(value):
