@@ -434,12 +434,16 @@ def parse_yaml(text: str) -> Any:
 
 # --- loading -----------------------------------------------------------------------------------------------------
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+def load_config(path: str | Path | list | tuple | None, overrides: list[str] | tuple[str, ...] = (),
                 schema: type[OnegenConfig] = OnegenConfig) -> OnegenConfig:
     """Load, override and validate a config against `schema`. `path=None` starts from no file (run.name must then
-    come from --set). Raises ConfigError listing every problem, one per line."""
-    source = str(path) if path is not None else "<no config file>"
-    raw = _read_yaml_file(Path(path)) if path is not None else {}
+    come from --set); a list of files is `onegen train --stages`' concatenation (concatenated_stages). Raises
+    ConfigError listing every problem, one per line."""
+    if isinstance(path, (list, tuple)):
+        source, raw = " + ".join(map(str, path)), concatenated_stages(path)
+    else:
+        source = str(path) if path is not None else "<no config file>"
+        raw = _read_yaml_file(Path(path)) if path is not None else {}
     override_sources: dict[str, str] = {}
     problems: list[str] = []
     if not isinstance(raw, dict):
@@ -459,6 +463,42 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def concatenated_stages(paths: list | tuple) -> dict:
+    """`onegen train --stages a.yaml b.yaml`: one config whose `train.stages` is the files' stages in order
+    (INTERFACES §1). Every other key may be set by several files only to the same value: a stage file that changes
+    a shared key (the optimizer, the batch, the builds) would change every stage, so it is refused, naming both."""
+    merged: dict = {}
+    stages: list = []
+    origin: dict[str, str] = {}
+    problems: list[str] = []
+
+    def merge(into: dict, data: dict, prefix: str, path: str) -> None:
+        for key, value in data.items():
+            dotted = f"{prefix}{key}"
+            if dotted == "train.stages":
+                stages.extend(value if isinstance(value, list) else [value])
+            elif isinstance(value, dict) and isinstance(into.get(key, {}), dict):
+                merge(into.setdefault(key, {}), value, f"{dotted}.", path)
+            elif key in into and into[key] != value:
+                problems.append(f"{path}: {dotted}: {value!r} differs from {into[key]!r} in {origin[dotted]}; stage "
+                                "files share every key but train.stages: give it the same value in each file")
+            else:
+                into[key] = value
+                origin.setdefault(dotted, path)
+
+    for path in paths:
+        data = _read_yaml_file(Path(path))
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: expected a mapping of sections (run:, train:, ...), got "
+                               f"{type(data).__name__}"])
+        merge(merged, data, "", str(path))
+    if problems:
+        raise ConfigError(problems)
+    if stages:
+        merged.setdefault("train", {})["stages"] = stages
+    return merged
 
 
 def default_config(schema: type[OnegenConfig] = OnegenConfig, **run: Any) -> OnegenConfig:

@@ -15,9 +15,9 @@
 
 Roles (onegen.config): the maths (stages, mixture, seeds, global batch, optimizer, precision, ZeRO stage) is content
 and gates the "changed config" refusal of a resumed run; worker count, GPUs, checkpoint cadence, logging and failure
-retries are runtime, so a run resumes on a bigger cluster. The paper's stages and source mixtures are part 3 of the
-trainer; `stages` is a list from the first version so they add configs, not schema (INTERFACES §6).
-"""
+retries are runtime, so a run resumes on a bigger cluster. The stages run in order, each from the previous one's
+EMA weights; `onegen train --stages a.yaml b.yaml` concatenates files' stages (onegen.config.concatenated_stages).
+configs/train/stage{1,2,3}.yaml are the paper's schedule (ONEDIFFUSION_SPEC §7)."""
 
 from __future__ import annotations
 
@@ -72,9 +72,17 @@ class TrainData(_Section):
 class MixtureItem(_Section):
     task: str = Field(min_length=1, description="a task of model/tasks.py, e.g. text2image, depth2image")
     direction: str | None = Field(None, description="null: each of the task's directions, drawn evenly")
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, description="the probability that a global step trains this item is its "
+                                                 "weight over the sum of the weights of the items the builds feed")
     optional: bool = Field(False, description="true: skipped (and logged) when the builds have no row for it; "
                                               "false: such a run is refused before any worker starts")
+    resolution: int | None = Field(None, description="the build resolution this item trains on; null: the "
+                                                     "stage's (stage 2 of the paper: 512 for text2image, 256 for "
+                                                     "the rest)")
+    views: tuple[int, int] | None = Field(None, description="[min, max] frames of its sequences (multiview: 2 per "
+                                                            "camera); null: any the rows give")
+    name: str | None = Field(None, min_length=1, description="what its loss and counts are logged under; null: "
+                                                             "task, or task:direction")
 
     @field_validator("task")
     @classmethod
@@ -93,22 +101,50 @@ class MixtureItem(_Section):
         directions = get_task(self.task).directions
         if self.direction is not None and self.direction not in directions:
             raise ValueError(f"task {self.task} has no direction {self.direction!r}; valid: {', '.join(directions)}")
+        task = get_task(self.task)
+        if self.views is not None:
+            low, high = self.views
+            if not task.min_views <= low <= high <= task.max_views:
+                raise ValueError(f"views {list(self.views)}: task {self.task} takes {task.min_views} to "
+                                 f"{task.max_views} frames; give [min, max] within them")
+        if self.resolution is not None and (problem := resolution_problem(self.resolution)):
+            raise ValueError(problem)
         return self
 
     @property
     def label(self) -> str:
-        """The name its loss is logged under: task, or task:direction."""
-        return self.task if self.direction is None else f"{self.task}:{self.direction}"
+        """The name its loss and counts are logged under: `name`, else task, or task:direction."""
+        return self.name or (self.task if self.direction is None else f"{self.task}:{self.direction}")
+
+    def resolution_in(self, stage: "StageSection") -> int:
+        return self.resolution or stage.resolution
 
 
 class StageSection(_Section):
     name: str = Field(min_length=1, description="names the checkpoint folder runs/RUN/NAME/")
     steps: int = Field(gt=0, description="optimizer steps of the stage")
-    resolution: int = Field(description="the build resolution the stage trains on (rows of other resolutions are "
-                                        "skipped)")
+    resolution: int = Field(description="the build resolution the stage trains on, unless a mixture item names "
+                                        "its own (rows of other resolutions are skipped)")
     mixture: list[MixtureItem] = Field(min_length=1)
+    start_from: Literal["ema", "model"] = Field("ema", description="a stage after the first starts from the "
+                                                "previous stage's final EMA weights (its pipeline/) or its trained "
+                                                "weights (consolidated from its DeepSpeed checkpoint); the first "
+                                                "starts from model.init or the preset's initialisation")
 
     _safe_name = field_validator("name")(check_safe_name)
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> "StageSection":
+        labels = [item.label for item in self.mixture]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"mixture items must have distinct labels (their losses and counts are logged under "
+                             f"them), repeated: {repeated}; give each a `name`")
+        return self
+
+    @property
+    def resolutions(self) -> list[int]:
+        return sorted({item.resolution_in(self) for item in self.mixture})
 
     @field_validator("resolution")
     @classmethod

@@ -22,13 +22,14 @@ RUN_SETTINGS = (f"train.stages[0].steps={STEPS}", "train.checkpoint_every=10", "
 
 
 def loss_history(work: Path, run_id: str | None = None) -> tuple[str, dict[int, list[float]], dict]:
-    """(run id, {step: [train/loss values]}, {metric key: count}) of the run named `tiny` in the work dir's store."""
+    """(run id, {step: [train/loss values]}, {metric key: count}) of stage1's MLflow run (`tiny/stage1`, the child of
+    the job's run `tiny`) in the work dir's store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     if run_id is None:
         experiment = client.get_experiment_by_name("onegen")
-        runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'tiny'")
+        runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'tiny/stage1'")
         assert len(runs) == 1, [r.info.run_id for r in runs]
         run_id = runs[0].info.run_id
     history: dict[int, list[float]] = {}
@@ -59,7 +60,8 @@ def test_two_workers_train_with_zero2_and_write_checkpoints(trained, synthetic_b
             "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= ds  # ZeRO-2: one optimizer shard per rank
     state = json.loads((last / "state.json").read_text())
     assert state["step"] == STEPS and state["world_size"] == 2 and state["stage"] == "stage1"
-    assert set(state["cursor"]) == {"epoch", "index"} and state["rng"]["seed"] == 0
+    assert set(state["cursor"]) == {"step", "positions"} and state["cursor"]["step"] == STEPS
+    assert state["rng"]["seed"] == 0 and state["mixture"]["steps"] == STEPS
     from onegen.dataset import open_build
 
     build = open_build(synthetic_build["name"], storage_root=synthetic_build["root"])
@@ -105,7 +107,8 @@ def test_a_required_task_the_build_cannot_feed_is_refused(ray_head, synthetic_bu
     result = run_train(ray_head, *train_overrides(synthetic_build, tmp_path / "work"),
                        "train.stages[0].mixture[0].task=faceid")
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "mixture task faceid: no row of the builds" in result.stderr and "optional" in result.stderr
+    assert "stage stage1: mixture task faceid: the builds' manifests list no train rows at resolution 64" \
+        in result.stderr and "optional" in result.stderr
 
 
 def logged_steps(work: Path) -> int:
@@ -194,7 +197,7 @@ def test_running_the_command_again_after_the_driver_died_continues_the_run(train
         proc.wait(timeout=60)
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "continuing run tiny from" in again.stdout
+    assert "continuing stage stage1 from" in again.stdout
     run_id, history, _ = loss_history(work)
     _, reference, _ = loss_history(trained["work"])
     assert sorted(history) == list(range(1, STEPS + 1))

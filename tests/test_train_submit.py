@@ -71,7 +71,11 @@ def test_mlflow_has_lr_grad_norm_and_throughput_by_step_and_the_build_as_input(s
     from onegen.dataset import open_build
 
     client = MlflowClient(f"sqlite:///{submitted['work'] / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("onegen").experiment_id])
+    runs = {run.info.run_name: run for run in
+            client.search_runs([client.get_experiment_by_name("onegen").experiment_id])}
+    assert set(runs) == {"tiny", "tiny/stage1"}  # the job's run and its stage's child run
+    run, parent = runs["tiny/stage1"], runs["tiny"]
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
                 "train/ema_decay"):
         history = client.get_metric_history(run.info.run_id, key)
@@ -81,6 +85,6 @@ def test_mlflow_has_lr_grad_norm_and_throughput_by_step_and_the_build_as_input(s
     samples = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/samples_per_s")}
     assert all(tokens[s] >= 16 * samples[s] for s in tokens)  # 64 px, 2 views: >= 16 tokens a sample
     build = open_build(synthetic_build["name"], storage_root=synthetic_build["root"])
-    (dataset,) = [i.dataset for i in run.inputs.dataset_inputs]
+    (dataset,) = [i.dataset for i in parent.inputs.dataset_inputs]
     assert dataset.name == build.name and dataset.digest == build.manifest_digest()[:16]
-    assert run.info.status == "FINISHED"
+    assert run.info.status == parent.info.status == "FINISHED"

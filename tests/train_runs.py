@@ -79,17 +79,19 @@ def single_process_stage_counting_recomputes(overrides: list[str]) -> dict:
         checkpointing.checkpoint = original
 
 
-def train_command(*overrides: str, config: Path = TINY) -> list[str]:
-    cmd = [sys.executable, "-m", "training.launch", "--config", str(config)]
+def train_command(*overrides: str, config: Path = TINY, stages: list[Path] | None = None) -> list[str]:
+    """`python -m training.launch --config CONFIG`, or with `stages` `--stages FILE ...`, and --set items."""
+    cmd = [sys.executable, "-m", "training.launch", *(["--stages", *map(str, stages)] if stages else
+                                                      ["--config", str(config)])]
     for item in overrides:
         cmd += ["--set", item]
     return cmd
 
 
-def run_train(ray_head, *overrides: str, timeout: float = TRAIN_TIMEOUT_S,
-              extra_args: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_train(ray_head, *overrides: str, timeout: float = TRAIN_TIMEOUT_S, extra_args: list[str] | None = None,
+              stages: list[Path] | None = None) -> subprocess.CompletedProcess:
     env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"])
-    return subprocess.run(train_command(*overrides) + list(extra_args or ()), cwd=REPO, env=env,
+    return subprocess.run(train_command(*overrides, stages=stages) + list(extra_args or ()), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

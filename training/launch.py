@@ -83,22 +83,29 @@ def _as_config_error(err: Exception) -> ConfigError:
     return ConfigError([line for line in str(err).splitlines() if line.strip()])
 
 
-def run_train(cfg: TrainConfig) -> TrainSummary:
+def run_train(cfg: TrainConfig) -> list[TrainSummary]:
+    """Train every stage of `cfg` in order, each from the previous one's final checkpoint (stage.start_from),
+    under one MLflow parent run with a child run per stage. A stage already trained to its last step is skipped, a
+    stage with checkpoints continues from its latest. Everything checkable is checked before the first worker
+    starts: every stage's mixture against the builds' manifests, the first stage's data plan, the weights."""
     from onegen.preflight import check_run_targets
 
     check_run_targets(cfg)
-    if len(cfg.train.stages) > 1:
-        raise ConfigError([f"train.stages: {len(cfg.train.stages)} stages; this trainer runs one stage per config "
-                           "(stages after the first come with the paper's stage schedule); keep stages[0]"])
-    from training.loop import ResumeError, check_resumable, stage_data
-    from training.reader import DataPlanError
+    from training.loop import ResumeError, check_resumable, open_builds, stage_data
+    from training.reader import DataPlanError, manifest_problems
 
-    stage = cfg.train.stages[0]
-    with errors.step("plan the data", input=", ".join(ref.uri for ref in cfg.train.data.builds)):
+    builds_input = ", ".join(ref.uri for ref in cfg.train.data.builds)
+    with errors.step("check the stages against the builds' manifests", input=builds_input):
         try:
-            data = stage_data(cfg, 0)
+            builds = open_builds(cfg)
+            refusals = [line for stage in cfg.train.stages
+                        for line in manifest_problems(builds, stage, cfg.train.global_batch_size)[0]]
         except (DataPlanError, FileNotFoundError) as err:
             raise _as_config_error(err) from None
+    if refusals:
+        raise ConfigError(refusals)
+    plan_data = _planner(stage_data, builds_input)
+    data = plan_data(cfg, 0)
     from training.weights import check_model_sources, resumed_sources
 
     with errors.step("check the model's weights", input=f"model.init={cfg.model.init}, "
@@ -111,18 +118,29 @@ def run_train(cfg: TrainConfig) -> TrainSummary:
 
         with errors.step("build the tiny T5", input=f"run.work_dir={cfg.run.work_dir}"):
             tiny_t5_folder(cfg, PRESETS[cfg.model.preset]["caption_channels"])
-    latest = latest_checkpoint(cfg, stage.name)
-    if latest is not None:
-        try:
-            check_resumable(latest[1], cfg, data, cfg.train.num_workers)
-        except ResumeError as err:
-            raise _as_config_error(err) from None
-        sources = resumed_sources(latest[1], sources)
-        if latest[1]["step"] >= stage.steps:
-            ran = [f"run {latest[1].get('mlflow_run_id')}"]
-            return TrainSummary(cfg.run.name, stage.name, stage.steps, latest[0], ran,
-                                notes=["already trained: nothing to do (a new run.name trains again)"])
-    return _fit(cfg, stage, data, latest, sources)
+    latest = [latest_checkpoint(cfg, stage.name) for stage in cfg.train.stages]
+    for found in latest:
+        if found is not None:
+            try:
+                check_resumable(found[1], cfg, data.digests, cfg.train.num_workers)
+            except ResumeError as err:
+                raise _as_config_error(err) from None
+    first = next((found[1] for found in latest if found is not None), None)
+    if first is not None:
+        sources = resumed_sources(first, sources)
+    return _fit_stages(cfg, data, latest, sources, plan_data, first.get("mlflow_parent_run_id") if first else None)
+
+
+def _planner(stage_data, builds_input: str):
+    def plan(cfg: TrainConfig, index: int):
+        from training.reader import DataPlanError
+
+        with errors.step(f"plan the data of stage {cfg.train.stages[index].name}", input=builds_input):
+            try:
+                return stage_data(cfg, index)
+            except (DataPlanError, FileNotFoundError) as err:
+                raise _as_config_error(err) from None
+    return plan
 
 
 def check_export_tokenizer(identity: str) -> None:
@@ -139,32 +157,73 @@ def check_export_tokenizer(identity: str) -> None:
                            "workers"]) from None
 
 
-def _fit(cfg: TrainConfig, stage, data, latest, sources: dict) -> TrainSummary:
+def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, plan_data, parent_id: str | None
+                ) -> list[TrainSummary]:
     import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from onegen.raycluster import init_ray
-    from onegen.tracking import dataset_input, run_location, start_run, tracking_uri
-    from training.loop import train_worker
+    from onegen.tracking import dataset_input, start_run
 
-    started = time.perf_counter()
-    run_id = latest[1].get("mlflow_run_id") if latest else None
-    with start_run(cfg, run_name=cfg.run.name, run_id=run_id) as active:
-        if run_id is None:
-            mlflow.log_dict({"builds": data.digests, "content_hash": content_hash(cfg), "notes": data.notes,
+    summaries: list[TrainSummary] = []
+    with start_run(cfg, run_name=cfg.run.name, run_id=parent_id, tags={"onegen.kind": "train"}) as parent:
+        if parent_id is None:
+            mlflow.log_dict({"builds": data.digests, "content_hash": content_hash(cfg),
+                             "stages": [stage.name for stage in cfg.train.stages],
                              "weights": {"init": cfg.model.init, "text_encoder": cfg.model.text_encoder_source,
                                          "revisions": sources}}, "data/builds.json")
             for build, digest in zip(data.builds, data.digests, strict=True):
                 mlflow.log_input(dataset_input(build.uri, build.name, digest["manifest_digest"]), context="train")
         else:
-            print(f"continuing run {cfg.run.name} from {latest[0]} (step {latest[1]['step']}), MLflow run {run_id}")
+            print(f"continuing run {cfg.run.name} (MLflow run {parent_id})")
+        previous: str | None = None
+        for index, stage in enumerate(cfg.train.stages):
+            stage_data = data if index == 0 else plan_data(cfg, index)
+            if stage_data.image_tokenizer != data.image_tokenizer:
+                raise ConfigError([f"stage {stage.name}: its rows were encoded with {stage_data.image_tokenizer}, "
+                                   f"stage {cfg.train.stages[0].name}'s with {data.image_tokenizer}; every stage "
+                                   "must train on latents of one image tokenizer"])
+            found = latest[index]
+            if found is not None and found[1]["step"] >= stage.steps:
+                summaries.append(TrainSummary(cfg.run.name, stage.name, stage.steps, found[0],
+                                              [f"run {found[1].get('mlflow_run_id')}"],
+                                              notes=["already trained: nothing to do (a new run.name trains again)"]))
+            else:
+                summaries.append(_fit(cfg, index, stage_data, found, sources, parent, previous))
+            final = latest_checkpoint(cfg, stage.name)
+            previous = final[0] if final is not None else None
+    return summaries
+
+
+def _fit(cfg: TrainConfig, index: int, data, latest, sources: dict, parent, previous: str | None) -> TrainSummary:
+    import mlflow
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from onegen.raycluster import init_ray
+    from onegen.tracking import run_location, start_run, tracking_uri
+    from training.loop import train_worker
+
+    stage = cfg.train.stages[index]
+    started = time.perf_counter()
+    run_id = latest[1].get("mlflow_run_id") if latest else None
+    with start_run(cfg, run_name=f"{cfg.run.name}/{stage.name}", run_id=run_id, nested=True,
+                   tags={"onegen.kind": "train-stage", "onegen.stage": stage.name}) as active:
+        if run_id is None:
+            mlflow.log_dict({"configured": data.plan.configured(), "drawn": data.plan.effective(),
+                             "rows_per_task": dict(zip([item.label for item in stage.mixture],
+                                                       data.plan.rows_per_item())),
+                             "skipped": data.notes, "start": previous or cfg.model.init},
+                            f"mixture/{stage.name}.planned.json")
+        else:
+            print(f"continuing stage {stage.name} from {latest[0]} (step {latest[1]['step']}), MLflow run {run_id}")
+        for note in data.notes:
+            print(f"stage {stage.name}: {note}")
         init_ray(cfg)
         train = cfg.train
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage": 0, "sources": sources,
-                               "mlflow_run_id": active.info.run_id},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage": index, "sources": sources,
+                               "mlflow_run_id": active.info.run_id, "mlflow_parent_run_id": parent.info.run_id,
+                               "previous": previous and _storage_path(previous)},
             torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                          resources_per_worker={"CPU": train.cpus_per_worker}),
@@ -176,15 +235,40 @@ def _fit(cfg: TrainConfig, stage, data, latest, sources: dict) -> TrainSummary:
             result = trainer.fit()
         metrics = result.metrics or {}
         checkpoint = result.checkpoint.path if result.checkpoint else None
+        notes = list(data.notes)
+        final = latest_checkpoint(cfg, stage.name)
+        if final is not None:
+            notes.append(log_realised_mixture(stage, data.plan, final[1]["mixture"]))
         where = run_location(tracking_uri(cfg), active.info.experiment_id, active.info.run_id)
     return TrainSummary(cfg.run.name, stage.name, stage.steps, checkpoint, where, metrics.get("loss"),
-                        time.perf_counter() - started, list(data.notes))
+                        time.perf_counter() - started, notes)
+
+
+def log_realised_mixture(stage, plan, counts: dict) -> str:
+    """Log the stage's realised mixture (what its steps drew, counted by the workers into the checkpoints) next to
+    the configured one: metrics mixture/realised/LABEL and mixture/configured/LABEL, and mixture/STAGE.json. Returns
+    a one-line summary."""
+    import mlflow
+
+    steps = max(1, counts.get("steps", 0))
+    configured, drawn = plan.configured(), plan.effective()
+    realised = {label: counts.get("tasks", {}).get(label, 0) / steps for label in configured}
+    mlflow.log_metrics({**{f"mixture/configured/{label}": p for label, p in drawn.items()},
+                        **{f"mixture/realised/{label}": p for label, p in realised.items()}})
+    mlflow.log_dict({"configured": configured, "drawn": drawn, "realised": realised, "counts": counts},
+                    f"mixture/{stage.name}.json")
+    parts = [f"{label} {realised[label]:.2f}/{drawn.get(label, 0.0):.2f}" for label in configured]
+    return f"mixture (realised/configured over {counts.get('steps', 0)} steps): " + ", ".join(parts)
 
 
 def _storage_uri(cfg: TrainConfig, rel: str) -> str:
     from onegen.storage import Storage
 
-    uri = Storage(cfg.storage.root).uri(rel)
+    return _storage_path(Storage(cfg.storage.root).uri(rel))
+
+
+def _storage_path(uri: str) -> str:
+    """A storage URI as Ray Train takes it: local folders as plain paths."""
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 

@@ -5,8 +5,9 @@ Checkpoint folder (INTERFACES §3), what `save` receives every `checkpoint_every
 
     ds/            DeepSpeed's state (model, ZeRO optimizer shards, LR schedule), engine.save_checkpoint(tag="ds")
     pipeline/      the EMA weights in the release layout (training/ema.py): OneDiffusionPipeline.from_pretrained
-    state.json     step, data cursor, RNG scheme, builds' manifest digests, content hash, MLflow run id, world size,
-                   the EMA's step count, the weights the run started from
+    state.json     step, data cursor, RNG scheme, builds' manifest digests, content hash, MLflow run ids (the job's
+                   and the stage's), world size, the EMA's step count, the weights the stage started from, the
+                   realised mixture so far (steps by task, samples by source, bucket and frame count)
 
 Resuming loads both and continues at the next step: the plan's batch and every random draw of a step are functions of
 (seed, stage, step, rank), so the losses after a resume equal an uninterrupted run's, step for step.
@@ -32,7 +33,7 @@ from onegen.train_config import TrainConfig
 from training.reader import Cursor, DataPlan, DataPlanError, index_rows, rank_share
 
 STATE_FILE = "state.json"
-STATE_SCHEMA = "onegen.train_state/2"
+STATE_SCHEMA = "onegen.train_state/3"
 PIPELINE_DIR = "pipeline"
 DS_TAG = "ds"
 RNG_SCHEME = "per step and rank: SeedSequence([run.seed, stage index, step, rank]) (training.step.step_seed)"
@@ -51,10 +52,8 @@ class StageData:
     notes: list[str]
 
 
-def stage_data(cfg: TrainConfig, stage_index: int) -> StageData:
-    """The builds (final ones only), their rows at the stage's resolution and the stage's data plan. Raises
-    DataPlanError naming what is missing; the driver calls it before starting workers, every worker again."""
-    stage = cfg.train.stages[stage_index]
+def open_builds(cfg: TrainConfig) -> list[Build]:
+    """The configured builds, final ones only (DataPlanError naming an unfinished one)."""
     builds = []
     for ref in cfg.train.data.builds:
         build = open_build(ref.uri, storage_root=cfg.storage.root)
@@ -62,13 +61,23 @@ def stage_data(cfg: TrainConfig, stage_index: int) -> StageData:
             raise DataPlanError(f"train.data.builds: {build.uri} is not final (no manifest/_final.json): the trainer "
                                 "trains only on finished builds; rerun its `onegen build` to finish it")
         builds.append(build)
-    rows = index_rows(builds, stage.resolution)
+    return builds
+
+
+def stage_data(cfg: TrainConfig, stage_index: int) -> StageData:
+    """The builds (final ones only), their rows at the stage's resolution and the stage's data plan. Raises
+    DataPlanError naming what is missing; the driver calls it before starting workers, every worker again."""
+    stage = cfg.train.stages[stage_index]
+    builds = open_builds(cfg)
+    rows = index_rows(builds, stage.resolutions)
     if not rows:
-        raise DataPlanError(f"stage {stage.name}: the builds have no train rows at resolution {stage.resolution} "
+        wanted = ", ".join(map(str, stage.resolutions))
+        raise DataPlanError(f"stage {stage.name}: the builds have no train rows at resolution {wanted} "
                             f"({', '.join(b.uri for b in builds)}); build that resolution or change the stage's")
     plan = DataPlan(rows, stage.mixture, seed=cfg.run.seed, stage=stage_index,
-                    global_batch=cfg.train.global_batch_size,
-                    build_weights=[ref.weight for ref in cfg.train.data.builds])
+                    global_batch=cfg.train.global_batch_size, resolution=stage.resolution,
+                    build_weights=[ref.weight for ref in cfg.train.data.builds],
+                    build_names=[build.name for build in builds])
     refusals, notes = plan.problems()
     if refusals:
         raise DataPlanError("\n".join(f"stage {stage.name}: {line}" for line in refusals))
@@ -84,16 +93,16 @@ def read_state(folder: str | Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text())
 
 
-def check_resumable(state: dict, cfg: TrainConfig, data: StageData, world_size: int) -> None:
-    """Refuse a checkpoint this run cannot continue exactly."""
+def check_resumable(state: dict, cfg: TrainConfig, digests: list[dict], world_size: int) -> None:
+    """Refuse a checkpoint this run cannot continue exactly (digests: the builds' manifest digests)."""
     if state.get("schema") != STATE_SCHEMA:
         raise ResumeError(f"run {cfg.run.name}: its checkpoints are {state.get('schema')}, this trainer writes "
-                          f"{STATE_SCHEMA} (no EMA pipeline/ before it); start a new run.name")
+                          f"{STATE_SCHEMA} (another data cursor before it); start a new run.name")
     if state.get("content_hash") != content_hash(cfg):
         raise ResumeError(f"run {cfg.run.name}: its checkpoints were written with another config (content hash "
                           f"{state.get('content_hash')}, this config {content_hash(cfg)}); start a new run.name or "
                           "restore the config")
-    if state.get("builds") != data.digests:
+    if state.get("builds") != digests:
         raise ResumeError(f"run {cfg.run.name}: its checkpoints were trained on other data ({state.get('builds')}); "
                           "train on the same builds or start a new run.name")
     if state.get("world_size") != world_size:
@@ -105,12 +114,15 @@ def check_resumable(state: dict, cfg: TrainConfig, data: StageData, world_size: 
 def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int, device: torch.device,
               restore: str | None, save: Callable[[str, dict, int], None],
               log: Callable[[dict, int], None], mlflow_run_id: str | None = None,
-              process_group=None, sources: dict | None = None) -> dict:
+              process_group=None, sources: dict | None = None, previous: str | None = None,
+              previous_uri: str | None = None, mlflow_parent_run_id: str | None = None) -> dict:
     """Train stage `stage_index` on this rank from `restore` (a checkpoint folder or None) to its last step.
 
     save(folder, metrics, step): hand a written checkpoint folder on (every rank calls it with its own folder);
     log(metrics, step): per-step metrics (called on rank 0 only); sources: the commits the driver pinned hub ids
-    to (training.weights.check_model_sources). Returns the last step's metrics."""
+    to (training.weights.check_model_sources); previous: the previous stage's final checkpoint folder, whose EMA
+    (or trained) weights a later stage starts from (stage.start_from), downloaded from previous_uri. Returns the
+    last step's metrics."""
     import torch.distributed as dist
 
     from model.views import stack
@@ -119,6 +131,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     from training.engine import make_engine
     from training.samples import make_sample
     from training.step import StepRunner, TextEncoding, step_generator, step_seed
+    from training.reader import count_step
     from training.weights import load_transformer
 
     stage = cfg.train.stages[stage_index]
@@ -127,7 +140,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
         say(f"[{stage.name}] {note}")
     per_rank = cfg.train.global_batch_size // world_size
     sources = sources or {}
-    model = load_transformer(cfg, sources)
+    model = load_transformer(cfg, sources, previous=previous, start_from=stage.start_from)
     if cfg.train.activation_checkpointing:
         model.enable_gradient_checkpointing()
     patch = int(model.config.patch_size[-1])
@@ -141,13 +154,13 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                         model_dtype=torch.bfloat16 if bf16 else None)
     group = process_group if process_group is not None else (dist.group.WORLD if dist.is_initialized() else None)
 
-    step, cursor = 0, data.plan.start()
+    step, cursor, counts = 0, data.plan.start(), {}
     if restore is not None:
         state = read_state(restore)
-        check_resumable(state, cfg, data, world_size)
+        check_resumable(state, cfg, data.digests, world_size)
         engine.load_checkpoint(restore, tag=DS_TAG)
         ema.restore(Path(restore) / PIPELINE_DIR, state["ema"])
-        step, cursor = int(state["step"]), Cursor.from_dict(state["cursor"])
+        step, cursor, counts = int(state["step"]), Cursor.from_dict(state["cursor"]), state["mixture"]
         if rank == 0:
             say(f"[{stage.name}] resumed from {restore} at step {step}")
 
@@ -159,8 +172,12 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                 state = {"schema": STATE_SCHEMA, "run": cfg.run.name, "stage": stage.name, "stage_index": stage_index,
                          "step": step, "steps": stage.steps, "cursor": cursor.to_dict(),
                          "rng": {"seed": cfg.run.seed, "scheme": RNG_SCHEME}, "content_hash": content_hash(cfg),
-                         "builds": data.digests, "mlflow_run_id": mlflow_run_id, "world_size": world_size,
-                         "ema": ema.state(), "init": {"uri": cfg.model.init, "revision": sources.get("init")},
+                         "builds": data.digests, "mlflow_run_id": mlflow_run_id,
+                         "mlflow_parent_run_id": mlflow_parent_run_id, "world_size": world_size,
+                         "ema": ema.state(), "mixture": counts,
+                         "start": {"stage": cfg.train.stages[stage_index - 1].name, "weights": stage.start_from,
+                                   "uri": previous_uri} if previous else None,
+                         "init": {"uri": cfg.model.init, "revision": sources.get("init")},
                          "text_encoder": {"uri": cfg.model.text_encoder_source,
                                           "revision": sources.get("text_encoder")}}
                 ema.export(Path(folder) / PIPELINE_DIR, image_tokenizer, text_encoder)
@@ -185,17 +202,19 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                    for c in rank_share(choices, rank, world_size)]
         generator = cpu_generator if device.type == "cpu" else step_generator(seed, device)
         batch = stack(samples)
+        loaded = time.perf_counter() - t0  # reading and assembling the batch: the step's wait for data
         result = runner.step(batch, generator, group)
         ema.step(engine.module)
         seconds = time.perf_counter() - t0
         step += 1
+        counts = count_step(counts, data.plan, key, choices)
         cursor = data.plan.advance(cursor)
         views, height, width = batch.latents.shape[1], batch.latents.shape[-2], batch.latents.shape[-1]
         tokens = cfg.train.global_batch_size * views * -(-height // patch) * -(-width // patch)
         metrics = {"train/loss": result["loss"], f"train/loss/{label}": result["loss"], "train/lr": result["lr"],
                    "train/grad_norm": result["grad_norm"], "train/step_seconds": seconds,
                    "train/samples_per_s": cfg.train.global_batch_size / seconds, "train/tokens_per_s": tokens / seconds,
-                   "train/ema_decay": ema.decay(), "train/epoch": cursor.epoch}
+                   "train/ema_decay": ema.decay(), "train/data_wait_fraction": loaded / seconds}
         if rank == 0:
             log(metrics, step)
             if step % 10 == 0 or step == stage.steps:
@@ -203,7 +222,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                 say(f"[{stage.name}] step {step}/{stage.steps} loss {result['loss']:.4f} ({label}) "
                     f"lr {result['lr']:.2e} {rate:.2f} s/step")
         if step % cfg.train.checkpoint_every == 0 or step == stage.steps:
-            checkpoint({"step": step, "loss": result["loss"], "epoch": cursor.epoch})
+            checkpoint({"step": step, "loss": result["loss"]})
     return metrics
 
 
@@ -235,11 +254,16 @@ def train_worker(config: dict) -> None:
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
 
     checkpoint = ray.train.get_checkpoint()
+    previous_uri = config.get("previous")
+    # the previous stage's final checkpoint, wherever storage.root is (a local folder as is, S3 downloaded)
+    previous = ray.train.Checkpoint(previous_uri) if previous_uri else None
     try:
-        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder:
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder, \
+                previous.as_directory() if previous is not None else contextlib.nullcontext() as previous_folder:
             run_stage(cfg, config["stage"], rank=rank, world_size=world_size, device=device, restore=folder,
                       save=save, log=logger.log if logger else _ignore, mlflow_run_id=config["mlflow_run_id"],
-                      sources=config.get("sources"))
+                      sources=config.get("sources"), previous=previous_folder, previous_uri=previous_uri,
+                      mlflow_parent_run_id=config.get("mlflow_parent_run_id"))
     finally:
         if logger is not None:
             logger.flush()
@@ -249,5 +273,6 @@ def _ignore(metrics: dict, step: int) -> None:
     pass
 
 
-__all__ = ["DS_TAG", "PIPELINE_DIR", "ResumeError", "STATE_FILE", "StageData", "check_resumable", "read_state",
+__all__ = ["DS_TAG", "PIPELINE_DIR", "ResumeError", "STATE_FILE", "StageData", "check_resumable", "open_builds",
+           "read_state",
            "run_stage", "stage_data", "train_worker"]

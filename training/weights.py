@@ -123,13 +123,24 @@ def resumed_sources(state: dict, sources: dict) -> dict:
     return {key: recorded[key] or value for key, value in sources.items()}
 
 
-def load_transformer(cfg: TrainConfig, sources: dict):
-    """The run's starting NextDiT, the same on every rank: `model.init`'s weights (float32), or the preset's
-    initialisation seeded by run.seed."""
+def load_transformer(cfg: TrainConfig, sources: dict, previous: str | None = None, start_from: str = "ema"):
+    """A stage's starting NextDiT, the same on every rank: with `previous` (the previous stage's final checkpoint
+    folder) its EMA weights (pipeline/transformer) or, start_from="model", its trained weights consolidated from its
+    DeepSpeed state; else `model.init`'s weights (float32), or the preset's initialisation seeded by run.seed."""
     import torch
 
     from model.nextdit import NextDiT
 
+    if previous is not None:
+        from training.loop import DS_TAG, PIPELINE_DIR
+
+        model = NextDiT.from_pretrained(Path(previous) / PIPELINE_DIR / "transformer", attn_impl=cfg.model.attn_impl)
+        if start_from == "model":
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            trained = get_fp32_state_dict_from_zero_checkpoint(str(previous), tag=DS_TAG)
+            model.load_state_dict({name: value.float() for name, value in trained.items()}, strict=True)
+        return model
     if cfg.model.init is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.run.seed)

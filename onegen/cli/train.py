@@ -1,6 +1,7 @@
 """`onegen train`: Ray Train + DeepSpeed training of the NextDiT on a build's latents.
 
     onegen train --config configs/train/NAME.yaml [--init PATH_OR_HUB_ID] [--set key=value ...]
+    onegen train --stages configs/train/stage1.yaml configs/train/stage2.yaml ...   (their stages, chained)
                                                                             (= python -m training.launch ...)
 """
 
@@ -13,7 +14,10 @@ from onegen.cli import add_config_options, config_from_args, job_main
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_options(parser, required=True)
+    add_config_options(parser)
+    parser.add_argument("--stages", nargs="+", metavar="FILE",
+                        help="stage configs trained one after the other, each from the previous one's EMA weights: "
+                             "their train.stages concatenated, every other key set once (instead of --config)")
     parser.add_argument("--init", metavar="PATH_OR_HUB_ID",
                         help="start from these weights (full fine-tuning): a release-layout folder or hub id, e.g. "
                              "lehduong/OneDiffusion or a checkpoint's pipeline/ (= --set model.init=...)")
@@ -23,10 +27,17 @@ def run(args: argparse.Namespace) -> int:
     from onegen.train_config import TrainConfig
     from training.launch import run_train
 
+    if bool(args.config) == bool(args.stages):
+        from onegen.config import ConfigError
+
+        raise ConfigError(["onegen train: give --config FILE (one file holding all its stages) or --stages FILE "
+                           "[FILE ...] (stage files chained in order), not both and not neither"])
+    if args.stages:
+        args.config = list(args.stages)
     if args.init:
         args.overrides.append(f"model.init={args.init}")
-    summary = run_train(config_from_args(args, TrainConfig))
-    print(summary.table())
+    for summary in run_train(config_from_args(args, TrainConfig)):
+        print(summary.table())
     return 0
 
 
