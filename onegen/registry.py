@@ -85,7 +85,7 @@ def resolve_version(tracking_uri: str, spec: str) -> str:
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_model_uri(spec)
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
         return str(found.version)
@@ -111,10 +111,14 @@ def version_pipeline(tracking_uri: str, name: str, version: str, cache: str | Pa
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
         try:
-            mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(scratch),
-                                                tracking_uri=tracking_uri)
+            # the version's own artifact location: a models:/ URI would be read from the process's global
+            # registry, not this run's store
+            source = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri) \
+                .get_model_version_download_uri(name, version)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(scratch),
+                                                        tracking_uri=tracking_uri)
             try:
-                os.rename(scratch, target)
+                os.rename(local, target)
             except OSError:  # another worker put it there first
                 if not target.is_dir():
                     raise

@@ -235,6 +235,10 @@ class MetricsLogger:
         if self.steps % self.every == 0:
             self.flush()
 
+    def log_image(self, image, artifact_file: str) -> None:
+        """An image (PIL or array) as an artifact of the run, e.g. samples/STAGE/step_000100/text2image.png."""
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
     def flush(self) -> None:
         # MLflow takes at most 1000 metrics per batch
         while self.pending:

@@ -26,15 +26,17 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from model.limits import resolution_problem
-from onegen.config import RUNTIME, SCHEMAS, ModelSection, OnegenConfig, _role, _Section, check_safe_name
+from onegen.config import (RUNTIME, SCHEMAS, ModelSection, OnegenConfig, TrackingSection, _role, _Section,
+                           check_safe_name)
 
 TINY_T5 = "tiny-t5"  # a seeded random T5 built locally (model.tokenizers.build_tiny_t5): no download, tests and CPU
 
 
 class TrainModelSection(ModelSection):
     init: str | None = Field(None, min_length=1, description="start from these weights (full fine-tuning): a "
-                             "release-layout folder or hub id (transformer/ read, e.g. lehduong/OneDiffusion or a "
-                             "checkpoint's pipeline/), whose transformer config must match model.preset; null: the "
+                             "release-layout folder, hub id or registered model (transformer/ read, e.g. "
+                             "lehduong/OneDiffusion, a checkpoint's pipeline/, models:/onegen@candidate or "
+                             "models:/onegen/3), whose transformer config must match model.preset; null: the "
                              "preset's seeded initialisation")
     text_encoder: str | None = Field(None, min_length=1, description=f"T5 encoder: hub id, a release-layout folder "
                                      f"(text_encoder/ + tokenizer/), or {TINY_T5!r} (a seeded tiny T5 built under "
@@ -193,6 +195,21 @@ class EmaSection(_Section):
                                                         "(decay 0) before it starts averaging")
 
 
+class SamplesSection(_Section):
+    """Sample grids: one example per mixture task sampled with the EMA weights, logged to the stage's MLflow run as
+    samples/STAGE/step_STEP/TASK.png (conditions | generated | ground truth). Rank 0 samples while the others wait."""
+
+    every: int = Field(500, ge=0, description="steps between grids (and one at the end of every stage); 0: only "
+                                               "at the end", **_role(RUNTIME))
+    steps: int = Field(20, gt=0, le=1000, description="sampling steps of a grid", **_role(RUNTIME))
+    guidance_scale: float = Field(1.0, ge=1.0, description="text CFG of a grid (1: none)", **_role(RUNTIME))
+
+
+class TrainTrackingSection(TrackingSection):
+    registered_model: str = Field("onegen", min_length=1, description="the MLflow registered model the job's final "
+                                  "pipeline becomes a version of, with the alias `candidate`", **_role(RUNTIME))
+
+
 class TrainSection(_Section):
     data: TrainData
     stages: list[StageSection] = Field(min_length=1)
@@ -204,6 +221,7 @@ class TrainSection(_Section):
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage; under 3 the EMA step assembles each "
                                                       "full float32 master weight, one parameter at a time")
     ema: EmaSection = EmaSection()
+    samples: SamplesSection = SamplesSection()
     zero3_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3 keeps parameters with fewer "
                                              "elements whole on every rank (DeepSpeed's default 1e5; 0 partitions "
                                              "all)", **_role(RUNTIME))
@@ -234,6 +252,7 @@ class TrainConfig(OnegenConfig):
 
     model: TrainModelSection = TrainModelSection()
     train: TrainSection
+    tracking: TrainTrackingSection = TrainTrackingSection()
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         problems = super().cross_field_problems()

@@ -1,13 +1,16 @@
 """The paper's recipe on the tiny preset (issue: training part 3; INTERFACES §1, §3, §6): three stage files chained
 by `onegen train --stages`, each stage starting from the previous one's EMA weights, under one MLflow parent run with
 a child run per stage; the realised mixture of each stage counted by the workers and logged beside the configured
-one; stages the builds cannot feed refused from the manifests before anything trains."""
+one; sample grids per task; stages the builds cannot feed refused from the manifests before anything trains; the
+final pipeline registered as an MLflow pyfunc with the alias `candidate`, answering in a fresh process, and
+`--init models:/NAME@ALIAS` training from it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -46,7 +49,8 @@ def stage_files(folder: Path, stages: dict = STAGES) -> list[Path]:
 def chained(ray_head, synthetic_build, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stages")
     work = tmp / "work"
-    result = run_train(ray_head, *train_overrides(synthetic_build, work, "train.checkpoint_every=4"),
+    result = run_train(ray_head, *train_overrides(synthetic_build, work, "train.checkpoint_every=4",
+                                                  "train.samples.every=6", "train.samples.steps=4"),
                        stages=stage_files(tmp / "configs"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return {"work": work, "result": result, "runs": work / "data/runs/tiny"}
@@ -168,3 +172,110 @@ def test_the_shipped_stage_configs_chain_and_follow_the_spec():
         load_config([files[0], TINY], [], TrainConfig)
     staged = load_config(files, ["train.stages[2].steps=500"], TrainConfig)
     assert staged.train.stages[2].steps == 500  # --set reaches a stage of the concatenation
+
+
+def test_each_stage_logs_a_sample_grid_per_task_it_draws(chained):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient(f"sqlite:///{chained['work'] / 'mlflow.db'}")
+    s2 = mlflow_runs(chained["work"])["tiny/s2"].info.run_id
+    drawn = {"text2image", "depth2image", "canny2image", "pose2image", "semanticmap2image", "multiview"}
+    for step in (6, 12):  # every 6 steps; the last step is one of them
+        logged = {Path(a.path).name for a in client.list_artifacts(s2, f"samples/s2/step_{step:06d}")}
+        assert logged == {f"{label}.png" for label in drawn}, logged
+    tiles = {"text2image": 2, "depth2image": 3}  # (conditions,) generated, ground truth: 64 px tiles, 4 px apart
+    for label, count in tiles.items():
+        image = Image.open(client.download_artifacts(s2, f"samples/s2/step_000012/{label}.png"))
+        assert image.size == (64 * count + 4 * (count - 1), 64)
+        assert np.asarray(image).std() > 0
+    s1 = {Path(a.path).name for a in client.list_artifacts(mlflow_runs(chained["work"])["tiny/s1"].info.run_id,
+                                                          "samples/s1/step_000004")}
+    assert s1 == {"text2image.png"}  # 4 steps: only the end of the stage
+
+
+def test_the_final_pipeline_is_registered_as_candidate_with_its_lineage(chained, synthetic_build):
+    from mlflow.tracking import MlflowClient
+
+    from onegen.dataset import open_build
+
+    client = MlflowClient(f"sqlite:///{chained['work'] / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("onegen", "candidate")
+    parent = mlflow_runs(chained["work"])["tiny"]
+    assert str(version.version) == "1" and version.run_id == parent.info.run_id
+    build = open_build(synthetic_build["name"], storage_root=synthetic_build["root"])
+    assert json.loads(version.tags["onegen.builds"]) == [{"uri": build.uri, "manifest_digest": build.manifest_digest()}]
+    assert version.tags["onegen.stages"] == "s1,s2,s3" and version.tags["onegen.run"] == "tiny"
+    assert version.tags["onegen.parent_model"].startswith("none (model.preset nextdit-tiny")
+    assert version.tags["onegen.checkpoint"].endswith("runs/tiny/s3/checkpoint_000004")
+    assert "registered: models:/onegen/1 (alias candidate" in chained["result"].stdout
+
+
+ANSWER = r"""
+import base64, io, json, sys
+import mlflow, numpy as np
+from mlflow.exceptions import MlflowException
+from PIL import Image
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/onegen@candidate")
+out = model.predict({"task": "text2image", "prompt": "a red cube", "steps": 3, "seed": 0, "height": 64, "width": 64})
+image = Image.open(io.BytesIO(base64.b64decode(out["images"][0][0])))
+photo = io.BytesIO()
+Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(photo, format="PNG")
+depth = model.predict({"task": "depth2image", "prompt": "", "direction": "estimate", "steps": 3, "height": 64,
+                       "width": 64, "images": [base64.b64encode(photo.getvalue()).decode()]})
+array = np.load(io.BytesIO(base64.b64decode(depth["arrays"][0][0])))
+errors = []
+for bad in ({"task": "nope", "prompt": "x"}, {"task": "text2image", "prompt": "x", "steps": 0},
+            {"task": "depth2image", "prompt": "", "images": ["not base64!"]}):
+    try:
+        model.predict(bad)
+        errors.append(None)
+    except MlflowException as err:
+        errors.append(err.error_code)
+print(json.dumps({"size": image.size, "std": float(np.asarray(image).std()), "depth": list(array.shape),
+                  "signature": [c.name for c in model.metadata.signature.inputs.inputs], "errors": errors}))
+"""
+
+
+def test_the_candidate_loads_by_uri_in_a_fresh_process_and_answers_a_prompt_with_an_image(chained):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", ANSWER, f"sqlite:///{chained['work'] / 'mlflow.db'}"],
+                            capture_output=True, text=True, timeout=300, cwd=chained["work"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["size"] == [64, 64] and answer["std"] > 0 and answer["depth"] == [64, 64]
+    assert answer["signature"] == ["task", "prompt", "images", "direction", "steps", "cfg", "seed", "height", "width"]
+    assert answer["errors"] == ["INVALID_PARAMETER_VALUE"] * 3
+
+
+def test_init_from_a_registered_model_pins_its_version_and_trains_from_its_weights(chained, ray_head,
+                                                                                    synthetic_build):
+    import torch
+
+    from onegen.config import ConfigError, load_config
+    from onegen.train_config import TrainConfig
+    from train_runs import ema_weights
+    from training.weights import check_model_sources, load_transformer
+
+    work = chained["work"]
+    overrides = train_overrides(synthetic_build, work, "run.name=from-candidate", "train.stages[0].steps=2",
+                                "train.checkpoint_every=2", "train.samples.every=0")
+    cfg = load_config(TINY, [*overrides, "model.init=models:/onegen@candidate"], TrainConfig)
+    sources = check_model_sources(cfg, "pixel")
+    assert sources == {"init": "1", "text_encoder": "1"}
+    registered = ema_weights(chained["runs"] / "s3" / f"checkpoint_{STAGE_STEPS['s3']:06d}")
+    loaded = load_transformer(cfg, sources).state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in registered.items())
+    with pytest.raises(ConfigError, match="models:/onegen@champion: model 'onegen' has no alias champion"):
+        check_model_sources(load_config(TINY, [*overrides, "model.init=models:/onegen@champion"], TrainConfig))
+    result = run_train(ray_head, *overrides, extra_args=["--init", "models:/onegen@candidate"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((work / "data/runs/from-candidate/stage1/checkpoint_000002/state.json").read_text())
+    assert state["init"] == {"uri": "models:/onegen@candidate", "revision": "1"}
+    from mlflow.tracking import MlflowClient
+
+    newer = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_model_version_by_alias("onegen", "candidate")
+    assert str(newer.version) == "2" and newer.tags["onegen.parent_model"] == "models:/onegen/1"

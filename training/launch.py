@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from onegen import errors
 from onegen.config import ConfigError, content_hash
@@ -190,7 +191,42 @@ def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, plan_data, 
                 summaries.append(_fit(cfg, index, stage_data, found, sources, parent, previous))
             final = latest_checkpoint(cfg, stage.name)
             previous = final[0] if final is not None else None
+        if final is not None and final[1]["step"] >= cfg.train.stages[-1].steps:
+            summaries[-1].notes.append(register_candidate(cfg, parent.info.run_id, final, data.digests, sources))
     return summaries
+
+
+def register_candidate(cfg: TrainConfig, run_id: str, final: tuple[str, dict], digests: list[dict],
+                       sources: dict) -> str:
+    """Log the last stage's final pipeline/ (the EMA weights) as the job run's pyfunc model and register it under
+    tracking.registered_model with the alias `candidate` and lineage tags; once per job run (a rerun of a finished
+    job finds its version). Returns the summary line."""
+    import json
+
+    from mlflow import MlflowClient
+    from ray.train import Checkpoint
+
+    from onegen.registry import CANDIDATE_ALIAS, is_model_uri, log_pipeline_model, parse_model_uri
+    from onegen.tracking import tracking_uri
+    from training.loop import PIPELINE_DIR
+
+    name = cfg.tracking.registered_model
+    client = MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg))
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        return f"registered before: models:/{name}/{max(int(v.version) for v in found)}"
+    init = cfg.model.init
+    if init and sources.get("init"):  # the commit or registered version the run pinned it to
+        init = f"models:/{parse_model_uri(init)[0]}/{sources['init']}" if is_model_uri(init) else \
+            f"{init}@{sources['init']}"
+    tags = {"onegen.run": cfg.run.name, "onegen.builds": json.dumps(digests), "onegen.content_hash": content_hash(cfg),
+            "onegen.parent_model": init or f"none (model.preset {cfg.model.preset}, seed {cfg.run.seed})",
+            "onegen.stages": ",".join(stage.name for stage in cfg.train.stages), "onegen.checkpoint": final[0]}
+    with errors.step("register the trained pipeline", input=f"{final[0]}/{PIPELINE_DIR} as {name}"):
+        with Checkpoint(_storage_path(final[0])).as_directory() as folder:
+            version = log_pipeline_model(Path(folder) / PIPELINE_DIR, name=name, alias=CANDIDATE_ALIAS, tags=tags)
+    return f"registered: models:/{name}/{version} (alias {CANDIDATE_ALIAS}; load it with " \
+           f"mlflow.pyfunc.load_model('models:/{name}@{CANDIDATE_ALIAS}'))"
 
 
 def _fit(cfg: TrainConfig, index: int, data, latest, sources: dict, parent, previous: str | None) -> TrainSummary:

@@ -115,14 +115,16 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
               restore: str | None, save: Callable[[str, dict, int], None],
               log: Callable[[dict, int], None], mlflow_run_id: str | None = None,
               process_group=None, sources: dict | None = None, previous: str | None = None,
-              previous_uri: str | None = None, mlflow_parent_run_id: str | None = None) -> dict:
+              previous_uri: str | None = None, mlflow_parent_run_id: str | None = None,
+              log_image: Callable[[object, str], None] | None = None) -> dict:
     """Train stage `stage_index` on this rank from `restore` (a checkpoint folder or None) to its last step.
 
     save(folder, metrics, step): hand a written checkpoint folder on (every rank calls it with its own folder);
     log(metrics, step): per-step metrics (called on rank 0 only); sources: the commits the driver pinned hub ids
     to (training.weights.check_model_sources); previous: the previous stage's final checkpoint folder, whose EMA
-    (or trained) weights a later stage starts from (stage.start_from), downloaded from previous_uri. Returns the
-    last step's metrics."""
+    (or trained) weights a later stage starts from (stage.start_from), downloaded from previous_uri;
+    log_image(image, artifact_path): where rank 0's sample grids go (training/sample_grid.py; None: no grids).
+    Returns the last step's metrics."""
     import torch.distributed as dist
 
     from model.views import stack
@@ -153,6 +155,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                         channel_mask=loss_channel_mask(data.image_tokenizer), device=device,
                         model_dtype=torch.bfloat16 if bf16 else None)
     group = process_group if process_group is not None else (dist.group.WORLD if dist.is_initialized() else None)
+    grids = _SampleGrids(cfg, stage, data, image_tokenizer, text_encoder, ema, device, log_image) \
+        if rank == 0 and log_image is not None else None
 
     step, cursor, counts = 0, data.plan.start(), {}
     if restore is not None:
@@ -221,9 +225,40 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                 rate = (time.perf_counter() - started) / max(1, step - first_step)
                 say(f"[{stage.name}] step {step}/{stage.steps} loss {result['loss']:.4f} ({label}) "
                     f"lr {result['lr']:.2e} {rate:.2f} s/step")
+        if grids is not None and (step == stage.steps or (cfg.train.samples.every and
+                                                          step % cfg.train.samples.every == 0)):
+            grids.log(step)
         if step % cfg.train.checkpoint_every == 0 or step == stage.steps:
             checkpoint({"step": step, "loss": result["loss"]})
     return metrics
+
+
+class _SampleGrids:
+    """Rank 0's sample grids of a stage: one fixed example per drawn task, sampled with the EMA's own tensors."""
+
+    def __init__(self, cfg: TrainConfig, stage, data: StageData, image_tokenizer, text_encoder, ema, device,
+                 log_image: Callable[[object, str], None]):
+        from training.sample_grid import pick_examples
+
+        self.cfg, self.stage, self.log_image = cfg, stage, log_image
+        self.parts = (image_tokenizer, text_encoder, ema, device)
+        self.examples = pick_examples(data.plan, data.builds, image_tokenizer)
+
+    def log(self, step: int) -> None:
+        from model.pipeline import OneDiffusionPipeline
+        from training.sample_grid import artifact_path, sample_grid
+
+        image_tokenizer, text_encoder, ema, device = self.parts
+        started = time.perf_counter()
+        pipe = OneDiffusionPipeline(ema.transformer(), image_tokenizer, text_encoder).to(device)
+        samples = self.cfg.train.samples
+        with torch.random.fork_rng(devices=[]):  # sampling draws nothing from the training stream
+            for example in self.examples:
+                image = sample_grid(pipe, example, steps=samples.steps, guidance_scale=samples.guidance_scale,
+                                    seed=self.cfg.run.seed)
+                self.log_image(image, artifact_path(self.stage.name, step, example.label))
+        say(f"[{self.stage.name}] step {step}: {len(self.examples)} sample grids in "
+            f"{time.perf_counter() - started:.1f} s (MLflow artifacts samples/{self.stage.name}/step_{step:06d}/)")
 
 
 def say(message: str) -> None:
@@ -263,7 +298,8 @@ def train_worker(config: dict) -> None:
             run_stage(cfg, config["stage"], rank=rank, world_size=world_size, device=device, restore=folder,
                       save=save, log=logger.log if logger else _ignore, mlflow_run_id=config["mlflow_run_id"],
                       sources=config.get("sources"), previous=previous_folder, previous_uri=previous_uri,
-                      mlflow_parent_run_id=config.get("mlflow_parent_run_id"))
+                      mlflow_parent_run_id=config.get("mlflow_parent_run_id"),
+                      log_image=logger.log_image if logger else None)
     finally:
         if logger is not None:
             logger.flush()

@@ -22,9 +22,16 @@ TRANSFORMER_FILES = ["model_index.json", "transformer/*"]
 TEXT_ENCODER_FILES = ["text_encoder/*", "tokenizer/*"]
 
 
-def pinned_folder(spec: str, revision: str | None, patterns: list[str]) -> Path:
-    """The local folder of a path or a hub id (at `revision`: the commit the driver resolved, or None for the one
-    `main` names now; downloaded once per node, then read from the cache)."""
+def pinned_folder(spec: str, revision: str | None, patterns: list[str], tracking_uri: str | None = None) -> Path:
+    """The local folder of a path, a hub id (at `revision`: the commit the driver resolved, or None for the one
+    `main` names now) or a registered model models:/NAME@ALIAS or models:/NAME/VERSION (at `revision`: the version
+    the driver resolved the alias to; its pipeline/ read from the registry of `tracking_uri`); downloaded once per
+    node, then read from the cache."""
+    from onegen.registry import is_model_uri, parse_model_uri, resolve_version, version_pipeline
+
+    if is_model_uri(spec):
+        name, _, _ = parse_model_uri(spec)
+        return version_pipeline(tracking_uri, name, revision or resolve_version(tracking_uri, spec))
     from model.hub import resolve_pretrained_folder
 
     return resolve_pretrained_folder(spec, allow_patterns=patterns, revision=revision)
@@ -35,18 +42,24 @@ def _subfolder(root: Path, name: str) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
-def _config(key: str, spec: str, patterns: list[str], name: str,
-            revision: str | None = None) -> tuple[dict, str | None, Path]:
-    """(config.json of `name/` in the folder or hub repo `spec`, the commit a hub id resolved to, the folder)."""
+def _config(key: str, spec: str, patterns: list[str], name: str, revision: str | None = None,
+            tracking_uri: str | None = None) -> tuple[dict, str | None, Path]:
+    """(config.json of `name/` in the folder, hub repo or registered model `spec`, the commit a hub id resolved to or
+    the version a registered model's alias names, the folder)."""
+    from onegen.registry import is_model_uri, resolve_version
+
     try:
-        folder = pinned_folder(spec, revision, patterns)
+        if is_model_uri(spec) and revision is None:
+            revision = resolve_version(tracking_uri, spec)
+        folder = pinned_folder(spec, revision, patterns, tracking_uri)
         path = _subfolder(folder, name) / "config.json"
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError([f"{key}={spec!r}: cannot read its {name} config ({first_line(err)}); give a "
-                           f"release-layout folder ({name}/config.json + weights), a {name} folder, or a hub "
-                           "id"]) from None
-    revision = None if Path(spec).exists() else folder.name  # the cache's snapshots/<commit>
+                           f"release-layout folder ({name}/config.json + weights), a {name} folder, a hub id, or "
+                           "a registered model models:/NAME@ALIAS"]) from None
+    if not is_model_uri(spec):
+        revision = None if Path(spec).exists() else folder.name  # the cache's snapshots/<commit>
     return config, revision, folder
 
 
@@ -71,13 +84,15 @@ def check_model_sources(cfg: TrainConfig, image_tokenizer: str | None = None) ->
     alone. Returns {"init": commit or None, "text_encoder": commit or None} (None: a local folder, the tiny T5, or no
     init): what the workers load. Raises ConfigError, one line naming the key and the fix."""
     from model.presets import PRESETS
+    from onegen.tracking import tracking_uri
 
     model = cfg.model
     preset = PRESETS[model.preset]
     sources: dict = {"init": None, "text_encoder": None}
     if model.init is not None:
         config, sources["init"], folder = _config("model.init", model.init,
-                                                  ["model_index.json", "transformer/config.json"], "transformer")
+                                                  ["model_index.json", "transformer/config.json"], "transformer",
+                                                  tracking_uri=tracking_uri(cfg))
         problem = transformer_config_problem(config, model.preset)
         if problem:
             raise ConfigError([f"model.init={model.init!r}: its transformer does not fit model.preset={model.preset} "
@@ -90,7 +105,8 @@ def check_model_sources(cfg: TrainConfig, image_tokenizer: str | None = None) ->
         key = "model.text_encoder" if model.text_encoder else "model.init (its text encoder)"
         same = spec == model.init  # the init's own T5: the commit the init resolved to, not a second lookup
         config, sources["text_encoder"], _ = _config(key, spec, ["text_encoder/config.json"], "text_encoder",
-                                                     revision=sources["init"] if same else None)
+                                                     revision=sources["init"] if same else None,
+                                                     tracking_uri=tracking_uri(cfg))
         width = config.get("d_model")
         if width is None:
             raise ConfigError([f"{key}={spec!r}: no T5 encoder config there (no text_encoder/config.json with "
@@ -145,13 +161,18 @@ def load_transformer(cfg: TrainConfig, sources: dict, previous: str | None = Non
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.run.seed)
             return NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
-    folder = pinned_folder(cfg.model.init, sources.get("init"), TRANSFORMER_FILES)
+    from onegen.tracking import tracking_uri
+
+    folder = pinned_folder(cfg.model.init, sources.get("init"), TRANSFORMER_FILES, tracking_uri(cfg))
     return NextDiT.from_pretrained(_subfolder(folder, "transformer"), attn_impl=cfg.model.attn_impl)
 
 
 def text_encoder_folder(cfg: TrainConfig, sources: dict) -> Path:
     """The local folder of a configured (non-tiny) T5, at the commit the driver checked."""
-    return pinned_folder(cfg.model.text_encoder_source, sources.get("text_encoder"), TEXT_ENCODER_FILES)
+    from onegen.tracking import tracking_uri
+
+    return pinned_folder(cfg.model.text_encoder_source, sources.get("text_encoder"), TEXT_ENCODER_FILES,
+                         tracking_uri(cfg))
 
 
 __all__ = ["check_model_sources", "init_tokenizer_problem", "load_transformer", "pinned_folder", "resumed_sources",

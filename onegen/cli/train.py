@@ -18,9 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", nargs="+", metavar="FILE",
                         help="stage configs trained one after the other, each from the previous one's EMA weights: "
                              "their train.stages concatenated, every other key set once (instead of --config)")
-    parser.add_argument("--init", metavar="PATH_OR_HUB_ID",
-                        help="start from these weights (full fine-tuning): a release-layout folder or hub id, e.g. "
-                             "lehduong/OneDiffusion or a checkpoint's pipeline/ (= --set model.init=...)")
+    parser.add_argument("--init", metavar="PATH_OR_HUB_ID_OR_MODEL_URI",
+                        help="start from these weights (full fine-tuning): a release-layout folder, hub id or "
+                             "registered model, e.g. lehduong/OneDiffusion, a checkpoint's pipeline/, "
+                             "models:/onegen@candidate or models:/onegen/3 (= --set model.init=...)")
 
 
 def run(args: argparse.Namespace) -> int:
