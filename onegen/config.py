@@ -479,11 +479,12 @@ def concatenated_stages(paths: list | tuple) -> dict:
             dotted = f"{prefix}{key}"
             if dotted == "train.stages":
                 stages.extend(value if isinstance(value, list) else [value])
-            elif isinstance(value, dict) and isinstance(into.get(key, {}), dict):
-                merge(into.setdefault(key, {}), value, f"{dotted}.", path)
+            elif isinstance(value, dict | None) and isinstance(into.get(key, {}), dict):  # None: an empty section
+                merge(into.setdefault(key, {}), value or {}, f"{dotted}.", path)
             elif key in into and into[key] != value:
-                problems.append(f"{path}: {dotted}: {value!r} differs from {into[key]!r} in {origin[dotted]}; stage "
-                                "files share every key but train.stages: give it the same value in each file")
+                problems.append(f"{path}: {dotted}: {value!r} differs from {into[key]!r} in "
+                                f"{origin.get(dotted, 'an earlier file')}; stage files share every key but "
+                                "train.stages: give it the same value in each file")
             else:
                 into[key] = value
                 origin.setdefault(dotted, path)

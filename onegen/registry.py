@@ -3,13 +3,14 @@
 `tracking.registered_model` with an alias and lineage tags; and `models:/NAME@ALIAS` / `models:/NAME/VERSION`
 resolved to one version and its pipeline folder, for `--init`.
 
-    version = log_pipeline_model(folder, name="onegen", alias="candidate", tags={...})   # inside an active run
+    version = log_pipeline_model(folder, name="onegen", tracking_uri=uri, tags={...})   # in an active run
     version = resolve_version(tracking_uri, "models:/onegen@candidate")                  # "3": aliases move
     folder = version_pipeline(tracking_uri, "onegen", "3")                               # downloaded once
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -56,7 +57,7 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_pipeline_model(pipeline: str | Path, *, name: str, alias: str = CANDIDATE_ALIAS,
+def log_pipeline_model(pipeline: str | Path, *, name: str, tracking_uri: str, alias: str = CANDIDATE_ALIAS,
                        tags: dict[str, str] | None = None) -> str:
     """Log the pipeline folder as the active run's `model` artifact (a pyfunc) and register it as a new version of
     `name` with `alias` and `tags`; returns the version. Saved, then logged as artifacts: `mlflow.pyfunc.log_model`
@@ -73,8 +74,15 @@ def log_pipeline_model(pipeline: str | Path, *, name: str, alias: str = CANDIDAT
                                  code_paths=[str(MODEL_PACKAGE)], signature=signature(), input_example=INPUT_EXAMPLE,
                                  pip_requirements=PIP_REQUIREMENTS)
         mlflow.log_artifacts(str(folder), MODEL_ARTIFACT)
-    version = mlflow.register_model(f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}", name, tags=tags or {})
-    mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if not client.search_registered_models(f"name = '{name}'"):
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException:  # another job created it first
+            pass
+    source = f"{client.get_run(run.info.run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+    version = client.create_model_version(name, source, run.info.run_id, tags=tags or {})
+    client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 
 
@@ -106,15 +114,15 @@ def version_pipeline(tracking_uri: str, name: str, version: str, cache: str | Pa
     import mlflow
 
     root = Path(cache or os.environ.get("ONEGEN_REGISTRY_CACHE", Path.home() / ".cache/onegen/registry"))
-    target = root / name / str(version)
+    # the version's own artifact location (a models:/ URI would be read from the process's global registry, not
+    # this store's), which also keys the cache: version 1 of another store, or of a reset one, is another folder
+    source = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
+    key = hashlib.sha256(f"{tracking_uri}\n{source}".encode()).hexdigest()[:16]
+    target = root / name / f"{version}-{key}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
         try:
-            # the version's own artifact location: a models:/ URI would be read from the process's global
-            # registry, not this run's store
-            source = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri) \
-                .get_model_version_download_uri(name, version)
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(scratch),
                                                         tracking_uri=tracking_uri)
             try:

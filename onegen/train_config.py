@@ -254,6 +254,15 @@ class TrainConfig(OnegenConfig):
     train: TrainSection
     tracking: TrainTrackingSection = TrainTrackingSection()
 
+    def stage_content_hash(self, index: int) -> str:
+        """The content hash of the job up to and including stage `index`: what that stage's checkpoints are checked
+        against, so stages appended later (`--stages a.yaml` now, `--stages a.yaml b.yaml` next week) continue the
+        finished ones instead of being refused as another config."""
+        from onegen.config import content_hash
+
+        stages = self.train.stages[:index + 1]
+        return content_hash(self.model_copy(update={"train": self.train.model_copy(update={"stages": stages})}))
+
     def cross_field_problems(self) -> list[tuple[str, str]]:
         problems = super().cross_field_problems()
         train = self.train

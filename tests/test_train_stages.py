@@ -47,13 +47,18 @@ def stage_files(folder: Path, stages: dict = STAGES) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def chained(ray_head, synthetic_build, tmp_path_factory):
+    """`--stages s1.yaml` (a job of one stage, registered as version 1), then the job grown to `--stages s1.yaml
+    s2.yaml s3.yaml`: s1 is kept, s2 starts from its EMA, s3 from s2's, and s3's pipeline becomes version 2."""
     tmp = tmp_path_factory.mktemp("stages")
     work = tmp / "work"
-    result = run_train(ray_head, *train_overrides(synthetic_build, work, "train.checkpoint_every=4",
-                                                  "train.samples.every=6", "train.samples.steps=4"),
-                       stages=stage_files(tmp / "configs"))
+    files = stage_files(tmp / "configs")
+    overrides = train_overrides(synthetic_build, work, "train.checkpoint_every=4", "train.samples.every=6",
+                                "train.samples.steps=4")
+    first = run_train(ray_head, *overrides, stages=files[:1])
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-6000:]
+    result = run_train(ray_head, *overrides, stages=files)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    return {"work": work, "result": result, "runs": work / "data/runs/tiny"}
+    return {"work": work, "first": first, "result": result, "runs": work / "data/runs/tiny"}
 
 
 def final_state(chained, stage: str) -> dict:
@@ -62,6 +67,9 @@ def final_state(chained, stage: str) -> dict:
 
 def test_three_stage_files_chain_each_from_the_previous_stages_ema(chained):
     out = chained["result"].stdout
+    assert "run tiny, stage s1: 4 steps" in chained["first"].stdout
+    s1_summary = out.split("run tiny, stage s1: 4 steps", 1)[1].split("run tiny, stage s2", 1)[0]
+    assert "already trained" in s1_summary  # the grown job keeps the finished stage
     for stage, steps in STAGE_STEPS.items():
         assert f"run tiny, stage {stage}: {steps} steps" in out
         assert final_state(chained, stage)["step"] == steps
@@ -84,8 +92,8 @@ def test_a_stage_starts_from_the_previous_stages_ema_or_trained_weights(chained,
 
     cfg = load_config(TINY, train_overrides(synthetic_build, chained["work"]), TrainConfig)
     s1 = chained["runs"] / "s1" / f"checkpoint_{STAGE_STEPS['s1']:06d}"
-    for start_from, expected in (("ema", ema_weights(s1)), ("model", raw_weights(s1))):
-        weights = load_transformer(cfg, {}, previous=str(s1), start_from=start_from).state_dict()
+    for start_from, previous, expected in (("ema", s1 / "pipeline", ema_weights(s1)), ("model", s1, raw_weights(s1))):
+        weights = load_transformer(cfg, {}, previous=str(previous), start_from=start_from).state_dict()
         assert weights.keys() == expected.keys()
         for name, value in expected.items():
             torch.testing.assert_close(weights[name], value, rtol=0, atol=0, msg=f"{start_from}: {name}")
@@ -127,7 +135,8 @@ def test_mlflow_has_a_parent_run_and_a_child_per_stage_with_per_task_losses_and_
     for label, steps in realised.items():
         assert len(client.get_metric_history(s2.info.run_id, f"train/loss/{label}")) == steps
         assert s2.data.metrics[f"mixture/realised/{label}"] == pytest.approx(steps / STAGE_STEPS["s2"])
-    assert s2.data.metrics["mixture/configured/text2image"] == pytest.approx(3 / 10)  # of the fed 3+1+1+1+1+3
+    assert s2.data.metrics["mixture/drawn/text2image"] == pytest.approx(3 / 10)  # of the fed 3+1+1+1+1+3
+    assert s2.data.metrics["mixture/configured/text2image"] == pytest.approx(3 / 13)  # of all (faceid's 3 too)
     waits = client.get_metric_history(s2.info.run_id, "train/data_wait_fraction")
     assert len(waits) == STAGE_STEPS["s2"] and all(0 < m.value < 1 for m in waits)
     logged = json.loads(Path(client.download_artifacts(s2.info.run_id, "mixture/s2.json")).read_text())
@@ -172,6 +181,9 @@ def test_the_shipped_stage_configs_chain_and_follow_the_spec():
         load_config([files[0], TINY], [], TrainConfig)
     staged = load_config(files, ["train.stages[2].steps=500"], TrainConfig)
     assert staged.train.stages[2].steps == 500  # --set reaches a stage of the concatenation
+    # a stage's checkpoints are checked against the job up to that stage: appending stages keeps them valid
+    assert staged.stage_content_hash(1) == cfg.stage_content_hash(1) != staged.stage_content_hash(2)
+    assert load_config(files[:1], [], TrainConfig).stage_content_hash(1) == cfg.stage_content_hash(1)
 
 
 def test_each_stage_logs_a_sample_grid_per_task_it_draws(chained):
@@ -202,13 +214,16 @@ def test_the_final_pipeline_is_registered_as_candidate_with_its_lineage(chained,
     client = MlflowClient(f"sqlite:///{chained['work'] / 'mlflow.db'}")
     version = client.get_model_version_by_alias("onegen", "candidate")
     parent = mlflow_runs(chained["work"])["tiny"]
-    assert str(version.version) == "1" and version.run_id == parent.info.run_id
+    assert str(version.version) == "2" and version.run_id == parent.info.run_id
+    first = client.get_model_version("onegen", "1")  # the one-stage job's, before it grew
+    assert first.run_id == parent.info.run_id and first.tags["onegen.checkpoint"].endswith("s1/checkpoint_000004")
     build = open_build(synthetic_build["name"], storage_root=synthetic_build["root"])
     assert json.loads(version.tags["onegen.builds"]) == [{"uri": build.uri, "manifest_digest": build.manifest_digest()}]
     assert version.tags["onegen.stages"] == "s1,s2,s3" and version.tags["onegen.run"] == "tiny"
     assert version.tags["onegen.parent_model"].startswith("none (model.preset nextdit-tiny")
     assert version.tags["onegen.checkpoint"].endswith("runs/tiny/s3/checkpoint_000004")
-    assert "registered: models:/onegen/1 (alias candidate" in chained["result"].stdout
+    assert "registered: models:/onegen/1 (alias candidate" in chained["first"].stdout
+    assert "registered: models:/onegen/2 (alias candidate" in chained["result"].stdout
 
 
 ANSWER = r"""
@@ -265,7 +280,7 @@ def test_init_from_a_registered_model_pins_its_version_and_trains_from_its_weigh
                                 "train.checkpoint_every=2", "train.samples.every=0")
     cfg = load_config(TINY, [*overrides, "model.init=models:/onegen@candidate"], TrainConfig)
     sources = check_model_sources(cfg, "pixel")
-    assert sources == {"init": "1", "text_encoder": "1"}
+    assert sources == {"init": "2", "text_encoder": "2"}
     registered = ema_weights(chained["runs"] / "s3" / f"checkpoint_{STAGE_STEPS['s3']:06d}")
     loaded = load_transformer(cfg, sources).state_dict()
     assert all(torch.equal(loaded[name], value) for name, value in registered.items())
@@ -274,8 +289,19 @@ def test_init_from_a_registered_model_pins_its_version_and_trains_from_its_weigh
     result = run_train(ray_head, *overrides, extra_args=["--init", "models:/onegen@candidate"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((work / "data/runs/from-candidate/stage1/checkpoint_000002/state.json").read_text())
-    assert state["init"] == {"uri": "models:/onegen@candidate", "revision": "1"}
+    assert state["init"] == {"uri": "models:/onegen@candidate", "revision": "2"}
     from mlflow.tracking import MlflowClient
 
     newer = MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_model_version_by_alias("onegen", "candidate")
-    assert str(newer.version) == "2" and newer.tags["onegen.parent_model"] == "models:/onegen/1"
+    assert str(newer.version) == "3" and newer.tags["onegen.parent_model"] == "models:/onegen/2"
+
+
+def test_a_later_stage_file_may_leave_a_section_empty(tmp_path):
+    from onegen.config import load_config
+    from onegen.train_config import TrainConfig
+
+    extra = tmp_path / "more.yaml"
+    extra.write_text("tracking:\ntrain:\n  optimizer:\n  stages:\n    - {name: more, steps: 1, resolution: 64, "
+                     "mixture: [{task: text2image}]}\n")
+    cfg = load_config([TINY, extra], [], TrainConfig)
+    assert [stage.name for stage in cfg.train.stages] == ["stage1", "more"] and cfg.train.optimizer.lr == 1e-3

@@ -153,6 +153,22 @@ class FakeBuild:
         return self._entries
 
 
+def test_a_stage_whose_every_task_is_optional_and_unfed_is_refused(rows):
+    nothing = mixture({"task": "hed2img", "optional": True}, {"task": "faceid", "optional": True})
+    refusals, notes = plan_of(rows, nothing).problems()
+    assert len(notes) == 2 and refusals == ["no mixture task can be fed by the builds (every one is optional and "
+                                            "skipped); build the data of one of them or change the mixture"]
+    from onegen.train_config import StageSection
+
+    build = FakeBuild({"bucket": [64, 64], "modalities": ["image"], "resolution": 64, "rows": 8, "split": "train",
+                       "views": 1})
+    refusals, _ = manifest_problems([build], StageSection(name="s", steps=1, resolution=64, mixture=nothing), 4)
+    assert refusals and "no mixture task can be fed" in refusals[0]
+    too_big, _ = plan_of(rows, mixture({"task": "text2image"}), global_batch=32).problems()
+    assert too_big == ["mixture task text2image: its 24 rows at resolution 64 fill no global batch of 32; lower "
+                       "train.global_batch_size or build more data"]
+
+
 def test_a_stage_is_refused_from_the_manifests_alone():
     from onegen.train_config import StageSection
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from onegen import errors
 from onegen.config import ConfigError, content_hash
@@ -188,6 +187,9 @@ def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, plan_data, 
                                               [f"run {found[1].get('mlflow_run_id')}"],
                                               notes=["already trained: nothing to do (a new run.name trains again)"]))
             else:
+                if index and previous is None and found is None:
+                    raise RuntimeError(f"stage {stage.name}: stage {cfg.train.stages[index - 1].name} left no final "
+                                       "checkpoint to start from")
                 summaries.append(_fit(cfg, index, stage_data, found, sources, parent, previous))
             final = latest_checkpoint(cfg, stage.name)
             previous = final[0] if final is not None else None
@@ -199,8 +201,9 @@ def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, plan_data, 
 def register_candidate(cfg: TrainConfig, run_id: str, final: tuple[str, dict], digests: list[dict],
                        sources: dict) -> str:
     """Log the last stage's final pipeline/ (the EMA weights) as the job run's pyfunc model and register it under
-    tracking.registered_model with the alias `candidate` and lineage tags; once per job run (a rerun of a finished
-    job finds its version). Returns the summary line."""
+    tracking.registered_model with the alias `candidate` and lineage tags; once per final checkpoint (a rerun of a
+    finished job finds its version and sets the alias again, in case the job died between the two; a job grown by
+    a stage registers its new final pipeline). Returns the summary line."""
     import json
 
     from mlflow import MlflowClient
@@ -212,9 +215,11 @@ def register_candidate(cfg: TrainConfig, run_id: str, final: tuple[str, dict], d
 
     name = cfg.tracking.registered_model
     client = MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg))
-    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    found = [int(v.version) for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+             if v.tags.get("onegen.checkpoint") == final[0]]
     if found:
-        return f"registered before: models:/{name}/{max(int(v.version) for v in found)}"
+        client.set_registered_model_alias(name, CANDIDATE_ALIAS, str(max(found)))
+        return f"registered before: models:/{name}/{max(found)} (alias {CANDIDATE_ALIAS})"
     init = cfg.model.init
     if init and sources.get("init"):  # the commit or registered version the run pinned it to
         init = f"models:/{parse_model_uri(init)[0]}/{sources['init']}" if is_model_uri(init) else \
@@ -223,8 +228,9 @@ def register_candidate(cfg: TrainConfig, run_id: str, final: tuple[str, dict], d
             "onegen.parent_model": init or f"none (model.preset {cfg.model.preset}, seed {cfg.run.seed})",
             "onegen.stages": ",".join(stage.name for stage in cfg.train.stages), "onegen.checkpoint": final[0]}
     with errors.step("register the trained pipeline", input=f"{final[0]}/{PIPELINE_DIR} as {name}"):
-        with Checkpoint(_storage_path(final[0])).as_directory() as folder:
-            version = log_pipeline_model(Path(folder) / PIPELINE_DIR, name=name, alias=CANDIDATE_ALIAS, tags=tags)
+        with Checkpoint(_storage_path(f"{final[0]}/{PIPELINE_DIR}")).as_directory() as folder:  # pipeline/ only
+            version = log_pipeline_model(folder, name=name, tracking_uri=tracking_uri(cfg), alias=CANDIDATE_ALIAS,
+                                         tags=tags)
     return f"registered: models:/{name}/{version} (alias {CANDIDATE_ALIAS}; load it with " \
            f"mlflow.pyfunc.load_model('models:/{name}@{CANDIDATE_ALIAS}'))"
 
@@ -282,19 +288,21 @@ def _fit(cfg: TrainConfig, index: int, data, latest, sources: dict, parent, prev
 
 def log_realised_mixture(stage, plan, counts: dict) -> str:
     """Log the stage's realised mixture (what its steps drew, counted by the workers into the checkpoints) next to
-    the configured one: metrics mixture/realised/LABEL and mixture/configured/LABEL, and mixture/STAGE.json. Returns
-    a one-line summary."""
+    the configured one and the one drawn from (the configured weights renormalised over the tasks the builds feed):
+    metrics mixture/{realised,drawn,configured}/LABEL, and mixture/STAGE.json. Returns a one-line summary."""
     import mlflow
 
     steps = max(1, counts.get("steps", 0))
     configured, drawn = plan.configured(), plan.effective()
     realised = {label: counts.get("tasks", {}).get(label, 0) / steps for label in configured}
-    mlflow.log_metrics({**{f"mixture/configured/{label}": p for label, p in drawn.items()},
+    mlflow.log_metrics({**{f"mixture/configured/{label}": p for label, p in configured.items()},
+                        **{f"mixture/drawn/{label}": p for label, p in drawn.items()},
                         **{f"mixture/realised/{label}": p for label, p in realised.items()}})
     mlflow.log_dict({"configured": configured, "drawn": drawn, "realised": realised, "counts": counts},
                     f"mixture/{stage.name}.json")
     parts = [f"{label} {realised[label]:.2f}/{drawn.get(label, 0.0):.2f}" for label in configured]
-    return f"mixture (realised/configured over {counts.get('steps', 0)} steps): " + ", ".join(parts)
+    return f"mixture (realised/drawn over {counts.get('steps', 0)} steps; drawn = configured over the fed tasks): " \
+        + ", ".join(parts)
 
 
 def _storage_uri(cfg: TrainConfig, rel: str) -> str:

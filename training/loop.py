@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from onegen.config import content_hash
 from onegen.dataset import Build, open_build
 from onegen.train_config import TrainConfig
 from training.reader import Cursor, DataPlan, DataPlanError, index_rows, rank_share
@@ -98,9 +97,10 @@ def check_resumable(state: dict, cfg: TrainConfig, digests: list[dict], world_si
     if state.get("schema") != STATE_SCHEMA:
         raise ResumeError(f"run {cfg.run.name}: its checkpoints are {state.get('schema')}, this trainer writes "
                           f"{STATE_SCHEMA} (another data cursor before it); start a new run.name")
-    if state.get("content_hash") != content_hash(cfg):
+    expected = cfg.stage_content_hash(int(state.get("stage_index", 0)))
+    if state.get("content_hash") != expected or state.get("stage") not in [s.name for s in cfg.train.stages]:
         raise ResumeError(f"run {cfg.run.name}: its checkpoints were written with another config (content hash "
-                          f"{state.get('content_hash')}, this config {content_hash(cfg)}); start a new run.name or "
+                          f"{state.get('content_hash')}, this config {expected}); start a new run.name or "
                           "restore the config")
     if state.get("builds") != digests:
         raise ResumeError(f"run {cfg.run.name}: its checkpoints were trained on other data ({state.get('builds')}); "
@@ -121,8 +121,9 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
 
     save(folder, metrics, step): hand a written checkpoint folder on (every rank calls it with its own folder);
     log(metrics, step): per-step metrics (called on rank 0 only); sources: the commits the driver pinned hub ids
-    to (training.weights.check_model_sources); previous: the previous stage's final checkpoint folder, whose EMA
-    (or trained) weights a later stage starts from (stage.start_from), downloaded from previous_uri;
+    to (training.weights.check_model_sources); previous: where a later stage's starting weights are, downloaded
+    from previous_uri (the previous stage's final checkpoint): its pipeline/ (the EMA), or with stage.start_from
+    "model" the checkpoint folder (its ds/ consolidated); None on a resume;
     log_image(image, artifact_path): where rank 0's sample grids go (training/sample_grid.py; None: no grids).
     Returns the last step's metrics."""
     import torch.distributed as dist
@@ -175,12 +176,13 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
             if rank == 0:
                 state = {"schema": STATE_SCHEMA, "run": cfg.run.name, "stage": stage.name, "stage_index": stage_index,
                          "step": step, "steps": stage.steps, "cursor": cursor.to_dict(),
-                         "rng": {"seed": cfg.run.seed, "scheme": RNG_SCHEME}, "content_hash": content_hash(cfg),
+                         "rng": {"seed": cfg.run.seed, "scheme": RNG_SCHEME},
+                         "content_hash": cfg.stage_content_hash(stage_index),
                          "builds": data.digests, "mlflow_run_id": mlflow_run_id,
                          "mlflow_parent_run_id": mlflow_parent_run_id, "world_size": world_size,
                          "ema": ema.state(), "mixture": counts,
                          "start": {"stage": cfg.train.stages[stage_index - 1].name, "weights": stage.start_from,
-                                   "uri": previous_uri} if previous else None,
+                                   "uri": previous_uri} if previous_uri else None,
                          "init": {"uri": cfg.model.init, "revision": sources.get("init")},
                          "text_encoder": {"uri": cfg.model.text_encoder_source,
                                           "revision": sources.get("text_encoder")}}
@@ -290,8 +292,11 @@ def train_worker(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     previous_uri = config.get("previous")
-    # the previous stage's final checkpoint, wherever storage.root is (a local folder as is, S3 downloaded)
-    previous = ray.train.Checkpoint(previous_uri) if previous_uri else None
+    # the previous stage's final weights, wherever storage.root is (a local folder as is, S3 downloaded): only its
+    # pipeline/ (and ds/ for start_from=model), and only when this stage starts (a resume restores its own weights)
+    stage = cfg.train.stages[config["stage"]]
+    previous = ray.train.Checkpoint(previous_uri if stage.start_from == "model" else f"{previous_uri}/{PIPELINE_DIR}") \
+        if previous_uri and checkpoint is None else None
     try:
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder, \
                 previous.as_directory() if previous is not None else contextlib.nullcontext() as previous_folder:

@@ -173,6 +173,9 @@ class DataPlan:
             else:
                 refusals.append(line + ("; mark it optional: true or build its data" if count == 0 else
                                         "; lower train.global_batch_size or build more data"))
+        if not self.active and not refusals:
+            refusals.append("no mixture task can be fed by the builds (every one is optional and skipped); build "
+                            "the data of one of them or change the mixture")
         return refusals, notes
 
     def _frames(self, row: RowInfo, item: int) -> int:
@@ -288,6 +291,7 @@ def manifest_problems(builds: Sequence[Build], stage, global_batch: int) -> tupl
     counts = [c for build in builds for entry in build.entries().values() for c in entry["counts"]
               if c["split"] == TRAIN_SPLIT]
     refusals, notes = [], []
+    fed = 0
     for item in stage.mixture:
         task = get_task(item.task)
         resolution = item.resolution or stage.resolution
@@ -299,6 +303,7 @@ def manifest_problems(builds: Sequence[Build], stage, global_batch: int) -> tupl
                 continue
             _add(per_bucket, (tuple(c["bucket"]), frames), c["rows"])
         if max(per_bucket.values(), default=0) >= global_batch:
+            fed += 1
             continue
         line = (f"stage {stage.name}: mixture task {item.label}: the builds' manifests list no train rows at "
                 f"resolution {resolution}{f' with {item.views[0]}-{item.views[1]} frames' if item.views else ''} "
@@ -307,6 +312,9 @@ def manifest_problems(builds: Sequence[Build], stage, global_batch: int) -> tupl
             notes.append(line + " (optional: skipped, never drawn)")
         else:
             refusals.append(line + "; mark it optional: true, build its data, or lower train.global_batch_size")
+    if not fed and not refusals:
+        refusals.append(f"stage {stage.name}: no mixture task can be fed by the builds (every one is optional and "
+                        "skipped); build the data of one of them or change the mixture")
     return refusals, notes
 
 

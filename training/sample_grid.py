@@ -106,12 +106,4 @@ def artifact_path(stage: str, step: int, label: str) -> str:
     return f"samples/{stage}/step_{step:06d}/{label.replace(':', '_')}.png"
 
 
-def log_sample_grids(client, run_id: str, pipe, examples: list[Example], *, stage: str, step: int, steps: int,
-                     guidance_scale: float, seed: int) -> None:
-    """Sample every example with `pipe` and log its grid as an image artifact of `run_id`."""
-    for example in examples:
-        image = sample_grid(pipe, example, steps=steps, guidance_scale=guidance_scale, seed=seed)
-        client.log_image(run_id, image, artifact_file=artifact_path(stage, step, example.label))
-
-
-__all__ = ["Example", "artifact_path", "log_sample_grids", "pick_examples", "sample_grid"]
+__all__ = ["Example", "artifact_path", "pick_examples", "sample_grid"]

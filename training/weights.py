@@ -46,6 +46,8 @@ def _config(key: str, spec: str, patterns: list[str], name: str, revision: str |
             tracking_uri: str | None = None) -> tuple[dict, str | None, Path]:
     """(config.json of `name/` in the folder, hub repo or registered model `spec`, the commit a hub id resolved to or
     the version a registered model's alias names, the folder)."""
+    from mlflow.exceptions import MlflowException
+
     from onegen.registry import is_model_uri, resolve_version
 
     try:
@@ -54,7 +56,7 @@ def _config(key: str, spec: str, patterns: list[str], name: str, revision: str |
         folder = pinned_folder(spec, revision, patterns, tracking_uri)
         path = _subfolder(folder, name) / "config.json"
         config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, MlflowException) as err:
         raise ConfigError([f"{key}={spec!r}: cannot read its {name} config ({first_line(err)}); give a "
                            f"release-layout folder ({name}/config.json + weights), a {name} folder, a hub id, or "
                            "a registered model models:/NAME@ALIAS"]) from None
@@ -140,9 +142,10 @@ def resumed_sources(state: dict, sources: dict) -> dict:
 
 
 def load_transformer(cfg: TrainConfig, sources: dict, previous: str | None = None, start_from: str = "ema"):
-    """A stage's starting NextDiT, the same on every rank: with `previous` (the previous stage's final checkpoint
-    folder) its EMA weights (pipeline/transformer) or, start_from="model", its trained weights consolidated from its
-    DeepSpeed state; else `model.init`'s weights (float32), or the preset's initialisation seeded by run.seed."""
+    """A stage's starting NextDiT, the same on every rank: with `previous`, the previous stage's final EMA weights
+    (previous = its pipeline/ folder) or, start_from="model", its trained weights (previous = its checkpoint folder,
+    consolidated from ds/); else `model.init`'s weights (float32), or the preset's initialisation seeded by
+    run.seed."""
     import torch
 
     from model.nextdit import NextDiT
@@ -150,7 +153,8 @@ def load_transformer(cfg: TrainConfig, sources: dict, previous: str | None = Non
     if previous is not None:
         from training.loop import DS_TAG, PIPELINE_DIR
 
-        model = NextDiT.from_pretrained(Path(previous) / PIPELINE_DIR / "transformer", attn_impl=cfg.model.attn_impl)
+        pipeline = Path(previous) / PIPELINE_DIR if start_from == "model" else Path(previous)
+        model = NextDiT.from_pretrained(pipeline / "transformer", attn_impl=cfg.model.attn_impl)
         if start_from == "model":
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
