@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 REGISTRY_SCHEME = "models:/"
@@ -68,7 +69,9 @@ def log_pipeline_model(pipeline: str | Path, *, name: str, tracking_uri: str, al
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_pipeline_model needs an active MLflow run")
-    with tempfile.TemporaryDirectory(prefix="onegen-model-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="onegen-model-") as scratch, warnings.catch_warnings():
+        # the request is a dict of columns checked by the signature below, not by predict's type hints
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
         folder = Path(scratch) / MODEL_ARTIFACT
         mlflow.pyfunc.save_model(str(folder), python_model=str(CODE), artifacts={PIPELINE_ARTIFACT: str(pipeline)},
                                  code_paths=[str(MODEL_PACKAGE)], signature=signature(), input_example=INPUT_EXAMPLE,

@@ -176,17 +176,17 @@ def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, plan_data, 
             print(f"continuing run {cfg.run.name} (MLflow run {parent_id})")
         previous: str | None = None
         for index, stage in enumerate(cfg.train.stages):
-            stage_data = data if index == 0 else plan_data(cfg, index)
-            if stage_data.image_tokenizer != data.image_tokenizer:
-                raise ConfigError([f"stage {stage.name}: its rows were encoded with {stage_data.image_tokenizer}, "
-                                   f"stage {cfg.train.stages[0].name}'s with {data.image_tokenizer}; every stage "
-                                   "must train on latents of one image tokenizer"])
             found = latest[index]
             if found is not None and found[1]["step"] >= stage.steps:
                 summaries.append(TrainSummary(cfg.run.name, stage.name, stage.steps, found[0],
                                               [f"run {found[1].get('mlflow_run_id')}"],
                                               notes=["already trained: nothing to do (a new run.name trains again)"]))
             else:
+                stage_data = data if index == 0 else plan_data(cfg, index)
+                if stage_data.image_tokenizer != data.image_tokenizer:
+                    raise ConfigError([f"stage {stage.name}: its rows were encoded with {stage_data.image_tokenizer},"
+                                       f" stage {cfg.train.stages[0].name}'s with {data.image_tokenizer}; every "
+                                       "stage must train on latents of one image tokenizer"])
                 if index and previous is None and found is None:
                     raise RuntimeError(f"stage {stage.name}: stage {cfg.train.stages[index - 1].name} left no final "
                                        "checkpoint to start from")

@@ -64,7 +64,7 @@ def open_builds(cfg: TrainConfig) -> list[Build]:
 
 
 def stage_data(cfg: TrainConfig, stage_index: int) -> StageData:
-    """The builds (final ones only), their rows at the stage's resolution and the stage's data plan. Raises
+    """The builds (final ones only), their rows at the stage's resolutions and the stage's data plan. Raises
     DataPlanError naming what is missing; the driver calls it before starting workers, every worker again."""
     stage = cfg.train.stages[stage_index]
     builds = open_builds(cfg)
@@ -132,9 +132,9 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     from training.components import export_image_tokenizer, flow_config, load_text_encoder, loss_channel_mask
     from training.ema import EmaWeights
     from training.engine import make_engine
+    from training.reader import count_step
     from training.samples import make_sample
     from training.step import StepRunner, TextEncoding, step_generator, step_seed
-    from training.reader import count_step
     from training.weights import load_transformer
 
     stage = cfg.train.stages[stage_index]
