@@ -71,10 +71,7 @@ class OneDiffusionModel(PythonModel):
 
 
 def _missing(value) -> bool:
-    try:
-        return value is None or (isinstance(value, float) and value != value)  # NaN: a column absent from a row
-    except TypeError:
-        return False
+    return value is None or (isinstance(value, float) and value != value)  # NaN: a column absent from a row
 
 
 def _as_list(value) -> list:

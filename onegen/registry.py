@@ -78,12 +78,12 @@ def log_pipeline_model(pipeline: str | Path, *, name: str, tracking_uri: str, al
                                  pip_requirements=PIP_REQUIREMENTS)
         mlflow.log_artifacts(str(folder), MODEL_ARTIFACT)
     client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    if not client.search_registered_models(f"name = '{name}'"):
-        try:
-            client.create_registered_model(name)
-        except mlflow.exceptions.MlflowException:  # another job created it first
-            pass
-    source = f"{client.get_run(run.info.run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:  # registered by an earlier run (or a concurrent job)
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
     version = client.create_model_version(name, source, run.info.run_id, tags=tags or {})
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

@@ -91,11 +91,10 @@ def run_train(cfg: TrainConfig) -> list[TrainSummary]:
     from onegen.preflight import check_run_targets
 
     check_run_targets(cfg)
-    from training.loop import ResumeError, check_resumable, open_builds, stage_data
+    from training.loop import ResumeError, check_resumable, open_builds
     from training.reader import DataPlanError, manifest_problems
 
-    builds_input = ", ".join(ref.uri for ref in cfg.train.data.builds)
-    with errors.step("check the stages against the builds' manifests", input=builds_input):
+    with errors.step("check the stages against the builds' manifests", input=_builds_input(cfg)):
         try:
             builds = open_builds(cfg)
             refusals = [line for stage in cfg.train.stages
@@ -104,8 +103,7 @@ def run_train(cfg: TrainConfig) -> list[TrainSummary]:
             raise _as_config_error(err) from None
     if refusals:
         raise ConfigError(refusals)
-    plan_data = _planner(stage_data, builds_input)
-    data = plan_data(cfg, 0)
+    data = _plan_stage(cfg, 0)
     from training.weights import check_model_sources, resumed_sources
 
     with errors.step("check the model's weights", input=f"model.init={cfg.model.init}, "
@@ -128,19 +126,23 @@ def run_train(cfg: TrainConfig) -> list[TrainSummary]:
     first = next((found[1] for found in latest if found is not None), None)
     if first is not None:
         sources = resumed_sources(first, sources)
-    return _fit_stages(cfg, data, latest, sources, plan_data, first.get("mlflow_parent_run_id") if first else None)
+    return _fit_stages(cfg, data, latest, sources, first.get("mlflow_parent_run_id") if first else None)
 
 
-def _planner(stage_data, builds_input: str):
-    def plan(cfg: TrainConfig, index: int):
-        from training.reader import DataPlanError
+def _builds_input(cfg: TrainConfig) -> str:
+    return ", ".join(ref.uri for ref in cfg.train.data.builds)
 
-        with errors.step(f"plan the data of stage {cfg.train.stages[index].name}", input=builds_input):
-            try:
-                return stage_data(cfg, index)
-            except (DataPlanError, FileNotFoundError) as err:
-                raise _as_config_error(err) from None
-    return plan
+
+def _plan_stage(cfg: TrainConfig, index: int):
+    """training.loop.stage_data on the driver, its refusals as one-line ConfigErrors."""
+    from training.loop import stage_data
+    from training.reader import DataPlanError
+
+    with errors.step(f"plan the data of stage {cfg.train.stages[index].name}", input=_builds_input(cfg)):
+        try:
+            return stage_data(cfg, index)
+        except (DataPlanError, FileNotFoundError) as err:
+            raise _as_config_error(err) from None
 
 
 def check_export_tokenizer(identity: str) -> None:
@@ -157,8 +159,7 @@ def check_export_tokenizer(identity: str) -> None:
                            "workers"]) from None
 
 
-def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, plan_data, parent_id: str | None
-                ) -> list[TrainSummary]:
+def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, parent_id: str | None) -> list[TrainSummary]:
     import mlflow
 
     from onegen.tracking import dataset_input, start_run
@@ -176,22 +177,22 @@ def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, plan_data, 
             print(f"continuing run {cfg.run.name} (MLflow run {parent_id})")
         previous: str | None = None
         for index, stage in enumerate(cfg.train.stages):
-            found = latest[index]
-            if found is not None and found[1]["step"] >= stage.steps:
-                summaries.append(TrainSummary(cfg.run.name, stage.name, stage.steps, found[0],
-                                              [f"run {found[1].get('mlflow_run_id')}"],
+            final = latest[index]
+            if final is not None and final[1]["step"] >= stage.steps:
+                summaries.append(TrainSummary(cfg.run.name, stage.name, stage.steps, final[0],
+                                              [f"run {final[1].get('mlflow_run_id')}"],
                                               notes=["already trained: nothing to do (a new run.name trains again)"]))
             else:
-                stage_data = data if index == 0 else plan_data(cfg, index)
+                stage_data = data if index == 0 else _plan_stage(cfg, index)
                 if stage_data.image_tokenizer != data.image_tokenizer:
                     raise ConfigError([f"stage {stage.name}: its rows were encoded with {stage_data.image_tokenizer},"
                                        f" stage {cfg.train.stages[0].name}'s with {data.image_tokenizer}; every "
                                        "stage must train on latents of one image tokenizer"])
-                if index and previous is None and found is None:
+                if index and previous is None and final is None:
                     raise RuntimeError(f"stage {stage.name}: stage {cfg.train.stages[index - 1].name} left no final "
                                        "checkpoint to start from")
-                summaries.append(_fit(cfg, index, stage_data, found, sources, parent, previous))
-            final = latest_checkpoint(cfg, stage.name)
+                summary, final = _fit(cfg, index, stage_data, final, sources, parent, previous)
+                summaries.append(summary)
             previous = final[0] if final is not None else None
         if final is not None and final[1]["step"] >= cfg.train.stages[-1].steps:
             summaries[-1].notes.append(register_candidate(cfg, parent.info.run_id, final, data.digests, sources))
@@ -235,7 +236,10 @@ def register_candidate(cfg: TrainConfig, run_id: str, final: tuple[str, dict], d
            f"mlflow.pyfunc.load_model('models:/{name}@{CANDIDATE_ALIAS}'))"
 
 
-def _fit(cfg: TrainConfig, index: int, data, latest, sources: dict, parent, previous: str | None) -> TrainSummary:
+def _fit(cfg: TrainConfig, index: int, data, latest, sources: dict, parent,
+         previous: str | None) -> tuple[TrainSummary, tuple[str, dict] | None]:
+    """Train stage `index` on a Ray Train worker group from `latest` (its newest checkpoint) or from the start, in its
+    MLflow child run; (its summary, its final checkpoint's (URI, state))."""
     import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -283,7 +287,7 @@ def _fit(cfg: TrainConfig, index: int, data, latest, sources: dict, parent, prev
             notes.append(log_realised_mixture(stage, data.plan, final[1]["mixture"]))
         where = run_location(tracking_uri(cfg), active.info.experiment_id, active.info.run_id)
     return TrainSummary(cfg.run.name, stage.name, stage.steps, checkpoint, where, metrics.get("loss"),
-                        time.perf_counter() - started, notes)
+                        time.perf_counter() - started, notes), final
 
 
 def log_realised_mixture(stage, plan, counts: dict) -> str:

@@ -38,12 +38,12 @@ import numpy as np
 
 from model.tasks import get_task
 from onegen.dataset import Build
-from onegen.shards import ROLE_MODALITIES
-from training.samples import MAX_CAMERAS, Choice, supported_directions, usable_views
+from training.samples import Choice, sequence_frames, supported_directions, usable_views
 
 TRAIN_SPLIT = "train"
 MAX_EMPTY_EPOCHS = 100
 MIXTURE_STREAM = 0x6D6978  # "mix": the per-step item draws' own random stream
+MIXTURE_COUNTS = ("tasks", "sources", "buckets", "frames")  # the realised mixture's tables (count_step)
 
 
 class DataPlanError(ValueError):
@@ -164,8 +164,7 @@ class DataPlan:
         for i, (item, count) in enumerate(zip(self.mixture, self.rows_per_item())):
             if i in self.active:
                 continue
-            where = f"at resolution {item.resolution or self.resolution}" + \
-                (f" with {item.views[0]}-{item.views[1]} frames" if item.views else "")
+            where = _where(item, item.resolution or self.resolution)
             line = (f"mixture task {item.label}: no row of the builds {where} can feed it" if count == 0 else
                     f"mixture task {item.label}: its {count} rows {where} fill no global batch of {self.global_batch}")
             if item.optional:
@@ -179,10 +178,7 @@ class DataPlan:
         return refusals, notes
 
     def _frames(self, row: RowInfo, item: int) -> int:
-        task = self.tasks[item]
-        if task.view_layout == "camera_pairs":
-            return 2 * min(row.num_views, MAX_CAMERAS)
-        return task.num_views
+        return sequence_frames(self.tasks[item], row.num_views)
 
     @functools.lru_cache(maxsize=32)
     def epoch(self, item: int, epoch: int) -> tuple[tuple[tuple, tuple[Choice, ...]], ...]:
@@ -276,9 +272,6 @@ def count_step(counts: dict, plan: DataPlan, key: tuple, choices: Sequence[Choic
     return counts
 
 
-MIXTURE_COUNTS = ("tasks", "sources", "buckets", "frames")
-
-
 def _add(table: dict, key: str, n: int) -> None:
     table[key] = table.get(key, 0) + n
 
@@ -294,20 +287,23 @@ def manifest_problems(builds: Sequence[Build], stage, global_batch: int) -> tupl
     fed = 0
     for item in stage.mixture:
         task = get_task(item.task)
-        resolution = item.resolution or stage.resolution
+        resolution = item.resolution_in(stage)
         per_bucket: dict[tuple, int] = {}
         for c in counts:
-            frames = _manifest_frames(task, c["views"], set(c["modalities"]))
-            if c["resolution"] != resolution or frames is None or \
+            # optimistic keys: every view holds every modality of the row's set, and there are cameras
+            keys = frozenset((v, m) for v in range(c["views"]) for m in c["modalities"])
+            frames = sequence_frames(task, c["views"])
+            if c["resolution"] != resolution or not supported_directions(task, tuple(task.directions), keys,
+                                                                         c["views"], True) or \
                     (item.views is not None and not item.views[0] <= frames <= item.views[1]):
                 continue
             _add(per_bucket, (tuple(c["bucket"]), frames), c["rows"])
         if max(per_bucket.values(), default=0) >= global_batch:
             fed += 1
             continue
-        line = (f"stage {stage.name}: mixture task {item.label}: the builds' manifests list no train rows at "
-                f"resolution {resolution}{f' with {item.views[0]}-{item.views[1]} frames' if item.views else ''} "
-                f"that can feed it" + (f" {global_batch} at a time (a global batch)" if per_bucket else ""))
+        line = (f"stage {stage.name}: mixture task {item.label}: the builds' manifests list no train rows "
+                f"{_where(item, resolution)} that can feed it" +
+                (f" {global_batch} at a time (a global batch)" if per_bucket else ""))
         if item.optional:
             notes.append(line + " (optional: skipped, never drawn)")
         else:
@@ -318,14 +314,8 @@ def manifest_problems(builds: Sequence[Build], stage, global_batch: int) -> tupl
     return refusals, notes
 
 
-def _manifest_frames(task, views: int, modalities: set) -> int | None:
-    """The frames a row of `views` views and these modalities gives the task, or None when it cannot feed it (the
-    manifest's view of training.samples.supported_directions)."""
-    if task.view_layout == "camera_pairs":
-        return 2 * min(views, MAX_CAMERAS) if views >= 2 and "image" in modalities else None
-    if task.view_layout != "fixed" or any(role not in ROLE_MODALITIES for role in task.view_roles):
-        return None
-    return task.num_views if {ROLE_MODALITIES[role] for role in task.view_roles} <= modalities else None
+def _where(item, resolution: int) -> str:
+    return f"at resolution {resolution}" + (f" with {item.views[0]}-{item.views[1]} frames" if item.views else "")
 
 
 def rank_share(choices: Sequence[Choice], rank: int, world_size: int) -> list[Choice]:

@@ -16,9 +16,7 @@ import numpy as np
 import torch
 
 from model.tasks import get_task
-from model.views import RAY_ROLE, view_layout
-from onegen.shards import ROLE_MODALITIES
-from training.samples import MAX_CAMERAS, prompt_kwargs
+from training.samples import camera_to_world, caption_text, frame_keys, prompt_kwargs
 
 GAP = 4  # white pixels between tiles
 
@@ -51,22 +49,14 @@ def pick_examples(plan, builds, image_tokenizer) -> list[Example]:
 
 def _example(label: str, task_name: str, choice, row: dict, image_tokenizer) -> Example:
     task = get_task(task_name)
-    captions = row.get("captions") or []
-    caption = captions[choice.caption]["text"] if captions else ""
-    cameras = None
-    if task.view_layout == "camera_pairs":
-        ordered = sorted(row["cameras"], key=lambda c: c["view"])[:MAX_CAMERAS]
-        layout = view_layout(task, direction=choice.direction, num_cameras=len(ordered))
-        keys = [(ordered[i // 2]["view"], "image") if role != RAY_ROLE else None for i, role in enumerate(layout.roles)]
-        cameras = torch.tensor([c["c2w_opengl"] for c in ordered], dtype=torch.float64).reshape(-1, 4, 4)
-    else:
-        layout = view_layout(task, direction=choice.direction)
-        keys = [(choice.view, ROLE_MODALITIES[role]) for role in layout.roles]
-    pixels = {i: _decode(image_tokenizer, row["latents"][key][0]) for i, key in enumerate(keys) if key is not None}
+    layout, keys, ordered = frame_keys(task, choice, row)
+    cameras = camera_to_world(ordered) if ordered else None
+    pixels = {i: _decode(image_tokenizer, row["latents"][key][0]) for i, key in keys.items()}
     conditions = [pixels[i] for i, target in enumerate(layout.target_mask) if not target and i in pixels]
     truth = [_as_array(pixels[i]) for i, target in enumerate(layout.target_mask) if target and i in pixels]
     height, width = next(iter(pixels.values())).shape[-2:]
-    return Example(label, task.name, choice.direction, caption, prompt_kwargs(task, row, max(choice.view, 0)),
+    return Example(label, task.name, choice.direction, caption_text(row, choice),
+                   prompt_kwargs(task, row, max(choice.view, 0)),
                    conditions, truth, cameras, int(height), int(width))
 
 
