@@ -38,8 +38,10 @@ class _Source(_Section):
 
 class UrlSource(_Source):
     type: Literal["urls"]
-    files: list[str] = Field(min_length=1, description="parquet / csv / tsv / txt url lists (local or s3://)",
+    files: list[str] = Field([], description="parquet / csv / tsv / txt url lists (local or s3://)",
                              **_role(MACHINE))
+    path: str | None = Field(None, min_length=1, description="one more url list, or a folder / s3:// prefix whose "
+                                                            "url lists are all read (sorted)", **_role(MACHINE))
     url_col: str = "url"
     caption_col: str | None = "caption"
     timeout_s: float = Field(10.0, gt=0, description="img2dataset's per-request timeout")
@@ -50,6 +52,17 @@ class UrlSource(_Source):
                                                                       "resize_mode is not 'no'")
     threads: int = Field(16, gt=0, description="download threads per partition task", **_role(RUNTIME))
 
+    @model_validator(mode="after")
+    def _some_list(self) -> "UrlSource":
+        if not self.lists:
+            raise ValueError(f"source {self.name!r}: name its url lists: files: [a.parquet, ...] or path: FILE_OR_DIR")
+        return self
+
+    @property
+    def lists(self) -> list[str]:
+        """`files`, then `path`: what the source reads, in order."""
+        return [*self.files, *([self.path] if self.path else [])]
+
 
 class FolderSource(_Source):
     type: Literal["folder"]
@@ -59,8 +72,16 @@ class FolderSource(_Source):
 
 class WebDatasetSource(_Source):
     type: Literal["webdataset"]
-    paths: list[str] = Field(min_length=1, description="tar files, folders of tars or globs (local or s3://); one "
-                                                       "tar is one partition", **_role(MACHINE))
+    paths: list[str] = Field(min_length=1, description="tar files, folders of tars, {000..009} ranges or globs "
+                                                       "(local or s3://); one tar is one partition",
+                             **_role(MACHINE))
+
+    @model_validator(mode="after")
+    def _one_tar_one_partition(self) -> "WebDatasetSource":
+        if "partition_size" in self.model_fields_set:
+            raise ValueError(f"source {self.name!r}: a webdataset source reads one tar per partition (shards keep "
+                             "the tars' cut); remove partition_size")
+        return self
 
 
 class SyntheticSource(_Source):

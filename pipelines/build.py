@@ -90,7 +90,11 @@ class BuildSummary:
             lines.append("  dropped by reason:")
             lines += [f"    {reason:<22} {n}" for reason, n in sorted(self.dropped.items())]
         for source, stats in sorted(self.source_stats.items()):
-            lines.append(f"  {source} (img2dataset): {json.dumps(stats, sort_keys=True)}")
+            counts = ", ".join(f"{stats.get(key, 0)} {key}" for key in ("successes", "failed_to_download",
+                                                                          "failed_to_resize"))
+            lines.append(f"  {source} (img2dataset): {stats.get('count', 0)} urls: {counts}")
+            lines += [f"    {n:>5}  {message}" for message, n in sorted(stats.get("errors", {}).items(),
+                                                                       key=lambda item: (-item[1], item[0]))]
         lines += [f"  note: {note}" for note in self.notes]
         if self.manifest:
             totals = self.manifest["totals"]
@@ -375,11 +379,13 @@ def _count(summary: BuildSummary, result: tuple[dict, dict]) -> None:
     summary.dropped.update(entry["dropped"])
     summary.bytes_written += entry_bytes(entry)
     summary.seconds.update(stats["seconds"])
-    if stats.get("source_stats"):
-        merged = summary.source_stats.setdefault(entry["source"], Counter())
+    if stats.get("source_stats"):  # img2dataset's counts, and its error messages counted over the shards
+        merged = summary.source_stats.setdefault(entry["source"], {"errors": Counter()})
         for key, value in stats["source_stats"].items():
-            if isinstance(value, (int, float)):
-                merged[key] += value
+            if key == "errors":
+                merged["errors"].update(value)
+            elif isinstance(value, (int, float)):
+                merged[key] = merged.get(key, 0) + value
 
 
 # --- MLflow ------------------------------------------------------------------------------------------------------

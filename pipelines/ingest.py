@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from onegen.build_config import BuildConfig, FolderSource, SyntheticSource, UrlSource, WebDatasetSource
-from onegen.errors import UsageError
 from onegen.shards import shard_name
 
 
@@ -75,17 +74,18 @@ def plan_partitions(cfg: BuildConfig) -> list[Partition]:
 def plan_source(source) -> list[Partition]:
     """One source's partitions, from a listing of its inputs (no image is read)."""
     if isinstance(source, UrlSource):
-        from pipelines.sources.urls import plan_url_partitions
+        from pipelines.sources.urls import expand_url_lists, plan_url_partitions
 
-        specs = plan_url_partitions(source.files, source.partition_size, url_col=source.url_col,
+        specs = plan_url_partitions(expand_url_lists(source.lists), source.partition_size, url_col=source.url_col,
                                     caption_col=source.caption_col)
     elif isinstance(source, FolderSource):
         from pipelines.sources.folder import plan_folder_partitions
 
         specs = plan_folder_partitions(source.path, source.partition_size)
     elif isinstance(source, WebDatasetSource):
-        raise UsageError(f"source {source.name!r}: type 'webdataset' is not built yet (a later data-build "
-                                  "part); convert the tars to a folder, or use a folder / urls / synthetic source")
+        from pipelines.sources.tars import plan_tar_partitions
+
+        specs = plan_tar_partitions(source.paths)
     else:
         specs = _plan_synthetic(source)
     return [Partition(source.name, source.type, i, spec) for i, spec in enumerate(specs)]
@@ -106,6 +106,10 @@ def read_partition(cfg: BuildConfig, partition: Partition, work_dir: str | None 
         from pipelines.sources.folder import read_folder_partition
 
         records = read_folder_partition(source.path, partition.spec)
+    elif isinstance(source, WebDatasetSource):
+        from pipelines.sources.tars import read_tar_partition
+
+        records = read_tar_partition(partition.spec)
     else:
         records = _read_synthetic(source, partition.spec, cfg.run.seed)
     for record in records:

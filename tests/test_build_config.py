@@ -23,8 +23,12 @@ def test_sources_are_typed_by_their_type_key():
     assert [type(s).__name__ for s in cfg.build.sources] == ["UrlSource", "FolderSource", "WebDatasetSource",
                                                             "SyntheticSource"]
     assert cfg.build_name == "b" and SCHEMAS["build"] is BuildConfig
-    with pytest.raises(ConfigError, match=r"build\.sources\[0\]\.files: required field missing"):
+    with pytest.raises(ConfigError, match=r"build\.sources\[0\]: source 'web': name its url lists: files: "):
         build_cfg("build.sources=[{name: web, type: urls}]")
+    assert build_cfg("build.sources=[{name: web, type: urls, path: l.csv, files: [a.csv]}]").build.sources[0].lists \
+        == ["a.csv", "l.csv"]
+    with pytest.raises(ConfigError, match="one tar per partition.*remove partition_size"):
+        build_cfg("build.sources=[{name: w, type: webdataset, paths: [a.tar], partition_size: 3}]")
     with pytest.raises(ConfigError, match=r"build\.sources\[0\]"):
         build_cfg("build.sources=[{name: web, type: ftp}]")
 
@@ -90,7 +94,7 @@ def test_where_the_inputs_sit_is_not_content():
     assert content_hash(load_config(folder, ["sources[0].partition_size=3"], BuildConfig)) != content_hash(here)
 
 
-@pytest.mark.parametrize("name", ["synthetic", "synthetic_small", "folder"])
+@pytest.mark.parametrize("name", ["synthetic", "synthetic_small", "folder", "urls"])
 def test_the_shipped_build_configs_validate(name):
     cfg = load_config(REPO / f"configs/build/{name}.yaml", [], BuildConfig)
     assert cfg.build_name == name

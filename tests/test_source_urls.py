@@ -384,3 +384,18 @@ def test_it_works_inside_a_ray_task(server, tmp_path, stop_processes, session_pi
     assert result["sizes"][0] == len(server.body("/photo/coffee.png"))
     assert result["stats"]["errors"] == {"HTTP Error 404: Not Found": 1}
     assert list(cwd.iterdir()) == []
+
+
+def test_a_folder_of_url_lists_is_read_list_by_list_in_sorted_order(tmp_path):
+    from pipelines.sources.urls import expand_url_lists
+
+    (tmp_path / "lists" / "more").mkdir(parents=True)
+    for name in ("b.csv", "a.parquet", "more/c.txt"):
+        write_url_list(tmp_path / "lists" / name, ["http://127.0.0.1:9/x.png"], name.rsplit(".", 1)[1])
+    (tmp_path / "lists" / "README.md").write_text("not a list")
+    lists = expand_url_lists([str(tmp_path / "one.csv"), str(tmp_path / "lists")])
+    assert [item.rsplit("/", 2)[-2:] for item in lists] == [[tmp_path.name, "one.csv"], ["lists", "a.parquet"],
+                                                           ["lists", "b.csv"], ["more", "c.txt"]]
+    assert [spec["file"] for spec in plan_url_partitions(lists[1:], 10)] == lists[1:]
+    with pytest.raises(FileNotFoundError, match="no folder holding any"):
+        expand_url_lists([str(tmp_path / "empty")])

@@ -195,13 +195,13 @@ def _apply_sidecar(storage: Storage, sidecar: dict, record: dict) -> None:
     if not isinstance(document, dict):
         raise DropSample("bad_sidecar", f"{uri}: a sidecar must be a JSON object ({{\"caption\": ..., ...}}), got "
                                       f"{type(document).__name__}")
-    captions, extras = _captions_of(document, uri, "bad_sidecar")
+    captions, extras = captions_of(document, uri, "bad_sidecar")
     record["captions"].update(captions)
     if extras:
         record["meta"]["sidecar"] = extras
 
 
-def _captions_of(document: dict, uri: str, reason: str, *, skip: tuple = ()) -> tuple[dict[str, str], dict]:
+def captions_of(document: dict, uri: str, reason: str, *, skip: tuple = ()) -> tuple[dict[str, str], dict]:
     """(captions, the other keys) of a sidecar or cameras.json object: "caption" -> "original", "captions" merged."""
     captions: dict[str, str] = {}
     caption = document.get("caption")
@@ -229,7 +229,7 @@ def _read_group(storage: Storage, index: int, entry: dict) -> dict[str, Any]:
     record = _record(index, f"{folder_uri}#{digest}", folder or ".", {"path": folder or ".", "root": storage.root_uri})
     try:
         document = _parse_cameras(storage, cameras, folder, entry["files"])
-        captions, extras = _captions_of(document, storage.uri(cameras["path"]), "bad_cameras",
+        captions, extras = captions_of(document, storage.uri(cameras["path"]), "bad_cameras",
                                         skip=("frames",))
         views = []
         planned = {f["path"]: f for f in entry["files"]}
@@ -361,5 +361,5 @@ def raise_if_store_down(storage: Storage, err: OSError) -> None:
         raise probe from err
 
 
-__all__ = ["CAMERAS_FILE", "FOLDER_DROP_REASONS", "IMAGE_EXTENSIONS", "SIDECAR_EXTENSIONS", "listed_versions",
-           "plan_folder_partitions", "read_folder_partition", "read_or_refuse", "read_planned"]
+__all__ = ["CAMERAS_FILE", "FOLDER_DROP_REASONS", "IMAGE_EXTENSIONS", "SIDECAR_EXTENSIONS", "captions_of",
+           "listed_versions", "plan_folder_partitions", "read_folder_partition", "read_or_refuse", "read_planned"]

@@ -120,6 +120,27 @@ def read_url_table(path: str, *, url_col: str = "url", caption_col: str | None =
     return table
 
 
+def expand_url_lists(paths: list[str]) -> list[str]:
+    """Url list files in order: a path with a list extension is itself; any other path is a folder (or s3://
+    prefix) whose url lists, recursively and sorted, take its place. FileNotFoundError naming a folder without any."""
+    files: list[str] = []
+    for path in paths:
+        try:
+            url_table_format(path)
+            files.append(str(path))
+            continue
+        except ValueError:
+            pass
+        storage, _ = _storage_and_name(str(path).rstrip("/") + "/_")
+        found = [storage.uri(rel) for rel in storage.list(recursive=True)
+                 if rel.lower().endswith(tuple(f".{fmt}" for fmt in URL_TABLE_FORMATS))]
+        if not found:
+            raise FileNotFoundError(errno.ENOENT, f"{path}: not a url list (*.parquet, *.csv, *.tsv, *.txt) and no "
+                                                  "folder holding any; point the source at a list or a folder of them")
+        files += found
+    return files
+
+
 def plan_url_partitions(files: list[str], partition_size: int, *, url_col: str = "url",
                         caption_col: str | None = "caption") -> list[dict[str, Any]]:
     """The build's plan for url lists: files in the given order, each cut into consecutive row ranges of
