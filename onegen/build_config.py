@@ -157,6 +157,9 @@ class BuildSection(_Section):
     resolutions: list[int] = Field([256], min_length=1, description="the release's 256 / 512 / 1024 buckets, or "
                                    "another multiple of 16 (e.g. 64 for tests: the 512 table scaled)")
     heldout_fraction: float = Field(0.0, ge=0, le=1, description="stable fraction of ids in the heldout split")
+    previous: list[str] = Field([], description="earlier builds (names under storage.root, or build URIs) whose "
+                                "inputs this build leaves out and whose pictures it drops as `duplicate`: an "
+                                "incremental build. Frozen into the plan on the first run", **_role(MACHINE))
     decode: DecodeSection = DecodeSection()
     conditions: ConditionsSection = ConditionsSection()
     encode: EncodeSection = EncodeSection()

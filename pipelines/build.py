@@ -40,6 +40,7 @@ from onegen.errors import UsageError, step
 from onegen.shards import (BUILD_SCHEMA, PLAN_SCHEMA, SHARD_SCHEMA_VERSION, build_json_path, build_prefix,
                            canonical_json, manifest_path, plan_path, read_entries, sha256_hex)
 from onegen.storage import Storage
+from pipelines.earlier import EarlierBuilds, load_earlier
 from pipelines.ingest import Partition, plan_source, read_partition
 from pipelines.process import check_image_tokenizer
 
@@ -93,8 +94,8 @@ class BuildSummary:
             counts = ", ".join(f"{stats.get(key, 0)} {key}" for key in ("successes", "failed_to_download",
                                                                           "failed_to_resize"))
             lines.append(f"  {source} (img2dataset): {stats.get('count', 0)} urls: {counts}")
-            lines += [f"    {n:>5}  {message}" for message, n in sorted(stats.get("errors", {}).items(),
-                                                                       key=lambda item: (-item[1], item[0]))]
+            lines += [f"    {n:>5}  {_one_line(message)}" for message, n in sorted(stats.get("errors", {}).items(),
+                                                                                  key=lambda item: (-item[1], item[0]))]
         lines += [f"  note: {note}" for note in self.notes]
         if self.manifest:
             totals = self.manifest["totals"]
@@ -105,6 +106,12 @@ class BuildSummary:
         if self.mlflow:
             lines += [f"  mlflow: {self.mlflow[0]}"] + [f"          {line}" for line in self.mlflow[1:]]
         return "\n".join(lines)
+
+
+def _one_line(message: str, width: int = 100) -> str:
+    """An error message on one table line (urllib's redirect-loop message spans three)."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 # --- identity of a build ---------------------------------------------------------------------------------------------
@@ -145,27 +152,49 @@ def source_locations(cfg: BuildConfig) -> dict[str, dict[str, Any]]:
     return {source.name: fields_by_role(source, {MACHINE}) for source in cfg.build.sources}
 
 
-def frozen_plan(storage: Storage, cfg: BuildConfig, digest: str) -> tuple[list[Partition], dict[str, Any], bool]:
-    """(the build's partitions, the plan document, whether this run froze it). The first run lists every source and
-    writes builds/NAME/plan.json with put-if-absent (of two racing first runs, one plan wins and both use it);
-    later runs read it back and never re-plan."""
+def frozen_plan(storage: Storage, cfg: BuildConfig,
+                digest: str) -> tuple[list[Partition], dict[str, Any], "EarlierBuilds | None"]:
+    """(the build's partitions, the plan document, the earlier builds when this run froze the plan, else None).
+    The first run reads the earlier builds (build.previous), lists every source without what they hold and writes
+    builds/NAME/plan.json with put-if-absent (of two racing first runs, one plan wins and both use it); later runs
+    read it back and never re-plan."""
     rel = plan_path(cfg.build_name)
-    froze = False
+    earlier = None
     if not storage.exists(rel):
-        plan = [partition for source in cfg.build.sources for partition in _listed(source)]
+        with step("read the earlier builds", ", ".join(cfg.build.previous) or "none named"):
+            earlier = load_earlier(storage, cfg.build.previous, own=storage.uri(build_prefix(cfg.build_name)))
+        plan = [partition for source in cfg.build.sources for partition in _listed(source, earlier=earlier)]
         document = {"schema": PLAN_SCHEMA, "build": cfg.build_name, "content_hash": digest,
-                    "sources": source_locations(cfg), "partitions": [p.to_dict() for p in plan]}
-        froze = storage.put_if_absent(rel, canonical_json(document))
+                    "sources": source_locations(cfg), "partitions": [p.to_dict() for p in plan],
+                    "previous": earlier.builds, "already_built": dict(sorted(earlier.skipped.items()))}
+        if not storage.put_if_absent(rel, canonical_json(document)):
+            earlier = None  # another first run froze its plan first: this run follows that one
     document = json.loads(storage.read_bytes(rel))
     if document.get("schema") != PLAN_SCHEMA or document.get("content_hash") != digest:
         raise BuildConflict(f"{storage.uri(rel)}: a plan of schema {document.get('schema')!r} for content hash "
                             f"{document.get('content_hash')!r}, not this config's ({digest}); builds are immutable: "
                             f"start a new build with --set build.name={cfg.build_name}-v2")
-    return [Partition.from_dict(item) for item in document["partitions"]], document, froze
+    return [Partition.from_dict(item) for item in document["partitions"]], document, earlier
+
+
+def plan_earlier(storage: Storage, document: dict[str, Any]) -> "EarlierBuilds":
+    """The earlier builds a frozen plan names, reloaded (and checked against the digests it recorded)."""
+    with step("read the earlier builds", ", ".join(b["name"] for b in document.get("previous", [])) or "none"):
+        return load_earlier(storage, [], frozen=document.get("previous", []))
+
+
+def earlier_note(document: dict[str, Any]) -> str | None:
+    """The closing table's line on an incremental build: which builds, how many planned inputs they held."""
+    if not document.get("previous"):
+        return None
+    skipped = document.get("already_built", {})
+    counts = ", ".join(f"{n} from {source}" for source, n in skipped.items()) or "none"
+    return (f"incremental: earlier builds {', '.join(b['name'] for b in document['previous'])}; inputs they hold "
+            f"left out of the plan: {counts} (tars: whole tars); their pictures under new names drop as duplicate")
 
 
 def changes_since_plan(cfg: BuildConfig, document: dict[str, Any], plan: list[Partition],
-                       pending: list[Partition]) -> list[str]:
+                       pending: list[Partition], earlier: "EarlierBuilds | None" = None) -> list[str]:
     """Notes on the sources that still have partitions to read, when they differ from the frozen plan. A source that
     cannot be listed at all (a wrong path, a folder gone) is refused: its partitions would all come out dropped."""
     notes = []
@@ -179,7 +208,7 @@ def changes_since_plan(cfg: BuildConfig, document: dict[str, Any], plan: list[Pa
             notes.append(f"source {source.name}: the plan was frozen from {frozen_sources.get(source.name)}; its "
                          f"remaining inputs are read from {now[source.name]}")
         current = _listed(source, f"; {len(mine)} partitions of this build's frozen plan still read from it: "
-                                  "point the source where its inputs are")
+                                  "point the source where its inputs are", earlier=earlier)
         now_specs = {p.spec_sha256 for p in current}
         frozen_specs = {p.spec_sha256 for p in plan if p.source == source.name}
         changed = [p for p in mine if p.spec_sha256 not in now_specs]
@@ -193,11 +222,12 @@ def changes_since_plan(cfg: BuildConfig, document: dict[str, Any], plan: list[Pa
     return notes
 
 
-def _listed(source, hint: str = "") -> list[Partition]:
-    """A source's partitions; a source that cannot be listed (no such folder, no images, an unreadable url list) is
-    the user's to fix: a UsageError naming the source (exit 2), not a traceback."""
+def _listed(source, hint: str = "", earlier: "EarlierBuilds | None" = None) -> list[Partition]:
+    """A source's partitions (without what `earlier` builds hold); a source that cannot be listed (no such folder,
+    no images, an unreadable url list) is the user's to fix: a UsageError naming the source (exit 2), not a
+    traceback."""
     try:
-        return plan_source(source)
+        return plan_source(source, earlier)
     except (OSError, ValueError) as err:
         raise UsageError(f"source {source.name!r}: {err}{hint}") from err
 
@@ -242,12 +272,33 @@ def ingest_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: str):
             yield _dump(records[first:first + 8])
 
 
-def record_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stage: str) -> dict[str, np.ndarray]:
+def record_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stage: str, built=None) -> dict[str, np.ndarray]:
+    """`built` (decode, incremental builds): an ObjectRef of the earlier builds' picture digests."""
     from pipelines import process
 
-    fn = {"decode": process.decode_record, "bucket": process.bucket_record,
-          "conditions": process.conditions_record, "pack": process.pack_record}[stage]
+    if stage == "decode":
+        hashes = _built_hashes(built)
+        return _dump(process.timed_stage(stage, _load(batch), lambda record: process.decode_record(cfg, record,
+                                                                                                   hashes)))
+    fn = {"bucket": process.bucket_record, "conditions": process.conditions_record, "pack": process.pack_record}[stage]
     return _dump(process.timed_stage(stage, _load(batch), lambda record: fn(cfg, record)))
+
+
+_BUILT: dict[str, np.ndarray] = {}
+
+
+def _built_hashes(built) -> np.ndarray | None:
+    """The digests behind `built`, fetched once per worker process: the set is put in the object store once by the
+    driver (it may hold millions of digests) instead of travelling with every task."""
+    if built is None or isinstance(built, np.ndarray):
+        return built
+    import ray
+
+    key = built.hex()
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = ray.get(built)
+    return _BUILT[key]
 
 
 class EncodeStage:
@@ -262,9 +313,10 @@ class EncodeStage:
         return _dump(self.encoder.encode_records(_load(batch)))
 
 
-def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str | None = None):
+def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str | None = None, built=None):
     """The Ray Data pipeline over the pending partitions (lazy: it runs when iterated); `revision`: the commit of a
-    hub-id VAE the driver resolved (check_image_tokenizer)."""
+    hub-id VAE the driver resolved (check_image_tokenizer); `built`: an ObjectRef of the earlier builds' picture
+    digests (incremental builds) for the decode stage."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -276,8 +328,8 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str
     ds = ds.map_batches(ingest_stage, batch_size=1, fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir)},
                         num_cpus=stages.ingest_num_cpus)
     for stage in ("decode", "bucket", "conditions"):
-        ds = ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs={"cfg": cfg, "stage": stage},
-                            num_cpus=stages.num_cpus)
+        kwargs = {"cfg": cfg, "stage": stage, **({"built": built} if stage == "decode" and built is not None else {})}
+        ds = ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs=kwargs, num_cpus=stages.num_cpus)
     # CPU encoding (num_gpus 0) with the stages' num_cpus would let Ray Data fuse the weight-free task stages into
     # the encoder actors, and every partition would be read, decoded and drawn by the `encode.concurrency` actors
     # alone. Naming the strategy Ray Data uses anyway (SPREAD) makes the remote args differ: the stages stay a task
@@ -310,27 +362,32 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     with step("claim the build name", storage.uri(build_json_path(name))):
         claim_build(storage, cfg)
     with step("plan partitions"):
-        plan, document, froze = frozen_plan(storage, cfg, digest)
+        plan, document, earlier = frozen_plan(storage, cfg, digest)
     entries = read_entries(storage, name)
     check_plan_matches(entries, plan, storage, name)
     pending = [p for p in plan if p.shard not in entries]
     summary = BuildSummary(name=name, uri=storage.uri(build_prefix(name)), shards_planned=len(plan),
                            shards_skipped=len(plan) - len(pending))
-    if pending and not froze:
-        summary.notes = changes_since_plan(cfg, document, plan, pending)
+    if pending and earlier is None:  # a rerun (or a lost race to freeze the plan)
+        if document.get("previous"):
+            earlier = plan_earlier(storage, document)
+        summary.notes = changes_since_plan(cfg, document, plan, pending, earlier)
         for note in summary.notes:
             print(f"onegen build: {note}", file=sys.stderr, flush=True)
+    if earlier_note(document):
+        summary.notes.insert(0, earlier_note(document))
     version = code_version()
     with _tracked_run(cfg, storage, summary) as run:
         if pending:
             ray = init_ray(cfg)
+            built = ray.put(earlier.hashes) if earlier is not None and len(earlier.hashes) else None
             by_shard = {p.shard: p for p in pending}
             open_shards: dict[str, list[dict]] = {}
             stats: dict[str, dict] = {}
             futures: list[Future] = []
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer") as writers, \
                     step("run the build's Ray Data stages"):
-                stream = build_dataset(ray, cfg, pending, revision)
+                stream = build_dataset(ray, cfg, pending, revision, built)
                 for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
                     for record in _load(batch):
                         shard = record["shard"]

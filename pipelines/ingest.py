@@ -26,10 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onegen.build_config import BuildConfig, FolderSource, SyntheticSource, UrlSource, WebDatasetSource
 from onegen.shards import shard_name
+
+if TYPE_CHECKING:
+    from pipelines.earlier import EarlierBuilds
 
 
 @dataclass(frozen=True)
@@ -71,21 +74,25 @@ def plan_partitions(cfg: BuildConfig) -> list[Partition]:
     return [partition for source in cfg.build.sources for partition in plan_source(source)]
 
 
-def plan_source(source) -> list[Partition]:
-    """One source's partitions, from a listing of its inputs (no image is read)."""
+def plan_source(source, earlier: "EarlierBuilds | None" = None) -> list[Partition]:
+    """One source's partitions, from a listing of its inputs (no image is read). With `earlier` (an incremental
+    build), inputs whose input_id an earlier build lists are left out before the inputs are cut into partitions,
+    so partitions stay full (tars: a tar whose samples an earlier build read is left out whole). Synthetic scenes
+    are not listed by id: a scene an earlier build rendered drops as `duplicate` (same pixels) in the decode stage."""
+    skip = earlier.skipper(source.name) if earlier else None
     if isinstance(source, UrlSource):
         from pipelines.sources.urls import expand_url_lists, plan_url_partitions
 
         specs = plan_url_partitions(expand_url_lists(source.lists), source.partition_size, url_col=source.url_col,
-                                    caption_col=source.caption_col)
+                                    caption_col=source.caption_col, skip=skip)
     elif isinstance(source, FolderSource):
         from pipelines.sources.folder import plan_folder_partitions
 
-        specs = plan_folder_partitions(source.path, source.partition_size)
+        specs = plan_folder_partitions(source.path, source.partition_size, skip=skip)
     elif isinstance(source, WebDatasetSource):
         from pipelines.sources.tars import plan_tar_partitions
 
-        specs = plan_tar_partitions(source.paths)
+        specs = plan_tar_partitions(source.paths, skip=skip)
     else:
         specs = _plan_synthetic(source)
     return [Partition(source.name, source.type, i, spec) for i, spec in enumerate(specs)]

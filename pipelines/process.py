@@ -67,7 +67,9 @@ def record_rng(cfg: BuildConfig, record_id: str, *salt: object) -> np.random.Gen
 
 # --- decode ------------------------------------------------------------------------------------------------------
 
-def decode_record(cfg: BuildConfig, record: dict) -> None:
+def decode_record(cfg: BuildConfig, record: dict, built: np.ndarray | None = None) -> None:
+    """Decode every view; `built` (an incremental build: pipelines.earlier's sorted digests of the earlier builds'
+    pictures) drops a picture they already hold as `duplicate`."""
     from pipelines.decode import DropSample, decode_image, pixels_sha256
 
     limits = cfg.build.decode
@@ -87,6 +89,12 @@ def decode_record(cfg: BuildConfig, record: dict) -> None:
         view["sample"] = sample
         digests.append(pixels_sha256(sample.image))
     record["sha256"] = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+    if built is not None:
+        from pipelines.earlier import already_built
+
+        if already_built(built, record["sha256"]):
+            raise DropSample("duplicate", f"{record['input_id']}: an earlier build (build.previous) holds the same "
+                                          f"pixels (sha256 {record['sha256'][:16]}...): a copy under another name")
 
 
 def _camera(camera: dict | None, shape: tuple[int, ...]) -> dict | None:

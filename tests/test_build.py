@@ -78,6 +78,14 @@ def test_the_stats_match_what_was_served_and_what_the_folder_holds(mixed):
     stats = json.loads(mixed["storage"].read_bytes("builds/b/stats/web-00000.json"))
     assert stats["source_stats"]["failed_to_download"] + stats["source_stats"]["successes"] == stats["inputs"]
     assert any("HTTP Error 404" in message for message in stats["source_stats"]["errors"])
+    # The closing table counts img2dataset's outcomes and its error messages, one line each, as README shows them.
+    successes = photos + sum(1 for f in FAULTS.values() if f["status"] == "success")
+    line = (f"web (img2dataset): {len(mixed['paths'])} urls: {successes} successes, {faults_failing_download} "
+            "failed_to_download, 0 failed_to_resize")
+    table = mixed["result"].stdout.split("\nbuild b -> ", 1)[1]  # the closing table, after Ray's log lines
+    assert line in table and line in (REPO / "README.md").read_text()
+    for message in ("HTTP Error 404: Not Found", "HTTP Error 500", "timed out", "X-Robots-Tag", "infinite loop"):
+        assert sum(message in row for row in table.splitlines()) == 1, message
 
     odd = Counter()
     for entry in entries.values():

@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import posixpath
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -63,12 +64,13 @@ FOLDER_DROP_REASONS = ("unreadable", "bad_sidecar", "bad_cameras")
 _FORMAT_HINT = "see the cameras.json format in pipelines/sources/folder.py"
 
 
-# --- plan --------------------------------------------------------------------------------------------------------------
+# --- plan ---------------------------------------------------------------------------------------------------------
 
-def plan_folder_partitions(root: str, partition_size: int) -> list[dict]:
+def plan_folder_partitions(root: str, partition_size: int, skip: Callable[[str], bool] | None = None) -> list[dict]:
     """The folder's inputs (see the module docstring) cut into consecutive partitions of `partition_size`, as
-    JSON-serialisable specs for `read_folder_partition`. Raises FileNotFoundError when the root lists no files and
-    ValueError when none of them is an image input (a wrong path, not an empty source, in both cases)."""
+    JSON-serialisable specs for `read_folder_partition`; inputs whose input_id `skip` names are left out first (an
+    incremental build). Raises FileNotFoundError when the root lists no files and ValueError when none of them is
+    an image input (a wrong path, not an empty source, in both cases)."""
     if int(partition_size) < 1:
         raise ValueError(f"partition_size must be at least 1 input, got {partition_size}")
     storage = Storage(root)
@@ -95,8 +97,20 @@ def plan_folder_partitions(root: str, partition_size: int) -> list[dict]:
         raise ValueError(f"{storage.root_uri}: {len(files)} files but no images ({', '.join(IMAGE_EXTENSIONS)}) and no "
                          f"{CAMERAS_FILE} groups; check the folder source's path")
     entries = [inputs[name] for name in sorted(inputs)]
+    if skip is not None:
+        entries = [entry for entry in entries if not skip(entry_input_id(storage, entry))]
     step = int(partition_size)
     return [{"first": first, "entries": entries[first:first + step]} for first in range(0, len(entries), step)]
+
+
+def entry_input_id(storage: Storage, entry: dict) -> str:
+    """The input_id of a planned entry: f"{uri}#{size}:{version}" for an image, f"{folder uri}#{digest}" for a group
+    (the digest covers the path, size and version of its cameras.json and every image file)."""
+    if "group" not in entry:
+        return f"{storage.uri(entry['path'])}#{entry['size']}:{entry['version']}"
+    ids = [f"{f['path']}#{f['size']}:{f['version']}" for f in [entry["cameras"], *entry["files"]]]
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    return f"{storage.uri(entry['group']) if entry['group'] else storage.root_uri}#{digest}"
 
 
 def listed_versions(storage: Storage) -> dict[str, tuple[int, str]]:
@@ -147,7 +161,7 @@ def _file(rel: str, files: dict[str, tuple[int, str]]) -> dict[str, Any]:
     return {"path": rel, "size": size, "version": version}
 
 
-# --- read --------------------------------------------------------------------------------------------------------------
+# --- read ---------------------------------------------------------------------------------------------------------
 
 def read_folder_partition(root: str, spec: dict) -> list[dict]:
     """One record per entry of `spec` (from `plan_folder_partitions` on the same root), in entry order. Never raises
@@ -164,7 +178,7 @@ def _record(index: int, input_id: str, group_id: str | None, meta: dict) -> dict
 
 def _read_image(storage: Storage, index: int, entry: dict) -> dict[str, Any]:
     uri = storage.uri(entry["path"])
-    record = _record(index, f"{uri}#{entry['size']}:{entry['version']}", None,
+    record = _record(index, entry_input_id(storage, entry), None,
                      {"path": entry["path"], "root": storage.root_uri})
     try:
         for sidecar in entry["sidecars"]:
@@ -223,10 +237,8 @@ def captions_of(document: dict, uri: str, reason: str, *, skip: tuple = ()) -> t
 def _read_group(storage: Storage, index: int, entry: dict) -> dict[str, Any]:
     folder = entry["group"]
     cameras = entry["cameras"]
-    ids = [f"{f['path']}#{f['size']}:{f['version']}" for f in [cameras, *entry["files"]]]
-    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-    folder_uri = storage.uri(folder) if folder else storage.root_uri
-    record = _record(index, f"{folder_uri}#{digest}", folder or ".", {"path": folder or ".", "root": storage.root_uri})
+    record = _record(index, entry_input_id(storage, entry), folder or ".",
+                     {"path": folder or ".", "root": storage.root_uri})
     try:
         document = _parse_cameras(storage, cameras, folder, entry["files"])
         captions, extras = captions_of(document, storage.uri(cameras["path"]), "bad_cameras",
@@ -362,4 +374,5 @@ def raise_if_store_down(storage: Storage, err: OSError) -> None:
 
 
 __all__ = ["CAMERAS_FILE", "FOLDER_DROP_REASONS", "IMAGE_EXTENSIONS", "SIDECAR_EXTENSIONS", "captions_of",
-           "listed_versions", "plan_folder_partitions", "read_folder_partition", "read_or_refuse", "read_planned"]
+           "entry_input_id", "listed_versions", "plan_folder_partitions", "read_folder_partition", "read_or_refuse",
+           "read_planned"]

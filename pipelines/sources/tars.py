@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 import tarfile
+from collections.abc import Callable
 from typing import Any
 
 from onegen.storage import Storage
@@ -39,8 +40,9 @@ _GLOB_CHARS = "*?["
 
 # --- plan -------------------------------------------------------------------------------------------------------
 
-def plan_tar_partitions(paths: list[str]) -> list[dict[str, Any]]:
-    """One spec per tar named by `paths` (see the module docstring), in path order, each tar once. Raises
+def plan_tar_partitions(paths: list[str], skip: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+    """One spec per tar named by `paths` (see the module docstring), in path order, each tar once; a tar whose
+    `tar_input_prefix` `skip` names is left out (an incremental build: an earlier build read it). Raises
     FileNotFoundError naming a path that lists no tar (a wrong path, not an empty source)."""
     if isinstance(paths, str):
         raise TypeError(f"paths must be a list of tar paths, got the string {paths!r}: wrap it in a list")
@@ -57,7 +59,8 @@ def plan_tar_partitions(paths: list[str]) -> list[dict[str, Any]]:
             uri = Storage(spec["root"]).uri(spec["path"])
             if uri not in seen:
                 seen.add(uri)
-                specs.append(spec)
+                if skip is None or not skip(tar_input_prefix(spec)):
+                    specs.append(spec)
     return specs
 
 

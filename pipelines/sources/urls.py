@@ -52,7 +52,7 @@ import tempfile
 import threading
 import types
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
@@ -142,10 +142,14 @@ def expand_url_lists(paths: list[str]) -> list[str]:
 
 
 def plan_url_partitions(files: list[str], partition_size: int, *, url_col: str = "url",
-                        caption_col: str | None = "caption") -> list[dict[str, Any]]:
+                        caption_col: str | None = "caption",
+                        skip: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
     """The build's plan for url lists: files in the given order, each cut into consecutive row ranges of
     `partition_size` rows, as JSON-serialisable dicts [{"file": f, "start": i, "stop": j}, ...]. Files without
-    rows give no partitions. Parquet row counts come from the footer (the rows are not read)."""
+    rows give no partitions. Parquet row counts come from the footer (the rows are not read).
+
+    With `skip` (an incremental build) the url column is read, rows whose URL `skip` names are left out, and the
+    rest is cut into partitions of `partition_size` rows given as runs: {"file": f, "rows": [[start, stop], ...]}."""
     if isinstance(files, str):
         raise TypeError(f"files must be a list of url list paths, got the string {files!r}: wrap it in a list")
     if int(partition_size) < 1:
@@ -153,9 +157,47 @@ def plan_url_partitions(files: list[str], partition_size: int, *, url_col: str =
     step = int(partition_size)
     plan: list[dict[str, Any]] = []
     for file in files:
+        if skip is not None:
+            urls = _url_column(str(file), url_col=url_col, caption_col=caption_col)
+            kept = [row for row, url in enumerate(urls) if not (url and url.strip() and skip(url))]
+            plan += [{"file": str(file), "rows": _runs(kept[first:first + step])}
+                     for first in range(0, len(kept), step)]
+            continue
         rows = _count_rows(str(file), url_col=url_col, caption_col=caption_col)
         plan += [{"file": str(file), "start": start, "stop": min(start + step, rows)} for start in range(0, rows, step)]
     return plan
+
+
+def _url_column(path: str, *, url_col: str, caption_col: str | None) -> list[str | None]:
+    """The url column as text (parquet: that column only), for an incremental plan."""
+    if url_table_format(path) == "parquet":
+        with _parquet_file(path) as parquet:
+            _check_url_column(path, parquet.schema_arrow.names, url_col)
+            column = parquet.read(columns=[url_col]).column(0)
+    else:
+        column = read_url_table(path, url_col=url_col, caption_col=caption_col).column(url_col)
+    return [None if value is None else str(value) for value in column.to_pylist()]
+
+
+def _runs(rows: list[int]) -> list[list[int]]:
+    """Sorted row numbers as [start, stop) runs: a plan of mostly consecutive rows stays small."""
+    runs: list[list[int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1][1] = row + 1
+        else:
+            runs.append([row, row + 1])
+    return runs
+
+
+def partition_rows(spec: dict[str, Any]) -> tuple[int, int, list[int] | None]:
+    """(first row, row after the last, the rows when the spec lists runs else None) of a partition spec."""
+    if "rows" not in spec:
+        return int(spec["start"]), int(spec["stop"]), None
+    rows = [row for start, stop in spec["rows"] for row in range(int(start), int(stop))]
+    if not rows or rows != sorted(set(rows)):
+        raise ValueError(f"{spec.get('file')}: bad partition rows {spec['rows']}: expected sorted, disjoint runs")
+    return rows[0], rows[-1] + 1, rows
 
 
 def _count_rows(path: str, *, url_col: str, caption_col: str | None) -> int:
@@ -253,10 +295,13 @@ def read_url_partition(spec: dict[str, Any], *, url_col: str = "url", caption_co
         raise ValueError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
     if resize_mode != "no" and int(image_size) < 1:
         raise ValueError(f"image_size must be a positive number of pixels for resize_mode {resize_mode!r}")
-    file, start, stop = str(spec["file"]), int(spec["start"]), int(spec["stop"])
+    file = str(spec["file"])
+    start, stop, listed = partition_rows(spec)
     if not 0 <= start <= stop:
         raise ValueError(f"{file}: bad partition rows {start}..{stop}: expected 0 <= start <= stop")
     table = _read_rows(file, start, stop, url_col=url_col, caption_col=caption_col)
+    if listed is not None:  # an incremental plan: the rows no earlier build holds
+        table = table.take([row - start for row in listed])
     rows = table.to_pylist()
 
     records = [_record(index, row, url_col, caption_col) for index, row in enumerate(rows)]
