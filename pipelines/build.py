@@ -166,7 +166,8 @@ def frozen_plan(storage: Storage, cfg: BuildConfig,
         plan = [partition for source in cfg.build.sources for partition in _listed(source, earlier=earlier)]
         document = {"schema": PLAN_SCHEMA, "build": cfg.build_name, "content_hash": digest,
                     "sources": source_locations(cfg), "partitions": [p.to_dict() for p in plan],
-                    "previous": earlier.builds, "already_built": dict(sorted(earlier.skipped.items()))}
+                    "previous_named": cfg.build.previous, "previous": earlier.builds,
+                    "already_built": dict(sorted(earlier.skipped.items()))}
         if not storage.put_if_absent(rel, canonical_json(document)):
             earlier = None  # another first run froze its plan first: this run follows that one
     document = json.loads(storage.read_bytes(rel))
@@ -198,6 +199,10 @@ def changes_since_plan(cfg: BuildConfig, document: dict[str, Any], plan: list[Pa
     """Notes on the sources that still have partitions to read, when they differ from the frozen plan. A source that
     cannot be listed at all (a wrong path, a folder gone) is refused: its partitions would all come out dropped."""
     notes = []
+    if cfg.build.previous != document.get("previous_named", []):
+        notes.append(f"build.previous is {cfg.build.previous} now; this build's plan was frozen with "
+                     f"{document.get('previous_named', [])} and keeps it (builds are immutable): build against other "
+                     f"earlier builds under a new name, --set build.name={cfg.build_name}-v2")
     frozen_sources = document.get("sources", {})
     now = source_locations(cfg)
     for source in cfg.build.sources:

@@ -18,6 +18,7 @@ exactly what its first run excluded.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class EarlierBuilds:
     input_ids: set[str] = field(default_factory=set)
     hashes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=f"V{_HASH_BYTES}"))
     skipped: Counter = field(default_factory=Counter)  # {source: planned inputs (tars: whole tars) left out}
-    _containers: set[str] | None = None
+    _sorted: list[str] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.builds)
@@ -49,9 +50,10 @@ class EarlierBuilds:
         """Whether an input is built already. `input_id` may also be a container prefix ending in '/' (a tar's
         f"{uri}#{size}:{version}/"): built when some earlier input id starts with it."""
         if input_id.endswith("/") and "#" in input_id:
-            if self._containers is None:
-                self._containers = {_container(known) for known in self.input_ids if "#" in known}
-            return input_id in self._containers
+            if self._sorted is None:
+                self._sorted = sorted(self.input_ids)
+            at = bisect.bisect_left(self._sorted, input_id)
+            return at < len(self._sorted) and self._sorted[at].startswith(input_id)
         return input_id in self.input_ids
 
     def skipper(self, source: str) -> Callable[[str], bool]:
@@ -78,18 +80,21 @@ def load_earlier(storage: Storage, refs: list[str], frozen: list[dict[str, str]]
     earlier = EarlierBuilds()
     seen: set[str] = set()
     digests: list[np.ndarray] = []
-    pending = [item["uri"] for item in frozen] if frozen is not None else list(refs)
+    # (reference, who named it): build.previous, or an earlier build's plan (the chain)
+    pending = [(item["uri"], "this build's plan") for item in frozen] if frozen is not None else \
+        [(ref, "build.previous") for ref in refs]
     while pending:
-        ref = pending.pop(0)
-        build = _open(ref, storage)
+        ref, named_by = pending.pop(0)
+        build = _open(ref, storage, named_by)
         if build.uri in seen:
             continue
         seen.add(build.uri)
         if build.uri == own:
-            raise UsageError(f"build.previous names {ref!r}, the build being made ({own}): name the builds before it")
+            raise UsageError(f"{named_by} names {ref!r}, the build being made ({own}): name the builds before it")
         if not build.complete:
-            raise UsageError(f"earlier build {build.uri} has not finished (no manifest/_final.json): finish it by "
-                             "rerunning its `onegen build`, or leave it out of build.previous")
+            raise UsageError(f"earlier build {build.uri} (named by {named_by}) has not finished (no "
+                             "manifest/_final.json): finish it by rerunning its `onegen build`, or leave it out of "
+                             "build.previous")
         earlier.builds.append({"name": build.name, "uri": build.uri, "manifest_sha256": build.manifest_digest()})
         for entry in build.entries().values():
             earlier.input_ids.update(entry["input_ids"])
@@ -97,7 +102,7 @@ def load_earlier(storage: Storage, refs: list[str], frozen: list[dict[str, str]]
                                      if reason not in RETRIED_REASONS)
             digests.append(hash_keys(entry["sha256"]))
         if frozen is None:  # the first run follows the chain; a rerun has it in its plan already
-            pending += [item["uri"] for item in _plan_previous(build)]
+            pending += [(item["uri"], f"the plan of {build.name}") for item in _plan_previous(build)]
     if frozen is not None:
         now = {b["uri"]: b["manifest_sha256"] for b in earlier.builds}
         changed = [item["uri"] for item in frozen if now.get(item["uri"]) != item["manifest_sha256"]]
@@ -110,17 +115,11 @@ def load_earlier(storage: Storage, refs: list[str], frozen: list[dict[str, str]]
     return earlier
 
 
-def _container(input_id: str) -> str:
-    """f"{uri}#{size}:{version}/" of a tar member's id; ids of other sources give a string no prefix equals."""
-    at = input_id.find("/", input_id.find("#"))
-    return input_id[:at + 1] if at >= 0 else input_id + "#"
-
-
-def _open(ref: str, storage: Storage):
+def _open(ref: str, storage: Storage, named_by: str):
     try:
         return open_build(ref, storage.root_uri)
     except FileNotFoundError as err:
-        raise UsageError(f"build.previous names {ref!r}, which is no build: {err}") from None
+        raise UsageError(f"{named_by} names {ref!r}, which is no build: {err}") from None
 
 
 def _plan_previous(build) -> list[dict[str, str]]:

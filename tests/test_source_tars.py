@@ -67,7 +67,7 @@ def test_tars_are_found_by_file_folder_glob_and_brace_range(tmp_path: Path):
     assert names([str(out / "00002.tar"), str(out / "*.tar")]) == ["00002.tar", "00000.tar", "00001.tar"]  # once each
     spec = plan_tar_partitions([str(out / "00001.tar")])[0]
     assert spec["size"] == (out / "00001.tar").stat().st_size
-    with pytest.raises(FileNotFoundError, match="no tar there"):
+    with pytest.raises(FileNotFoundError, match="nothing-.*: no tar matches"):
         plan_tar_partitions([str(tmp_path / "nothing-*.tar")])
     with pytest.raises(FileNotFoundError, match="no tar there"):
         plan_tar_partitions([str(tmp_path / "missing")])
@@ -173,3 +173,30 @@ def test_an_img2dataset_webdataset_output_round_trips_with_its_captions(wds_buil
     expected = {f"a photo of {path}": pixels_sha256(decode_image(body, path)) for path, body in served.items()}
     assert by_caption == expected
     assert "shards: 2 committed" in wds_build["result"].stdout
+
+
+def test_a_gap_in_a_range_is_an_error_and_dotted_keys_keep_their_members(tmp_path: Path):
+    for i in (0, 1, 3):
+        (tmp_path / f"{i:05d}.tar").write_bytes(tar_bytes(shard_members(i, 1)))
+    with pytest.raises(FileNotFoundError, match=r"00002\.tar \(from .*\{00000\.\.00003\}\.tar\): no tar there"):
+        plan_tar_partitions([str(tmp_path / "{00000..00003}.tar")])
+    (tmp_path / "dots.tar").write_bytes(tar_bytes([("a/photo.v2.jpg", png(5)), ("a/photo.v2.txt", b"dotted"),
+                                                   ("a/photo.v2.seg.json", b"{}")]))
+    (record,) = read_tar_partition(plan_tar_partitions([str(tmp_path / "dots.tar")])[0])
+    assert record["meta"]["key"] == "a/photo" and record["views"][0]["data"] == png(5)
+    assert record["captions"] == {"original": "dotted"} and not record["dropped"]
+
+
+def test_a_store_error_mid_tar_fails_the_partition_instead_of_cutting_the_tar(tmp_path: Path, monkeypatch):
+    (tmp_path / "a.tar").write_bytes(tar_bytes(shard_members(0, 3)))
+    spec = plan_tar_partitions([str(tmp_path / "a.tar")])[0]
+
+    class Resetting(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() > 2048:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return super().read(size)
+
+    monkeypatch.setattr(Storage, "open_input_stream", lambda self, rel: Resetting((tmp_path / rel).read_bytes()))
+    with pytest.raises(ConnectionResetError):  # Ray retries the task; nothing is committed from half a tar
+        read_tar_partition(spec)

@@ -4,29 +4,32 @@
     records = read_tar_partition(specs[0])                                                 # Ray task: one tar
 
 Plan. Each path is a tar (`.tar`, `.tar.gz`, `.tgz`), a folder or s3:// prefix (every tar under it, recursively), or a
-pattern: `{000..009}` brace ranges (webdataset's notation, expanded by `braceexpand`, which webdataset uses) and
-`*`/`?`/`[...]` globs matched against the listing of the pattern's folder. Other files (img2dataset's per-shard
-parquet and `_stats.json`) are ignored. Tars are taken in sorted order per path, each once; one tar is one
-partition, spec {"root", "path", "size", "version"} (the size and version from the listing, as for folders).
+pattern: `{000..009}` brace ranges (webdataset's notation, expanded by `braceexpand`, which webdataset uses; every
+name a range expands to must exist) and `*`/`?`/`[...]` globs matched against the listing of the pattern's folder.
+Other files (img2dataset's per-shard parquet and `_stats.json`) are ignored. Tars are taken in path order (a folder
+or glob sorted, a range in its expansion order), each once; one tar is one partition, spec {"root", "path", "size",
+"version"} (the size and version from the listing, as for folders).
 
 Samples. Members are grouped into samples by key the way webdataset does (`webdataset.tariterators`: the key is the
 member name up to the first '.' of its base name; members of one sample are consecutive). The image is the
-sample's first member with an image extension (folder.IMAGE_EXTENSIONS); `.txt` is the caption, `.json` a sidecar
-read like a folder's: "caption" -> captions["original"] (wins over .txt), "captions" merged, every other key
+sample's first member whose last extension is an image's (folder.IMAGE_EXTENSIONS); `.txt` is the caption, `.json`
+a sidecar read like a folder's: "caption" -> captions["original"] (wins over .txt), "captions" merged, every other key
 (img2dataset's url, status, sizes, extra columns) -> meta["sidecar"]. A sample without an image is dropped as
 `not_an_image`, one with a bad .json as `bad_sidecar`. input_id = f"{tar uri}#{size}:{version}/{key}".
 
-A tar that is damaged part-way (truncated, not a tar) keeps the samples before the damage and ends with one record
-dropped as `unreadable` that names the tar and the error: the build goes on and the loss is counted. A tar changed
-since the plan (another size) is one `unreadable` record. An S3 store that cannot be reached raises, so the
-partition is retried rather than committed empty.
+A tar whose bytes are damaged part-way (truncated, not a tar, bad gzip) keeps the samples before the damage and
+ends with one record dropped as `unreadable` that names the tar and the error: the build goes on and the loss is
+counted. A tar changed since the plan (another size) is one `unreadable` record. A read error of the store itself
+(S3 down, a reset connection) raises, so Ray retries the partition rather than commit part of the tar.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -51,10 +54,17 @@ def plan_tar_partitions(paths: list[str], skip: Callable[[str], bool] | None = N
     specs: list[dict[str, Any]] = []
     seen: set[str] = set()
     for path in paths:
-        found = [spec for expanded in braceexpand(str(path)) for spec in _tars_at(expanded)]
+        found = []
+        for expanded in braceexpand(str(path)):
+            here = _tars_at(expanded)
+            if not here and not any(char in expanded for char in _GLOB_CHARS):  # a range must not skip a gap
+                where = expanded if expanded == str(path) else f"{expanded} (from {path})"
+                raise FileNotFoundError(f"{where}: no tar there ({', '.join(TAR_EXTENSIONS)}); name tar files, a "
+                                        "folder or s3:// prefix holding them, or a pattern such as "
+                                        "shards-{000..009}.tar")
+            found += here
         if not found:
-            raise FileNotFoundError(f"{path}: no tar there ({', '.join(TAR_EXTENSIONS)}); name tar files, a folder or "
-                                    "s3:// prefix holding them, or a pattern such as shards-{000..009}.tar")
+            raise FileNotFoundError(f"{path}: no tar matches ({', '.join(TAR_EXTENSIONS)}); check the pattern")
         for spec in found:
             uri = Storage(spec["root"]).uri(spec["path"])
             if uri not in seen:
@@ -130,13 +140,14 @@ def read_tar_partition(spec: dict[str, Any]) -> list[dict[str, Any]]:
         records.append(_damaged(len(records), prefix, uri, "unreadable",
                                 f"{uri}: vanished since the build planned it; sources must stay fixed during a build "
                                 "(restore the tar, or build under a new name)"))
-    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        if isinstance(err, OSError):
-            raise_if_store_down(storage, err)
+    except (tarfile.TarError, EOFError, ValueError, gzip.BadGzipFile, zlib.error) as err:  # the bytes are bad
         where = f"after its first {len(records)} samples" if records else "before its first sample"
         records.append(_damaged(len(records), prefix, uri, "unreadable",
                                 f"{uri}: the tar is damaged {where} ({type(err).__name__}: {err}); the samples "
                                 "before the damage are kept: rewrite the tar to build the rest"))
+    except OSError as err:  # the store, not the tar (a reset connection): fail the task, so Ray retries it
+        raise_if_store_down(storage, err)
+        raise
     return records
 
 
@@ -145,15 +156,16 @@ def _sample_record(index: int, prefix: str, uri: str, sample: dict[str, Any]) ->
     record = {"index": index, "input_id": prefix + key, "group_id": None, "views": [], "captions": {},
               "meta": {"tar": uri, "key": key}, "dropped": None, "error": None}
     members = [name for name in sample if not name.startswith("__")]
-    image = next((name for name in members if f".{name.lower()}" in IMAGE_EXTENSIONS), None)
+    image = _member(members, IMAGE_EXTENSIONS)
     name = f"{uri}/{key}.{image}" if image else f"{uri}/{key}"
     try:
-        if "txt" in sample:
-            text = _text(sample["txt"], f"{uri}/{key}.txt")
+        text_member, json_member = _member(members, (".txt",)), _member(members, (".json",))
+        if text_member:
+            text = _text(sample[text_member], f"{uri}/{key}.{text_member}")
             if text.strip():
                 record["captions"]["original"] = text.strip()
-        if "json" in sample:
-            _apply_json(sample["json"], f"{uri}/{key}.json", record)
+        if json_member:
+            _apply_json(sample[json_member], f"{uri}/{key}.{json_member}", record)
         if image is None:
             raise DropSample("not_an_image", f"{uri}: sample {key!r} has no image member (its members: "
                                              f"{', '.join(members) or 'none'}; images are "
@@ -163,6 +175,12 @@ def _sample_record(index: int, prefix: str, uri: str, sample: dict[str, Any]) ->
         return record
     record["views"] = [{"data": sample[image], "name": name, "camera": None}]
     return record
+
+
+def _member(members: list[str], extensions: tuple[str, ...]) -> str | None:
+    """The first member whose last extension is one of `extensions`: webdataset splits a name at the first dot of
+    its base name, so `photo.v2.jpg` is key `photo`, member `v2.jpg`."""
+    return next((name for name in members if f".{name.lower().rsplit('.', 1)[-1]}" in extensions), None)
 
 
 def _text(data: bytes, where: str) -> str:
