@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +20,13 @@ from onegen.shards import read_entries, read_manifest, row_latents
 from onegen.storage import Storage
 from pipelines.record import samples_from_wds_tar
 from pipelines.sources.tars import plan_tar_partitions, read_tar_partition
+from test_record import _tar as tar_bytes  # a tar of (name, bytes) members
 
 
 def png(seed: int, size: int = 80) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
 

@@ -202,6 +202,12 @@ def _apply_sidecar(storage: Storage, sidecar: dict, record: dict) -> None:
         if text.strip():
             record["captions"]["original"] = text.strip()
         return
+    apply_json_sidecar(text, uri, record)
+
+
+def apply_json_sidecar(text: str, uri: str, record: dict) -> None:
+    """A .json sidecar (a folder's STEM.json, a tar's KEY.json) into the record: captions, the rest as
+    meta["sidecar"]; DropSample("bad_sidecar") naming `uri` when it is not a JSON object of that shape."""
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
@@ -373,6 +379,7 @@ def raise_if_store_down(storage: Storage, err: OSError) -> None:
         raise probe from err
 
 
-__all__ = ["CAMERAS_FILE", "FOLDER_DROP_REASONS", "IMAGE_EXTENSIONS", "SIDECAR_EXTENSIONS", "captions_of",
+__all__ = ["CAMERAS_FILE", "FOLDER_DROP_REASONS", "IMAGE_EXTENSIONS", "SIDECAR_EXTENSIONS", "apply_json_sidecar",
+           "captions_of",
            "entry_input_id", "listed_versions", "plan_folder_partitions", "read_folder_partition", "read_or_refuse",
            "read_planned"]

@@ -35,7 +35,7 @@ from typing import Any
 
 from onegen.storage import Storage
 from pipelines.decode import DropSample
-from pipelines.sources.folder import IMAGE_EXTENSIONS, captions_of, listed_versions, raise_if_store_down
+from pipelines.sources.folder import IMAGE_EXTENSIONS, apply_json_sidecar, listed_versions, raise_if_store_down
 
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = "*?["
@@ -165,7 +165,8 @@ def _sample_record(index: int, prefix: str, uri: str, sample: dict[str, Any]) ->
             if text.strip():
                 record["captions"]["original"] = text.strip()
         if json_member:
-            _apply_json(sample[json_member], f"{uri}/{key}.{json_member}", record)
+            where = f"{uri}/{key}.{json_member}"
+            apply_json_sidecar(_text(sample[json_member], where), where, record)
         if image is None:
             raise DropSample("not_an_image", f"{uri}: sample {key!r} has no image member (its members: "
                                              f"{', '.join(members) or 'none'}; images are "
@@ -188,22 +189,6 @@ def _text(data: bytes, where: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DropSample("bad_sidecar", f"{where}: not UTF-8 text ({err}); rewrite the member as UTF-8") from None
-
-
-def _apply_json(data: bytes, where: str, record: dict[str, Any]) -> None:
-    import json
-
-    try:
-        document = json.loads(_text(data, where))
-    except json.JSONDecodeError as err:
-        raise DropSample("bad_sidecar", f"{where}: not valid JSON ({err}); fix or remove the member") from None
-    if not isinstance(document, dict):
-        raise DropSample("bad_sidecar", f"{where}: the .json member must be an object ({{\"caption\": ..., ...}}), "
-                                        f"got {type(document).__name__}")
-    captions, extras = captions_of(document, where, "bad_sidecar")
-    record["captions"].update(captions)
-    if extras:
-        record["meta"]["sidecar"] = extras
 
 
 def _damaged(index: int, prefix: str, uri: str, reason: str, message: str) -> dict[str, Any]:
