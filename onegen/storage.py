@@ -132,6 +132,19 @@ class Storage:
             return self._cache[name]
 
     @classmethod
+    def for_file(cls, location: str | os.PathLike) -> tuple["Storage", str]:
+        """(Storage of a file's folder, the file's name) for a local path, file:// or s3:// URI: how to reach one
+        named file (a url list, a tar, an output picture) through the methods that take a path under a root."""
+        text = os.fspath(location)
+        if "://" in text:
+            parent, name = text.rstrip("/").rsplit("/", 1)
+            if parent.endswith(":/"):  # s3://bucket-only or file:/// root: the bucket/root itself is the folder
+                parent += "/"
+            return cls(parent), name
+        local = Path(text).expanduser().absolute()
+        return cls(str(local.parent)), local.name
+
+    @classmethod
     def from_config(cls, cfg: "OnegenConfig") -> "Storage":
         s3 = cfg.storage.s3
         return cls(cfg.storage.root, endpoint_url=s3.endpoint_url, region=s3.region, profile=s3.profile)

@@ -379,8 +379,9 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         summary.notes = changes_since_plan(cfg, document, plan, pending, earlier)
         for note in summary.notes:
             print(f"onegen build: {note}", file=sys.stderr, flush=True)
-    if earlier_note(document):
-        summary.notes.insert(0, earlier_note(document))
+    incremental = earlier_note(document)
+    if incremental:
+        summary.notes.insert(0, incremental)
     version = code_version()
     with _tracked_run(cfg, storage, summary) as run:
         if pending:

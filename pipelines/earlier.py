@@ -19,10 +19,10 @@ exactly what its first run excluded.
 from __future__ import annotations
 
 import bisect
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -65,10 +65,6 @@ class EarlierBuilds:
 
         return skip
 
-    @property
-    def names(self) -> str:
-        return ", ".join(build["name"] for build in self.builds)
-
 
 def load_earlier(storage: Storage, refs: list[str], frozen: list[dict[str, str]] | None = None,
                  own: str | None = None) -> EarlierBuilds:
@@ -91,11 +87,13 @@ def load_earlier(storage: Storage, refs: list[str], frozen: list[dict[str, str]]
         seen.add(build.uri)
         if build.uri == own:
             raise UsageError(f"{named_by} names {ref!r}, the build being made ({own}): name the builds before it")
-        if not build.complete:
+        try:
+            digest = build.manifest_digest()  # reads the final manifest (once)
+        except FileNotFoundError:
             raise UsageError(f"earlier build {build.uri} (named by {named_by}) has not finished (no "
                              "manifest/_final.json): finish it by rerunning its `onegen build`, or leave it out of "
-                             "build.previous")
-        earlier.builds.append({"name": build.name, "uri": build.uri, "manifest_sha256": build.manifest_digest()})
+                             "build.previous") from None
+        earlier.builds.append({"name": build.name, "uri": build.uri, "manifest_sha256": digest})
         for entry in build.entries().values():
             earlier.input_ids.update(entry["input_ids"])
             earlier.input_ids.update(input_id for input_id, reason in entry.get("dropped_input_ids", [])
@@ -123,8 +121,6 @@ def _open(ref: str, storage: Storage, named_by: str):
 
 
 def _plan_previous(build) -> list[dict[str, str]]:
-    import json
-
     rel = plan_path(build.name)
     if not build.storage.exists(rel):
         return []
@@ -144,9 +140,3 @@ def already_built(hashes: np.ndarray, hexdigest: str) -> bool:
     key = hash_keys([hexdigest])[0]
     at = int(np.searchsorted(hashes, key))
     return at < len(hashes) and hashes[at] == key
-
-
-def describe(earlier: EarlierBuilds) -> dict[str, Any]:
-    """What the plan records: the builds (for a rerun to reload and check) and how much they hold."""
-    return {"builds": earlier.builds, "input_ids": len(earlier.input_ids), "hashes": int(len(earlier.hashes)),
-            "skipped": dict(sorted(earlier.skipped.items()))}

@@ -114,7 +114,8 @@ def inspect_build(target: str, out: str | None = None, samples: int = 8, seed: i
         sheet = contact_sheet(sample_rows(build, samples, seed))
         buffer = io.BytesIO()
         sheet.save(buffer, format="PNG")
-        Storage(out.rsplit("/", 1)[0] if "/" in out else ".").write_bytes(out.rsplit("/", 1)[-1], buffer.getvalue())
+        storage, name = Storage.for_file(out)
+        storage.write_bytes(name, buffer.getvalue())
         path = out
     return summary, path
 

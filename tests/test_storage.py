@@ -662,3 +662,13 @@ def test_region_argument_wins_and_a_missing_bucket_falls_back(moto_endpoint, aws
     aws_env.delenv("AWS_DEFAULT_REGION")
     assert Storage("s3://onegen-no-such-bucket/x", endpoint_url=moto_endpoint).region == "us-east-1"
     assert Storage("s3://onegen-no-such-bucket/x").uri("k") == "s3://onegen-no-such-bucket/x/k"
+
+
+def test_for_file_gives_the_folder_storage_and_the_name(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage, name = Storage.for_file("lists/a.csv")
+    assert (storage.root_uri, name) == (str(tmp_path / "lists"), "a.csv")
+    storage, name = Storage.for_file("s3://bucket/dir/x.tar")
+    assert (storage.uri(name), name) == ("s3://bucket/dir/x.tar", "x.tar")
+    storage, name = Storage.for_file("s3://bucket/x.tar")
+    assert storage.uri(name) == "s3://bucket/x.tar"

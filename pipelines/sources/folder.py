@@ -215,13 +215,13 @@ def apply_json_sidecar(text: str, uri: str, record: dict) -> None:
     if not isinstance(document, dict):
         raise DropSample("bad_sidecar", f"{uri}: a sidecar must be a JSON object ({{\"caption\": ..., ...}}), got "
                                       f"{type(document).__name__}")
-    captions, extras = captions_of(document, uri, "bad_sidecar")
+    captions, extras = _captions_of(document, uri, "bad_sidecar")
     record["captions"].update(captions)
     if extras:
         record["meta"]["sidecar"] = extras
 
 
-def captions_of(document: dict, uri: str, reason: str, *, skip: tuple = ()) -> tuple[dict[str, str], dict]:
+def _captions_of(document: dict, uri: str, reason: str, *, skip: tuple = ()) -> tuple[dict[str, str], dict]:
     """(captions, the other keys) of a sidecar or cameras.json object: "caption" -> "original", "captions" merged."""
     captions: dict[str, str] = {}
     caption = document.get("caption")
@@ -247,7 +247,7 @@ def _read_group(storage: Storage, index: int, entry: dict) -> dict[str, Any]:
                      {"path": folder or ".", "root": storage.root_uri})
     try:
         document = _parse_cameras(storage, cameras, folder, entry["files"])
-        captions, extras = captions_of(document, storage.uri(cameras["path"]), "bad_cameras",
+        captions, extras = _captions_of(document, storage.uri(cameras["path"]), "bad_cameras",
                                         skip=("frames",))
         views = []
         planned = {f["path"]: f for f in entry["files"]}
@@ -380,6 +380,5 @@ def raise_if_store_down(storage: Storage, err: OSError) -> None:
 
 
 __all__ = ["CAMERAS_FILE", "FOLDER_DROP_REASONS", "IMAGE_EXTENSIONS", "SIDECAR_EXTENSIONS", "apply_json_sidecar",
-           "captions_of",
            "entry_input_id", "listed_versions", "plan_folder_partitions", "read_folder_partition", "read_or_refuse",
            "read_planned"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
-import posixpath
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -76,14 +75,12 @@ def plan_tar_partitions(paths: list[str], skip: Callable[[str], bool] | None = N
 
 def _tars_at(path: str) -> list[dict[str, Any]]:
     """Tars at one expanded path: the file itself, every tar under a folder, or the glob's matches."""
-    folder, name = _split(path)
+    storage, name = Storage.for_file(path)
     if any(char in name for char in _GLOB_CHARS):
-        storage = Storage(folder)
         files = listed_versions(storage) if storage.exists("") else {}
         return [_spec(storage, rel, files[rel]) for rel in files
                 if "/" not in rel and _is_tar(rel) and fnmatch.fnmatchcase(rel, name)]
     if _is_tar(name):
-        storage = Storage(folder)
         try:
             return [_spec(storage, name, storage.stat(name))]
         except FileNotFoundError:
@@ -91,14 +88,6 @@ def _tars_at(path: str) -> list[dict[str, Any]]:
     storage = Storage(path)
     files = listed_versions(storage) if storage.exists("") else {}
     return [_spec(storage, rel, files[rel]) for rel in files if _is_tar(rel)]
-
-
-def _split(path: str) -> tuple[str, str]:
-    text = path.rstrip("/")
-    if "://" in text:
-        folder, _, name = text.rpartition("/")
-        return (folder + "/" if folder.endswith(":/") else folder), name
-    return posixpath.dirname(text) or ".", posixpath.basename(text)
 
 
 def _is_tar(rel: str) -> bool:

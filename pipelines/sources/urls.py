@@ -95,7 +95,9 @@ def read_url_table(path: str, *, url_col: str = "url", caption_col: str | None =
     import pyarrow as pa
 
     fmt = url_table_format(path)
-    storage, name = _storage_and_name(path)
+    from onegen.storage import Storage
+
+    storage, name = Storage.for_file(path)
     data = storage.read_bytes(name)
     if fmt == "txt":
         # Read by lines, not as a one-column CSV: URLs may hold commas and quotes. Blank lines carry no row.
@@ -131,7 +133,9 @@ def expand_url_lists(paths: list[str]) -> list[str]:
             continue
         except ValueError:
             pass
-        storage, _ = _storage_and_name(str(path).rstrip("/") + "/_")
+        from onegen.storage import Storage
+
+        storage = Storage(path)
         found = [storage.uri(rel) for rel in storage.list(recursive=True)
                  if rel.lower().endswith(tuple(f".{fmt}" for fmt in URL_TABLE_FORMATS))]
         if not found:
@@ -243,7 +247,9 @@ def _parquet_file(path: str) -> Iterator["pq.ParquetFile"]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    storage, name = _storage_and_name(path)
+    from onegen.storage import Storage
+
+    storage, name = Storage.for_file(path)
     try:
         handle = storage.filesystem.open_input_file(storage.fs_path(name))
     except OSError:
@@ -262,21 +268,6 @@ def _check_url_column(path: str, columns: list[str], url_col: str) -> None:
     if url_col not in columns:
         raise ValueError(f"{path}: no url column {url_col!r}; its columns are {list(columns)}: set the source's "
                          "url_col to the column that holds the image URLs")
-
-
-def _storage_and_name(path: str):
-    """(Storage of the file's folder, file name): local paths, file:// and s3:// alike, one error style."""
-    from onegen.storage import Storage
-
-    text = str(path)
-    if "://" in text:
-        parent, name = text.rstrip("/").rsplit("/", 1)
-        if parent.endswith(":/"):  # s3://bucket-only or file:/// root: the bucket/root itself is the folder
-            parent += "/"
-    else:
-        local = Path(text).expanduser().absolute()
-        parent, name = str(local.parent), local.name
-    return Storage(parent), name
 
 
 # --- downloading ---------------------------------------------------------------------------------------------------
