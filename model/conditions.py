@@ -8,7 +8,8 @@ the same inputs (and the same seeded `np.random.Generator` where there is random
 
     view role (model/tasks.py)  renderer               map
     canny                       canny_map              white (255) edges on black, cv2.Canny on the grayscale image
-    blurred_image               blur_image             the image under a Gaussian blur, sigma drawn from a range
+    blurred_image               blur_image             the image under a Gaussian blur, sigma (and the kernel size)
+                                                       drawn from ranges
     masked_image                inpaint_mask +         the image with the hole painted grey (128, 128, 128) exactly
                                 masked_image
     depth                       depth_condition        grayscale inverse depth, near = white, sky 0 (model/depth.py)
@@ -139,32 +140,48 @@ def canny_map(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndar
     return np.repeat(edges[..., None], 3, axis=2)
 
 
-def blur_image(image: np.ndarray, rng: np.random.Generator | int,
-               sigma_range: tuple[float, float] = (1.0, 3.0)) -> tuple[np.ndarray, float]:
-    """(blurred uint8 image, sigma): a Gaussian blur with sigma drawn uniformly from `sigma_range` by `rng` (one
-    `rng.uniform` call), kernel size derived by OpenCV from sigma (ksize (0, 0)), reflected borders. The deblurring
-    task's condition; sigma is returned so the build can record it."""
+def blur_image(image: np.ndarray, rng: np.random.Generator | int, sigma_range: tuple[float, float] = (1.0, 3.0),
+               kernel_range: tuple[int, int] | None = None) -> tuple[np.ndarray, float, int]:
+    """(blurred uint8 image, sigma, kernel size): a Gaussian blur with sigma drawn uniformly from `sigma_range` (one
+    `rng.uniform` call), then an odd kernel size drawn uniformly among the odd sizes in `kernel_range` (one
+    `rng.integers` call; the Real-ESRGAN degradation recipe: a kernel smaller than 6 sigma truncates the Gaussian,
+    which is part of the variety), or derived by OpenCV from sigma when `kernel_range` is None (ksize (0, 0));
+    reflected borders. The deblurring task's condition; sigma and size are returned so the build can record them."""
     import cv2
 
     image = _check_image(image)
     lo, hi = (float(v) for v in sigma_range)
     if not 0 < lo <= hi:
         raise ValueError(f"blur_image: sigma_range must be (low, high) with 0 < low <= high, got {sigma_range!r}.")
-    sigma = float(_as_rng(rng).uniform(lo, hi))
-    blurred = cv2.GaussianBlur(np.ascontiguousarray(image), (0, 0), sigmaX=sigma, sigmaY=sigma,
+    rng = _as_rng(rng)
+    sigma = float(rng.uniform(lo, hi))
+    ksize = 0
+    if kernel_range is not None:
+        k_lo, k_hi = (int(v) for v in kernel_range)
+        if not (1 <= k_lo <= k_hi and k_lo % 2 == 1 and k_hi % 2 == 1):
+            raise ValueError(f"blur_image: kernel_range must be odd sizes (low, high) with 1 <= low <= high, got "
+                             f"{kernel_range!r}.")
+        ksize = k_lo + 2 * int(rng.integers(0, (k_hi - k_lo) // 2 + 1))
+    blurred = cv2.GaussianBlur(np.ascontiguousarray(image), (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
                                borderType=cv2.BORDER_REFLECT)
-    return blurred, sigma
+    if not ksize:  # what OpenCV derived for uint8 images: round(sigma * 3 * 2 + 1) | 1
+        ksize = int(round(sigma * 6 + 1)) | 1
+    return blurred, sigma, ksize
+
+
+MASK_SHAPES = ("rectangle", "rectangles", "strokes")
 
 
 def inpaint_mask(shape_hw: Sequence[int], rng: np.random.Generator | int, min_fraction: float = 0.1,
-                 max_fraction: float = 0.5) -> np.ndarray:
+                 max_fraction: float = 0.5, shapes: Sequence[str] = MASK_SHAPES) -> np.ndarray:
     """A seeded random hole, (H, W) bool (True = masked), covering a fraction of the pixels in
     [min_fraction, max_fraction] (exactly: counted in whole pixels).
 
-    The style is drawn first: one rectangle, a few (2-4) rectangles, or one or two rectangles plus thick random strokes
-    (the free-form holes of inpainting training). Shapes aim at a coverage drawn uniformly in the range; overlaps
-    or clipping that leave it short grow the mask by one-pixel dilations, and a mask over the top is trimmed from its
-    last pixels in raster order, so the fraction always lands in range whatever the image size."""
+    The shape is drawn first among `shapes`: "rectangle" (one), "rectangles" (2-4), or "strokes" (one or two
+    rectangles plus thick random strokes: the free-form holes of inpainting training). Shapes aim at a coverage drawn
+    uniformly in the range; overlaps or clipping that leave it short grow the mask by one-pixel dilations, and a mask
+    over the top is trimmed from its last pixels in raster order, so the fraction always lands in range whatever the
+    image size."""
     h, w = _check_shape(shape_hw)
     if not 0 < min_fraction <= max_fraction <= 1:
         raise ValueError(f"inpaint_mask: need 0 < min_fraction <= max_fraction <= 1, got {min_fraction}, "
@@ -174,13 +191,17 @@ def inpaint_mask(shape_hw: Sequence[int], rng: np.random.Generator | int, min_fr
     if lo_px > hi_px:
         raise ValueError(f"inpaint_mask: a {h}x{w} image has no whole pixel count in [{min_fraction}, {max_fraction}] "
                          "of its area; widen the range or use a larger image.")
+    unknown = sorted(set(shapes) - set(MASK_SHAPES))
+    if unknown or not shapes:
+        raise ValueError(f"inpaint_mask: shapes must be a non-empty list of {list(MASK_SHAPES)}, got {list(shapes)}.")
+    shapes = sorted(set(shapes), key=MASK_SHAPES.index)  # the draw depends on the set, not on how it was listed
     rng = _as_rng(rng)
     target_px = min(max(round(float(rng.uniform(min_fraction, max_fraction)) * total), lo_px), hi_px)
-    style = int(rng.integers(3))  # 0: one rectangle, 1: a few rectangles, 2: rectangles + strokes
+    style = shapes[int(rng.integers(len(shapes)))]
     mask = np.zeros((h, w), dtype=bool)
-    if style == 0:
+    if style == "rectangle":
         _add_rectangle(mask, rng, target_px)
-    elif style == 1:
+    elif style == "rectangles":
         count = int(rng.integers(2, 5))
         for _ in range(count):
             _add_rectangle(mask, rng, target_px / count)
@@ -400,7 +421,7 @@ CONDITION_RENDERERS: Mapping[str, Callable[..., Any]] = MappingProxyType({
 })
 
 __all__ = [
-    "COCO_SKELETON", "CONDITION_RENDERERS", "JOINT_COLOURS", "LIMB_COLOURS", "MASK_FILL", "blur_image", "box_condition",
-    "canny_map", "colour_rgb", "depth_condition", "draw_box_outlines", "hex_to_rgb", "inpaint_mask",
+    "COCO_SKELETON", "CONDITION_RENDERERS", "JOINT_COLOURS", "LIMB_COLOURS", "MASK_FILL", "MASK_SHAPES", "blur_image",
+    "box_condition", "canny_map", "colour_rgb", "depth_condition", "draw_box_outlines", "hex_to_rgb", "inpaint_mask",
     "instance_condition", "masked_image", "pose_condition", "pose_line_width", "semantic_condition",
 ]

@@ -29,6 +29,10 @@ from onegen.config import (MACHINE, RUNTIME, SCHEMAS, OnegenConfig, _role, _Sect
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"  # source names become shard names "NAME-00000": no '-' or '.' inside
 CONDITION_KINDS = ("canny", "blur", "inpaint")
 SYNTHETIC_MAPS = ("depth", "semantic", "pose", "boxes")
+# The shard modality (the view role of model/tasks.py it fills, onegen.shards.MODALITIES) each config kind writes.
+CONDITION_MODALITIES = {"canny": "canny", "blur": "blurred_image", "inpaint": "masked_image"}
+LABEL_MODALITIES = {"depth": "depth", "semantic": "semantic_map", "pose": "pose", "boxes": "bounding_boxes"}
+MASK_SHAPES = ("rectangle", "rectangles", "strokes")  # model.conditions.MASK_SHAPES (a test holds them equal)
 
 
 class _Source(_Section):
@@ -107,15 +111,29 @@ class DecodeSection(_Section):
 
 
 class ConditionsSection(_Section):
-    """Weight-free conditions, each drawn per sample from a generator seeded by (run.seed, sample id)."""
+    """Weight-free conditions, each drawn per sample from a generator seeded by (run.seed, sample id, resolution,
+    view, kind): a rebuild is byte-identical, another run.seed draws other thresholds, blurs and holes. A range
+    (low, high) is drawn uniformly per sample; give one number (or low == high) to fix it."""
 
     kinds: list[Literal["canny", "blur", "inpaint"]] = Field(list(CONDITION_KINDS))
-    canny_low: int = Field(100, ge=0)
-    canny_high: int = Field(200, ge=0)
+    canny_low: tuple[int, int] = Field((80, 120), description="cv2.Canny's low hysteresis threshold range (ControlNet "
+                                                              "1.1 draws random thresholds: varied edge density)")
+    canny_high: tuple[int, int] = Field((160, 240), description="the high threshold range; starts at or above "
+                                                                "canny_low's end")
     blur_sigma: tuple[float, float] = Field((1.0, 3.0), description="Gaussian sigma range (deblurring)")
+    blur_kernel: tuple[int, int] | None = Field((7, 21), description="odd Gaussian kernel size range (the "
+                                                                     "Real-ESRGAN recipe); null: 6 sigma + 1")
     inpaint_fraction: tuple[float, float] = Field((0.1, 0.5), description="masked area range (inpainting)")
+    inpaint_shapes: list[Literal["rectangle", "rectangles", "strokes"]] = Field(
+        list(MASK_SHAPES), min_length=1, description="hole shapes drawn from: one rectangle, 2-4 rectangles, or "
+                                                     "rectangles + thick free-form strokes")
     synthetic_maps: list[Literal["depth", "semantic", "pose", "boxes"]] = Field(
         list(SYNTHETIC_MAPS), description="exact maps drawn from the synthetic world's labels")
+
+    @field_validator("canny_low", "canny_high", "blur_sigma", "blur_kernel", mode="before")
+    @classmethod
+    def _one_number_is_a_fixed_range(cls, value):
+        return [value, value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 class EncodeSection(_Section):
@@ -189,12 +207,24 @@ class BuildSection(_Section):
 
     @model_validator(mode="after")
     def _ranges(self) -> "BuildSection":
-        for name, (low, high) in (("conditions.blur_sigma", self.conditions.blur_sigma),
-                                  ("conditions.inpaint_fraction", self.conditions.inpaint_fraction)):
+        conditions = self.conditions
+        for name, (low, high) in (("conditions.blur_sigma", conditions.blur_sigma),
+                                  ("conditions.inpaint_fraction", conditions.inpaint_fraction)):
             if not 0 < low <= high:
                 raise ValueError(f"{name}: expected 0 < low <= high, got ({low}, {high})")
-        if self.conditions.inpaint_fraction[1] > 1:
+        if conditions.inpaint_fraction[1] > 1:
             raise ValueError("conditions.inpaint_fraction: the high end must be <= 1")
+        for name, (low, high) in (("conditions.canny_low", conditions.canny_low),
+                                  ("conditions.canny_high", conditions.canny_high)):
+            if not 0 <= low <= high:
+                raise ValueError(f"{name}: expected 0 <= low <= high, got ({low}, {high})")
+        if conditions.canny_low[1] > conditions.canny_high[0]:
+            raise ValueError(f"conditions.canny_low {list(conditions.canny_low)} must end at or below where "
+                             f"conditions.canny_high {list(conditions.canny_high)} starts (low <= high on every draw)")
+        kernel = conditions.blur_kernel
+        if kernel is not None and not (1 <= kernel[0] <= kernel[1] and kernel[0] % 2 == kernel[1] % 2 == 1):
+            raise ValueError(f"conditions.blur_kernel: expected odd sizes 1 <= low <= high (e.g. [7, 21]), got "
+                             f"{list(kernel)}; or null for 6 sigma + 1")
         spec = self.encode.image_tokenizer
         problem = tokenizer_factor_problem(spec, image_tokenizer_factor(spec))
         if problem:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-SHARD_SCHEMA_VERSION = 1
+SHARD_SCHEMA_VERSION = 2  # 2: modalities named by model/tasks.py's view roles (1 wrote blur, inpaint, semantic, boxes)
 MANIFEST_ENTRY_SCHEMA = "onegen.manifest_entry/1"
 MANIFEST_SCHEMA = "onegen.manifest/1"
 BUILD_SCHEMA = "onegen.build/1"
@@ -44,7 +44,7 @@ LATENT_DTYPES = ("float32", "float16", "bfloat16")
 
 _LATENT = pa.struct([
     ("view", pa.int32()),            # index of the picture view in its group (0 for single images)
-    ("modality", pa.string()),       # "image" or a condition: "depth", "semantic", "pose", "boxes", "canny", ...
+    ("modality", pa.string()),       # one of MODALITIES: "image" or the condition's view role ("canny", "depth", ...)
     ("mean", pa.binary()),
     ("std", pa.binary()),            # null: a point posterior (pixel tokenizer)
     ("shape", pa.list_(pa.int32())),  # (C, h, w)
@@ -86,12 +86,11 @@ LATENT_SCHEMA = pa.schema([
 ], metadata={SCHEMA_METADATA_KEY: str(SHARD_SCHEMA_VERSION).encode()})
 
 
-# The modality name a shard stores for each view role of model/tasks.py (what a task's frame is filled from). Roles
-# missing here (references, source images, HED) have no modality a build writes yet.
-ROLE_MODALITIES = {
-    "image": "image", "canny": "canny", "blurred_image": "blur", "masked_image": "inpaint", "depth": "depth",
-    "semantic_map": "semantic", "bounding_boxes": "boxes", "pose": "pose",
-}
+# The modalities a build writes, each named by the view role of model/tasks.py it fills, so a task's frame is read
+# from the latent of the same name. Roles missing here (references, source images, HED) no build writes yet.
+MODALITIES = ("image", "canny", "blurred_image", "masked_image", "depth", "semantic_map", "bounding_boxes", "pose")
+# The WebDataset member holding a view's inpainting hole (8-bit grey, 255 = masked) beside its cond_masked_image.png.
+INPAINT_MASK_MEMBER = "inpaint_mask.png"
 
 
 class ShardSchemaError(ValueError):

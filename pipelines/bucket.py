@@ -5,7 +5,8 @@ brought to its bucket by the release's centre crop + bilinear resize (model.imag
 the inference pipeline takes). Its labels must follow the same geometry or they stop describing the picture, so
 `bucket_sample` applies the one crop box (model.images.center_crop_box) to everything:
 
-* image: uint8 -> [-1, 1] (model.images.image_to_tensor) -> center_crop_resize -> uint8 by rounding (x + 1) * 127.5;
+* image: the same crop and bilinear resize in float64 numpy, rounded to uint8: within one level of
+  center_crop_resize, and byte-identical on every machine and thread count (torch's float32 kernel is not);
 * depth, instance, semantic: the same box, nearest-neighbour resize (pixel-centre sampling, the `nearest-exact` rule),
   so ids stay ids that existed and invalid depth (0) stays 0;
 * keypoints: continuous pixel coordinates moved by the crop offset and scaled by the resize factors (the mapping
@@ -27,9 +28,8 @@ import math
 from typing import Any
 
 import numpy as np
-import torch
 
-from model.images import center_crop_box, center_crop_resize, closest_aspect_bucket, image_to_tensor
+from model.images import center_crop_box, closest_aspect_bucket
 from pipelines.record import Sample
 
 # Box edges mapped into the new image land on fractional pixels; this much float error is not taken as a pixel more
@@ -86,10 +86,29 @@ def bucket_sample(sample: Sample, height: int, width: int) -> Sample:
 
 
 def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 -> [-1, 1] as every pipeline input is read, the pipeline's centre crop + resize, back to uint8."""
-    resized = center_crop_resize(image_to_tensor(image), height, width)
-    pixels = ((resized + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
+    """The pipeline's centre crop + bilinear resize (align_corners=False, no antialiasing) of a uint8 image, rounded
+    back to uint8, computed in float64 numpy rather than through torch: torch's float32 kernel changes its
+    vectorised/scalar split with the thread count, which moved a few pixels by one level between a Ray worker (one
+    thread) and a two-thread process, so a rebuild was not byte-identical. Each float64 numpy operation is rounded
+    on its own (no fused multiply-add), so these bytes are the same on every machine and thread count; they are
+    within one level of `center_crop_resize` (tests/test_bucket.py)."""
+    top, left, crop_h, crop_w = center_crop_box(*image.shape[:2], height, width)
+    rows0, rows1, row_weight = _bilinear_taps(crop_h, height)
+    cols0, cols1, col_weight = _bilinear_taps(crop_w, width)
+    crop = image[top:top + crop_h, left:left + crop_w]
+    upper, lower = crop[rows0].astype(np.float64), crop[rows1].astype(np.float64)  # only the rows the output reads
+    rows = upper + (lower - upper) * row_weight[:, None, None]
+    left_taps = rows[:, cols0]
+    resized = left_taps + (rows[:, cols1] - left_taps) * col_weight[None, :, None]
+    return np.ascontiguousarray(np.clip(np.round(resized), 0, 255).astype(np.uint8))
+
+
+def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first source index, second, weight of the second) of each output index: PyTorch's align_corners=False rule,
+    source = (i + 0.5) * size_in / size_out - 0.5 clamped at 0."""
+    source = np.maximum((np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    first = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+    return first, np.minimum(first + 1, size_in - 1), source - first
 
 
 def _nearest_indices(size_in: int, size_out: int) -> np.ndarray:

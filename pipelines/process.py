@@ -11,7 +11,8 @@ What each stage adds:
                 record["sha256"]: the pixels' digest (of every view's digest for a group) — the duplicate key
     bucket      record["outputs"]: one per build resolution: {"resolution", "bucket": (h, w), "samples": [Sample]}
                 (the release's centre crop + resize to the nearest aspect bucket, labels and cameras with it)
-    conditions  outputs[k]["conditions"]: per view {modality: (H, W, 3) uint8}, outputs[k]["params"]
+    conditions  outputs[k]["conditions"]: per view {modality: (H, W, 3) uint8}, outputs[k]["params"] (how each was
+                drawn), outputs[k]["masks"] (per view the inpainting hole, or None)
     encode      outputs[k]["latents"]: onegen.shards latent entries (posterior mean/std of every view's picture
                 and condition maps)
     pack        record["members"]: WebDataset sample dicts (bytes), record["rows"]: latent-table rows; pixels
@@ -24,12 +25,13 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from onegen.build_config import BuildConfig
-from onegen.shards import latent_entry, split_of
+from onegen.build_config import CONDITION_MODALITIES, LABEL_MODALITIES, BuildConfig
+from onegen.shards import INPAINT_MASK_MEMBER, latent_entry, split_of
 from pipelines.record import Sample, encode_png
 
 IMAGE = "image"
@@ -125,27 +127,39 @@ def bucket_record(cfg: BuildConfig, record: dict) -> None:
 # --- conditions --------------------------------------------------------------------------------------------------
 
 def conditions_record(cfg: BuildConfig, record: dict) -> None:
+    """The weight-free conditions (canny, blur, inpaint) of every view, each kind from its own generator seeded by
+    (run.seed, id, resolution, view, kind), so a rebuild is byte-identical and turning one kind off changes no other;
+    then the exact maps of the source's labels. Every map is stored under its modality (model/tasks.py's role)."""
     from model import conditions as render
 
     settings = cfg.build.conditions
     for output in record["outputs"]:
-        output["conditions"], output["params"] = [], []
+        output["conditions"], output["params"], output["masks"] = [], [], []
         for v, sample in enumerate(output["samples"]):
             maps: dict[str, np.ndarray] = {}
             params: dict[str, Any] = {}
-            rng = record_rng(cfg, record["id"], output["resolution"], v)
+            mask = None
+            rng = partial(record_rng, cfg, record["id"], output["resolution"], v)  # rng(kind): one per kind
             if "canny" in settings.kinds:
-                maps["canny"] = render.canny_map(sample.image, settings.canny_low, settings.canny_high)
-                params["canny"] = [settings.canny_low, settings.canny_high]
+                draw = rng("canny")
+                low = int(draw.integers(settings.canny_low[0], settings.canny_low[1] + 1))
+                high = int(draw.integers(settings.canny_high[0], settings.canny_high[1] + 1))
+                maps[CONDITION_MODALITIES["canny"]] = render.canny_map(sample.image, low, high)
+                params["canny"] = [low, high]
             if "blur" in settings.kinds:
-                maps["blur"], params["blur_sigma"] = render.blur_image(sample.image, rng, settings.blur_sigma)
+                blurred, sigma, ksize = render.blur_image(sample.image, rng("blur"), settings.blur_sigma,
+                                                          settings.blur_kernel)
+                maps[CONDITION_MODALITIES["blur"]] = blurred
+                params["blur_sigma"], params["blur_kernel"] = sigma, ksize
             if "inpaint" in settings.kinds:
-                mask = render.inpaint_mask(sample.image.shape[:2], rng, *settings.inpaint_fraction)
-                maps["inpaint"] = render.masked_image(sample.image, mask)
+                mask = render.inpaint_mask(sample.image.shape[:2], rng("inpaint"), *settings.inpaint_fraction,
+                                           shapes=settings.inpaint_shapes)
+                maps[CONDITION_MODALITIES["inpaint"]] = render.masked_image(sample.image, mask)
                 params["inpaint_fraction"] = float(mask.mean())
             maps.update(_exact_maps(sample, settings.synthetic_maps, render))
             output["conditions"].append(maps)
             output["params"].append(params)
+            output["masks"].append(mask)
 
 
 def _exact_maps(sample: Sample, wanted: list[str], render) -> dict[str, np.ndarray]:
@@ -154,17 +168,17 @@ def _exact_maps(sample: Sample, wanted: list[str], render) -> dict[str, np.ndarr
     height, width = sample.image.shape[:2]
     colours = class_colours(sample)
     if "depth" in wanted and sample.depth is not None:
-        maps["depth"] = render.depth_condition(sample.depth)
+        maps[LABEL_MODALITIES["depth"]] = render.depth_condition(sample.depth)
     if "semantic" in wanted and sample.semantic is not None and sample.classes is not None and colours:
-        maps["semantic"] = render.semantic_condition(sample.semantic, sample.classes,
-                                                     {c: v["hex"] for c, v in colours.items()})
+        maps[LABEL_MODALITIES["semantic"]] = render.semantic_condition(sample.semantic, sample.classes,
+                                                                       {c: v["hex"] for c, v in colours.items()})
     if "pose" in wanted and sample.keypoints is not None and len(sample.keypoints):
-        maps["pose"] = render.pose_condition((height, width), sample.keypoints)
+        maps[LABEL_MODALITIES["pose"]] = render.pose_condition((height, width), sample.keypoints)
     if "boxes" in wanted and sample.entities and colours:
         boxed = [e for e in visible_entities(sample) if e["class"] in colours]
         if boxed:
-            maps["boxes"] = render.box_condition((height, width), [e["bbox_2d"] for e in boxed],
-                                                 [colours[e["class"]]["hex"] for e in boxed])
+            maps[LABEL_MODALITIES["boxes"]] = render.box_condition((height, width), [e["bbox_2d"] for e in boxed],
+                                                                   [colours[e["class"]]["hex"] for e in boxed])
     return maps
 
 
@@ -315,6 +329,8 @@ def pack_record(cfg: BuildConfig, record: dict) -> None:
             members["__key__"] = f"{record['id']}-r{resolution}-v{v}"
             for modality, picture in sorted(output["conditions"][v].items()):
                 members[f"cond_{modality}.png"] = encode_png(picture)  # "semantic.png" is the id map
+            if output["masks"][v] is not None:  # the hole itself (255 = masked): evaluation and tests need it
+                members[INPAINT_MASK_MEMBER] = encode_png(output["masks"][v].astype(np.uint8) * 255)
             record["members"].append(members)
             modalities |= {IMAGE, *output["conditions"][v]}
             colours = class_colours(sample)

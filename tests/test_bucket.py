@@ -123,15 +123,42 @@ def test_center_crop_box():
 # bucketing a sample
 
 
-def test_image_takes_the_pipelines_path_exactly(synthetic_sample):
+def _pipeline_path(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    expected = center_crop_resize(image_to_tensor(image), h, w)
+    return ((expected + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def test_image_takes_the_pipelines_path_within_one_level(synthetic_sample):
     for h, w in [(48, 64), (32, 32), (96, 128), (40, 24)]:
         out = bucket_sample(synthetic_sample, h, w)
-        expected = center_crop_resize(image_to_tensor(synthetic_sample.image), h, w)
-        expected = ((expected + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        assert out.image.dtype == np.uint8 and np.array_equal(out.image, expected)
+        expected = _pipeline_path(synthetic_sample.image, h, w)
+        assert out.image.dtype == np.uint8 and out.image.shape == (h, w, 3)
+        difference = np.abs(out.image.astype(int) - expected)
+        # Off by one only where the exact value is (near) a .5 tie: an exact 2:1 halving makes many, which the
+        # float32 path resolves by its rounding noise and the float64 one half to even.
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.1, (h, w)
     same = bucket_sample(synthetic_sample, 64, 64)
     assert np.array_equal(same.image, synthetic_sample.image)  # the same size is the identity
     assert same.differences(synthetic_sample) == []
+
+
+def test_bucketed_pixels_do_not_depend_on_the_thread_count():
+    """torch's float32 bilinear kernel moves pixels by one level between 1 and 2 threads (a Ray worker and a
+    two-thread process built different bytes); the build's resize is the same whatever torch is set to."""
+    from pipelines.bucket import _resize_image
+
+    image = np.cumsum(np.random.default_rng(0).integers(0, 256, (480, 640, 3)), axis=1).astype(np.uint8)
+    threads = torch.get_num_threads()
+    try:
+        outputs, torch_outputs = [], []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            outputs.append(_resize_image(image, 208, 288))
+            torch_outputs.append(_pipeline_path(image, 208, 288))
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(outputs[0], outputs[1])
+    assert np.abs(outputs[0].astype(int) - torch_outputs[0]).max() <= 1
 
 
 @pytest.mark.parametrize("size", [(48, 64), (64, 48), (32, 32), (40, 40), (96, 128), (24, 56)])

@@ -5,8 +5,10 @@ reruns, refusals, crashes at every commit point, S3 on moto and `ray job submit`
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import subprocess
 import sys
 from collections import Counter
@@ -115,9 +117,54 @@ def test_every_shard_decodes_and_pixel_latents_give_back_the_bucketed_images(mix
             mean, std = latents[(0, "image")]
             assert std is None and mean.shape == (16, row["bucket_h"] // 2, row["bucket_w"] // 2)
             np.testing.assert_array_equal(pixel_latent_picture(mean), sample.image)
-            assert set(row["modalities"]) >= {"image", "canny", "blur", "inpaint"}
+            assert set(row["modalities"]) >= {"image", "canny", "blurred_image", "masked_image"}
             rows_seen += 1
     assert rows_seen == mixed["manifest"]["totals"]["rows"]
+
+
+def rebuilt_folder_members(config: Path, *overrides: str) -> dict[str, dict]:
+    """The odd folder's partition through the build's stages again, in this process, from the same config (plus
+    `overrides`): a second build of the same inputs, as tar members by key."""
+    from onegen.build_config import BuildConfig
+    from onegen.config import load_config
+    from pipelines.ingest import plan_partitions, read_partition
+    from pipelines.process import ViewEncoder, process_records
+
+    cfg = load_config(config, list(overrides), BuildConfig)
+    partition = next(p for p in plan_partitions(cfg) if p.source == "odd")
+    records, _ = read_partition(cfg, partition)
+    process_records(cfg, records, ViewEncoder(cfg))
+    return {m["__key__"]: m for r in records if not r["dropped"] for m in r["members"]}
+
+
+def test_weight_free_conditions_are_byte_identical_on_a_rebuild_and_differ_with_another_seed(mixed):
+    from pipelines.record import decode_png
+
+    entry = mixed["entries"]["odd-00000"]
+    with tarfile.open(fileobj=io.BytesIO(Build(mixed["storage"], "b").read_file("odd-00000", "images"))) as tar:
+        built = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    names = ("cond_canny.png", "cond_blurred_image.png", "cond_masked_image.png", "inpaint_mask.png")
+    again = rebuilt_folder_members(mixed["config"])
+    other = rebuilt_folder_members(mixed["config"], "run.seed=1")
+    keys = sorted(again)
+    assert keys == sorted({name.split(".", 1)[0] for name in built})  # every picture view of the shard
+    differs = {name: 0 for name in names}
+    for key in keys:
+        for name in names:
+            assert again[key][name] == built[f"{key}.{name}"], (key, name)  # byte-identical
+            differs[name] += other[key][name] != again[key][name]
+        image = decode_png(built[f"{key}.png"])
+        hole = decode_png(built[f"{key}.inpaint_mask.png"]) == 255
+        masked = decode_png(built[f"{key}.cond_masked_image.png"])
+        assert 0.1 <= hole.mean() <= 0.5
+        assert (masked[hole] == 128).all() and np.array_equal(masked[~hole], image[~hole])
+    assert all(count == len(keys) for count in differs.values()), differs  # another seed: other draws for all
+    rows = {r["id"]: r for r in latent_rows(mixed["storage"], entry)}
+    for key in keys:  # the latent the trainer reads holds that exact grey hole too (pixel tokenizer: lossless)
+        row = rows[key.split("-r256-v")[0]]
+        view = int(key.rsplit("-v", 1)[1])
+        picture = pixel_latent_picture(row_latents(row)[(view, "masked_image")][0])
+        np.testing.assert_array_equal(picture, decode_png(built[f"{key}.cond_masked_image.png"]))
 
 
 def test_the_synthetic_rows_carry_their_exact_maps_and_labels(mixed):
@@ -125,7 +172,7 @@ def test_the_synthetic_rows_carry_their_exact_maps_and_labels(mixed):
     entry = mixed["entries"]["synth-00000"]
     samples = tar_samples(storage, entry)
     row = latent_rows(storage, entry)[0]
-    assert set(row["modalities"]) >= {"depth", "semantic", "boxes"}
+    assert set(row["modalities"]) >= {"depth", "semantic_map", "bounding_boxes"}
     assert json.loads(row["class_colours"]) and row["entities"] and row["cameras"][0]["K"] is not None
     sample = samples[f"{row['id']}-r256-v0"]
     assert sample.depth is not None and sample.depth.shape == (256, 256) and sample.semantic is not None

@@ -50,6 +50,35 @@ def test_bad_ranges_and_resolutions_are_refused():
     assert build_cfg(SYNTH, "build.resolutions=[512, 256]").build.resolutions == [256, 512]
 
 
+def test_condition_settings_ranges_single_numbers_and_refusals():
+    conditions = build_cfg(SYNTH).build.conditions
+    assert conditions.canny_low == (80, 120) and conditions.blur_kernel == (7, 21)
+    assert conditions.inpaint_shapes == ["rectangle", "rectangles", "strokes"]
+    fixed = build_cfg(SYNTH, "build.conditions.canny_low=100", "build.conditions.canny_high=200",
+                      "build.conditions.blur_kernel=null", "build.conditions.inpaint_shapes=[strokes]").build.conditions
+    assert fixed.canny_low == (100, 100) and fixed.canny_high == (200, 200) and fixed.blur_kernel is None
+    for override, message in (("build.conditions.blur_kernel=[4, 9]", "blur_kernel: expected odd sizes"),
+                              ("build.conditions.canny_low=[100, 200]", "must end at or below where"),
+                              ("build.conditions.canny_high=[250, 200]", "canny_high: expected 0 <= low <= high"),
+                              ("build.conditions.inpaint_shapes=[]", "inpaint_shapes"),
+                              ("build.conditions.inpaint_shapes=[circle]", "inpaint_shapes")):
+        with pytest.raises(ConfigError, match=message):
+            build_cfg(SYNTH, override)
+
+
+def test_every_condition_kind_writes_a_modality_named_by_a_task_view_role():
+    from model.conditions import MASK_SHAPES as RENDERER_SHAPES
+    from model.tasks import TASKS
+    from onegen.build_config import CONDITION_KINDS, CONDITION_MODALITIES, LABEL_MODALITIES, MASK_SHAPES, SYNTHETIC_MAPS
+    from onegen.shards import MODALITIES
+
+    assert set(CONDITION_MODALITIES) == set(CONDITION_KINDS) and set(LABEL_MODALITIES) == set(SYNTHETIC_MAPS)
+    roles = {role for task in TASKS.values() for role in task.view_roles}
+    written = {"image", *CONDITION_MODALITIES.values(), *LABEL_MODALITIES.values()}
+    assert written == set(MODALITIES) and written <= roles
+    assert MASK_SHAPES == RENDERER_SHAPES
+
+
 def test_a_vae_that_downsamples_more_than_the_buckets_allow_is_refused_from_its_config(tmp_path):
     import json
 

@@ -58,16 +58,17 @@ def test_every_picture_and_condition_view_is_what_the_renderers_draw_from_the_tr
     for row in open_build(synthetic_build["uri"]).rows():
         scene = int(row["input_id"].split("scene=")[1].split(":")[0])
         colours = {name: value["hex"] for name, value in json.loads(row["class_colours"]).items()}
+        params = json.loads(row["params"])
         for v, sample in enumerate(world[scene]):
             latents = {m: mean for (view, m), (mean, _) in row["latents"].items() if view == v}
             visible = [e for e in sample.entities if e.get("visible", True) and e.get("bbox_2d") is not None]
             expected = {
                 "image": sample.image,
-                "canny": render.canny_map(sample.image, 100, 200),
+                "canny": render.canny_map(sample.image, *params[v]["canny"]),
                 "depth": render.depth_condition(sample.depth),
-                "semantic": render.semantic_condition(sample.semantic, sample.classes, colours),
-                "boxes": render.box_condition((64, 64), [e["bbox_2d"] for e in visible],
-                                              [colours[e["class"]] for e in visible]),
+                "semantic_map": render.semantic_condition(sample.semantic, sample.classes, colours),
+                "bounding_boxes": render.box_condition((64, 64), [e["bbox_2d"] for e in visible],
+                                                       [colours[e["class"]] for e in visible]),
             }
             if sample.keypoints is not None and len(sample.keypoints):
                 expected["pose"] = render.pose_condition((64, 64), sample.keypoints)
@@ -76,7 +77,7 @@ def test_every_picture_and_condition_view_is_what_the_renderers_draw_from_the_tr
                 np.testing.assert_array_equal(pixel_latent_picture(latents[modality]), picture,
                                               err_msg=f"{scene} v{v} {modality}")
                 checked.add(modality)
-    assert checked == {"image", "canny", "depth", "semantic", "boxes", "pose"}
+    assert checked == {"image", "canny", "depth", "semantic_map", "bounding_boxes", "pose"}
 
 
 def test_the_plan_is_frozen_and_every_shard_of_it_is_committed(synthetic_build):

@@ -93,9 +93,9 @@ def test_canny_of_a_flat_image_is_black():
 
 def test_blur_is_seeded_and_sigma_in_range():
     image = _square()
-    blurred, sigma = blur_image(image, np.random.default_rng(7))
-    again, sigma_again = blur_image(image, np.random.default_rng(7))
-    assert sigma == sigma_again and np.array_equal(blurred, again)
+    blurred, sigma, ksize = blur_image(image, np.random.default_rng(7))
+    again, sigma_again, _ = blur_image(image, np.random.default_rng(7))
+    assert sigma == sigma_again and np.array_equal(blurred, again) and ksize == int(round(sigma * 6 + 1)) | 1
     assert 1.0 <= sigma <= 3.0 and _is_rgb_map(blurred, (32, 32))
     assert sigma == np.random.default_rng(7).uniform(1.0, 3.0)  # one uniform draw: the build can replay it
     assert 0 < blurred[8, 16, 0] < 255 and not np.array_equal(blurred, image)  # the edge is smeared
@@ -109,9 +109,30 @@ def test_blur_reflects_at_the_border():
     import cv2
 
     image = _square(value=200)
-    blurred, sigma = blur_image(image, np.random.default_rng(3))
+    blurred, sigma, ksize = blur_image(image, np.random.default_rng(3))
     expected = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
     assert np.array_equal(blurred, expected)
+    # the kernel size reported for ksize (0, 0) is the one OpenCV derived: the same pixels when given explicitly
+    assert np.array_equal(blurred, cv2.GaussianBlur(image, (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
+                                                    borderType=cv2.BORDER_REFLECT))
+
+
+def test_blur_kernel_size_is_drawn_odd_from_its_range():
+    import cv2
+
+    image = _square()
+    sizes = set()
+    for seed in range(40):
+        blurred, sigma, ksize = blur_image(image, seed, sigma_range=(1.0, 3.0), kernel_range=(3, 11))
+        assert ksize in (3, 5, 7, 9, 11)
+        sizes.add(ksize)
+        assert np.array_equal(blurred, cv2.GaussianBlur(image, (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
+                                                        borderType=cv2.BORDER_REFLECT))
+    assert sizes == {3, 5, 7, 9, 11}
+    assert blur_image(image, 0, kernel_range=(5, 5))[2] == 5
+    for bad in ((4, 9), (3, 8), (9, 3), (-1, 3)):
+        with pytest.raises(ValueError, match="kernel_range"):
+            blur_image(image, 0, kernel_range=bad)
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (48, 80), (17, 9), (3, 4)])
@@ -142,6 +163,21 @@ def test_inpaint_mask_other_ranges_and_refusals():
         inpaint_mask((8, 8), 0, 0.6, 0.5)
     with pytest.raises(ValueError, match="mask must be bool"):
         masked_image(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), bool))
+
+
+def test_inpaint_mask_shapes_are_chosen_by_the_caller():
+    from scipy import ndimage
+
+    full = [inpaint_mask((64, 64), seed) for seed in range(30)]
+    assert all(np.array_equal(m, inpaint_mask((64, 64), seed, shapes=("strokes", "rectangle", "rectangles")))
+               for seed, m in enumerate(full))  # the order a config lists them in changes nothing
+    single = [inpaint_mask((64, 64), seed, 0.1, 0.3, shapes=["rectangle"]) for seed in range(30)]
+    assert all(ndimage.label(one)[1] == 1 and 0.1 <= one.mean() <= 0.3 for one in single)
+    stroked = [inpaint_mask((64, 64), seed, 0.1, 0.3, shapes=["strokes"]) for seed in range(30)]
+    assert all(not np.array_equal(a, b) for a, b in zip(stroked, single))
+    for bad in ([], ["circle"]):
+        with pytest.raises(ValueError, match="shapes must be"):
+            inpaint_mask((64, 64), 0, shapes=bad)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

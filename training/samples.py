@@ -19,7 +19,7 @@ import torch
 
 from model.tasks import Task, get_task
 from model.views import RAY_ROLE, ViewLayout, ViewSample, build_sample, full_prompt, view_layout
-from onegen.shards import ROLE_MODALITIES
+from onegen.shards import MODALITIES
 
 MAX_CAMERAS = get_task("multiview").max_views // 2
 
@@ -43,7 +43,7 @@ def supported_directions(task: Task, directions: tuple[str, ...], keys: frozense
     if task.view_layout == "camera_pairs":
         ok = has_cameras and num_views >= 2 and all((v, "image") in keys for v in range(num_views))
         return directions if ok else ()
-    if task.view_layout != "fixed" or any(role not in ROLE_MODALITIES for role in task.view_roles):
+    if task.view_layout != "fixed" or any(role not in MODALITIES for role in task.view_roles):
         return ()  # reference tasks need identity sets, and some roles (hed, source_image) no build writes yet
     return directions if usable_views(task, keys, num_views) else ()
 
@@ -56,8 +56,7 @@ def sequence_frames(task: Task, num_views: int) -> int:
 
 def usable_views(task: Task, keys: frozenset, num_views: int) -> list[int]:
     """Picture views of a row that carry every modality a single-view task needs."""
-    modalities = [ROLE_MODALITIES[role] for role in task.view_roles]
-    return [v for v in range(num_views) if all((v, m) in keys for m in modalities)]
+    return [v for v in range(num_views) if all((v, role) in keys for role in task.view_roles)]
 
 
 def prompt_kwargs(task: Task, row: Mapping, view: int) -> dict:
@@ -94,7 +93,7 @@ def frame_keys(task: Task, choice: Choice, row: Mapping) -> tuple[ViewLayout, di
         layout = view_layout(task, direction=choice.direction, num_cameras=len(cameras))
         return layout, {2 * i: (camera["view"], "image") for i, camera in enumerate(cameras)}, cameras
     layout = view_layout(task, direction=choice.direction)
-    return layout, {i: (choice.view, ROLE_MODALITIES[role]) for i, role in enumerate(layout.roles)}, []
+    return layout, {i: (choice.view, role) for i, role in enumerate(layout.roles)}, []
 
 
 def camera_to_world(cameras: list) -> torch.Tensor:
