@@ -16,6 +16,7 @@ checked against the sha256 its entry recorded before a row of it is returned.
 from __future__ import annotations
 
 import io
+import json
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -152,6 +153,20 @@ class Build:
                         (split is not None and row["split"] != split):
                     continue
                 yield _decoded(row, as_tensors)
+
+
+def prompt_kwargs(task, row: dict[str, Any], view: int) -> dict:
+    """Extra prompt fields a row gives a task (model.tasks.Task) of its style: the colour entries of the classes
+    seen in `view` for semantic maps and boxes (the colours the build drew them in). The trainer and `inspect`
+    build their prompts with it."""
+    if task.prompt_style not in ("colour_mask", "colour_box"):
+        return {}
+    entries: dict[str, str] = {}
+    colours = json.loads(row.get("class_colours") or "{}")
+    for entity in row.get("entities") or []:
+        if entity["view"] == view and entity["class"] not in entries:
+            entries[entity["class"]] = entity.get("colour") or colours.get(entity["class"], {}).get("name")
+    return {"entries": [(label, colour) for label, colour in entries.items() if colour]}
 
 
 def _decoded(row: dict[str, Any], as_tensors: bool) -> dict[str, Any]:

@@ -86,6 +86,37 @@ def test_a_missing_or_wrong_vae_fails_at_start_up_with_one_line(tmp_path, ray_he
         assert not Storage(str(tmp_path / "data")).exists("builds/b/build.json")  # refused before anything
 
 
+def test_inspect_decodes_the_rows_with_the_vae_they_name(vae_build, vae_dir, tmp_path):
+    import json
+    import shutil
+
+    from model.tokenizers import load_image_tokenizer
+    from pipelines.inspect_build import Tokenizers, decode_views, inspect_build
+
+    build = vae_build["build"]
+    inspection = inspect_build(build.uri, str(tmp_path / "sheet.png"), samples=2, cell=64)
+    assert inspection.sheet and not inspection.warnings and len({c["id"] for c in inspection.cells}) == 2
+    rows = {row["id"]: row for row in build.rows(as_tensors=False)}
+    for row_id in {c["id"] for c in inspection.cells}:  # every view and modality of the row, each a whole picture
+        cells = [c for c in inspection.cells if c["id"] == row_id]
+        assert {(c["view"], c["modality"]) for c in cells} == set(rows[row_id]["latents"])
+        assert all(c["box"][2] - c["box"][0] == c["box"][3] - c["box"][1] == 64 for c in cells)
+    row = next(iter(rows.values()))
+    pictures = decode_views(row, Tokenizers().get(row["image_tokenizer"], row["image_tokenizer_sha"]))
+    mean = torch.from_numpy(row["latents"][(1, "image")][0].copy())
+    with torch.no_grad():
+        decoded = load_image_tokenizer(str(vae_dir)).decode(mean[None])
+    expected = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    assert pictures[(1, "image")].shape == (64, 64, 3) and (pictures[(1, "image")] == expected).all()
+    changed = tmp_path / "changed-vae"  # the folder the rows name was edited after the build
+    shutil.copytree(vae_dir, changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps(dict(config, scaling_factor=1.0)))
+    tokenizers = Tokenizers()
+    tokenizers.get(str(changed), row["image_tokenizer_sha"])
+    assert len(tokenizers.warnings) == 1 and "another config" in tokenizers.warnings[0]
+
+
 def test_a_hub_id_is_encoded_at_the_commit_the_driver_resolved(vae_dir, tmp_path, monkeypatch):
     """A hub id (here from a local Hugging Face cache, offline): the driver's check resolves it to a commit, the
     encoder actors load exactly that commit, and rows name it (`owner/name@commit`) with the config's sha256."""
@@ -114,3 +145,7 @@ def test_a_hub_id_is_encoded_at_the_commit_the_driver_resolved(vae_dir, tmp_path
     assert encoder.tokenizer.downsample_factor == 8
     sha = hashlib.sha256((vae_dir / "config.json").read_bytes()).hexdigest()
     assert encoder.identity == (f"onegen-test/tiny-vae@{commit}", sha)
+    from pipelines.inspect_build import Tokenizers  # inspect loads what the rows name, offline, at that commit
+
+    tokenizers = Tokenizers()
+    assert tokenizers.get(encoder.identity[0], sha).downsample_factor == 8 and not tokenizers.warnings

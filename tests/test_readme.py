@@ -157,7 +157,11 @@ def test_the_build_section_runs_on_a_folder_of_images(ray_head, tmp_path: Path):
     assert f"inputs {len(expected)}: kept {kept}" in outputs[0]
     for reason in {item["dropped"] for item in expected.values() if item.get("dropped")}:
         assert reason in outputs[0] and reason in section, reason
-    assert (tmp_path / "work/folder_sheet.png").is_file() and "complete" in outputs[1]
+    assert (tmp_path / "work/folder_sheet.png").is_file()
+    printed = section.split("and `inspect` printed", 1)[1].split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    assert printed[0].endswith(": final (manifest/_final.json)") and outputs[1].splitlines()[0].endswith(
+        ": final (manifest/_final.json)")
+    assert outputs[1].splitlines()[1:] == printed[1:]  # the summary as README shows it, line for line
 
     snippet = fenced_block("Read it back with the one reader", "python")
     cwd = os.getcwd()

@@ -11,7 +11,6 @@ both, so a model is trained on exactly the sequences and prompts it is later sam
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 
 from model.tasks import Task, get_task
 from model.views import RAY_ROLE, ViewLayout, ViewSample, build_sample, full_prompt, view_layout
+from onegen.dataset import prompt_kwargs
 from onegen.shards import MODALITIES
 
 MAX_CAMERAS = get_task("multiview").max_views // 2
@@ -57,19 +57,6 @@ def sequence_frames(task: Task, num_views: int) -> int:
 def usable_views(task: Task, keys: frozenset, num_views: int) -> list[int]:
     """Picture views of a row that carry every modality a single-view task needs."""
     return [v for v in range(num_views) if all((v, role) in keys for role in task.view_roles)]
-
-
-def prompt_kwargs(task: Task, row: Mapping, view: int) -> dict:
-    """Extra prompt fields of the task's style: the colour entries of the classes seen in `view` for semantic maps
-    and boxes (the colours the build drew them in)."""
-    if task.prompt_style not in ("colour_mask", "colour_box"):
-        return {}
-    entries: dict[str, str] = {}
-    colours = json.loads(row.get("class_colours") or "{}")
-    for entity in row.get("entities") or []:
-        if entity["view"] == view and entity["class"] not in entries:
-            entries[entity["class"]] = entity.get("colour") or colours.get(entity["class"], {}).get("name")
-    return {"entries": [(label, colour) for label, colour in entries.items() if colour]}
 
 
 def _latent(row: Mapping, key: tuple[int, str], generator: torch.Generator | None, sample: bool) -> torch.Tensor:

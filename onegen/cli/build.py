@@ -1,7 +1,7 @@
 """`onegen build`: run the data build, or `onegen build inspect ROOT_OR_BUILD` to look at one.
 
     onegen build --config configs/build/NAME.yaml [--set key=value ...]     (= python -m pipelines.build ...)
-    onegen build inspect work/data/builds/NAME [--out sheet.png] [--samples 8]
+    onegen build inspect work/data/builds/NAME [--out sheet.png] [--samples 8] [--seed 0] [--cell 128] [--json]
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'inspect ROOT_OR_BUILD': print a build's manifest summary and write a contact sheet")
     add_config_options(parser)
     parser.add_argument("--out", metavar="PNG", help="inspect: contact sheet file (default: NAME_contact_sheet.png)")
-    parser.add_argument("--samples", type=int, default=8, help="inspect: rows on the contact sheet")
+    parser.add_argument("--samples", type=int, default=8, help="inspect: random rows on the contact sheet (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="inspect: which random rows")
+    parser.add_argument("--cell", type=int, default=128, help="inspect: picture size on the sheet (pictures are "
+                                                              "only shrunk: the bucket size or more shows them 1:1)")
     parser.add_argument("--json", action="store_true", help="inspect: print the summary as JSON")
 
 
@@ -28,10 +31,18 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"expected `onegen build inspect ROOT_OR_BUILD`, got {' '.join(args.words)!r}")
         from pipelines.inspect_build import format_summary, inspect_build, summary_json
 
-        summary, sheet = inspect_build(args.words[1], args.out, samples=args.samples)
-        print(summary_json(summary) if args.json else format_summary(summary))
-        if sheet:
-            print(f"contact sheet: {sheet}")
+        if args.samples < 0 or args.cell < 16:
+            raise UsageError(f"inspect: --samples must be >= 0 and --cell >= 16, got {args.samples} and {args.cell}")
+        result = inspect_build(args.words[1], args.out, samples=args.samples, seed=args.seed, cell=args.cell)
+        if args.json:  # stdout stays one JSON document
+            print(summary_json(dict(result.summary, contact_sheet=result.sheet)))
+        else:
+            print(format_summary(result.summary))
+        for warning in result.warnings:
+            print(warning, file=sys.stderr)
+        if result.sheet and not args.json:
+            print(f"contact sheet: {result.sheet} ({len({c['id'] for c in result.cells})} random rows, every view "
+                  "decoded from its latents, with the prompts the trainer builds)")
         return 0
     if not args.config:
         raise UsageError("onegen build needs --config FILE (see configs/build/), or `inspect TARGET`")
