@@ -1,9 +1,10 @@
 """Aspect-ratio bucketing of a whole `Sample`: the image and every label cut and resized to one bucket size together.
 
 The model trains on the release's aspect-ratio buckets (model.images.ASPECT_RATIO_{256,512,1024}); an image is
-brought to its bucket by the release's centre crop + bilinear resize (model.images.center_crop_resize, the very path
-the inference pipeline takes). Its labels must follow the same geometry or they stop describing the picture, so
-`bucket_sample` applies the one crop box (model.images.center_crop_box) to everything:
+brought to its bucket by the release's centre crop + bilinear resize (model.images.center_crop_resize, the path the
+inference pipeline takes, recomputed here in float64 for bytes that do not depend on the machine). Its labels must
+follow the same geometry or they stop describing the picture, so `bucket_sample` applies the one crop box
+(model.images.center_crop_box) to everything:
 
 * image: the same crop and bilinear resize in float64 numpy, rounded to uint8: within one level of
   center_crop_resize, and byte-identical on every machine and thread count (torch's float32 kernel is not);

@@ -84,9 +84,11 @@ class BuildSummary:
         if self.seconds:
             lines.append("  stage        samples/s   s/sample (summed over workers)")
             for stage in STAGES:
-                if self.seconds.get(stage):
-                    per = self.seconds[stage] / max(1, self.inputs)
-                    lines.append(f"  {stage:<12} {1 / per if per else float('inf'):>9.1f}   {per:.4f}")
+                parts = sorted(key for key in self.seconds if key.startswith(f"{stage}."))  # e.g. conditions.canny
+                for name in ([stage] if self.seconds.get(stage) else []) + parts:
+                    per = self.seconds[name] / max(1, self.inputs)
+                    label = f"  {name.split('.', 1)[1]}" if "." in name else name
+                    lines.append(f"  {label:<12} {1 / per if per else float('inf'):>9.1f}   {per:.4f}")
         if self.dropped:
             lines.append("  dropped by reason:")
             lines += [f"    {reason:<22} {n}" for reason, n in sorted(self.dropped.items())]

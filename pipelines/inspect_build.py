@@ -30,8 +30,9 @@ CAPTION_LINES = 3
 @dataclass
 class Inspection:
     summary: dict[str, Any]
-    sheet: str | None = None  # where the contact sheet was written (None: the build has no rows yet)
-    cells: list[dict[str, Any]] = field(default_factory=list)  # per picture: id, view, modality, box on the sheet
+    sheet: str | None = None  # where the contact sheet was written (None: no rows, or none asked for)
+    rows: int = 0  # rows on the sheet
+    cells: list[dict[str, Any]] = field(default_factory=list)  # per picture: id, resolution, view, modality, box
     warnings: list[str] = field(default_factory=list)
 
 
@@ -80,7 +81,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     dropped = sum(summary["dropped"].values())
     lines = [state_line(summary),
              f"  {summary['shards']} shards; {summary['inputs']} inputs: kept {summary['kept']}, dropped {dropped}; "
-             f"{summary['samples']} samples, {summary['rows']} rows, exact duplicates: {summary['duplicates']}",
+             f"{summary['samples']} samples, {summary['rows']} rows, exact duplicates: "
+             f"{'n/a until final' if summary['duplicates'] is None else summary['duplicates']}",
              "  splits (rows): " + (", ".join(f"{k} {v}" for k, v in summary["splits"].items()) or "none"),
              "  modalities (rows): " + (", ".join(f"{k} {v}" for k, v in summary["modalities"].items()) or "none"),
              "  resolution  bucket     views  split    rows  modalities"]
@@ -160,15 +162,16 @@ def decode_views(row: dict[str, Any], tokenizer) -> dict[tuple[int, str], np.nda
     return pictures
 
 
-def row_prompts(row: dict[str, Any]) -> list[str]:
+def row_prompts(row: dict[str, Any], caption: str | None = None) -> list[str]:
     """The prompt the trainer builds for each single-view task this row feeds (text2image, then one per condition
-    modality), with the row's first caption: model/views.full_prompt with the colour entries of semantic maps and
-    boxes, exactly as training/samples.make_sample builds them."""
+    modality), with `caption` (default: the row's first caption): model/views.full_prompt with the colour entries
+    of semantic maps and boxes, exactly as training/samples.make_sample builds them."""
     from model.tasks import TASKS, get_task
     from model.views import full_prompt
 
-    captions = row.get("captions") or []
-    caption = captions[0]["text"] if captions else ""
+    if caption is None:
+        captions = row.get("captions") or []
+        caption = captions[0]["text"] if captions else ""
     prompts = [full_prompt(get_task("text2image"), caption)]
     conditions = {m for (v, m) in row["latents"] if v == 0 and m != "image"}
     for task in TASKS.values():
@@ -189,18 +192,19 @@ def contact_sheet(rows: list[dict[str, Any]], tokenizers: Tokenizers, cell: int 
     bands = []
     for row in rows:
         pictures = decode_views(row, tokenizers.get(row["image_tokenizer"], row.get("image_tokenizer_sha")))
-        title = (f"{row['id']}  {row['source']}  {row['bucket_h']}x{row['bucket_w']}  {row['split']}  "
-                 f"{row['num_views']} view(s)")
+        title = (f"{row['id']}  {row['source']}  resolution {row['resolution']}  {row['bucket_h']}x{row['bucket_w']}  "
+                 f"{row['split']}  {row['num_views']} view(s)")
         captions = row.get("captions") or []
-        lines = _panel_lines(measure, font, captions[0] if captions else None, row_prompts(row))
+        caption = captions[0] if captions else None
+        lines = _panel_lines(measure, font, caption, row_prompts(row, "<caption>" if caption else ""))
         height = max(cell + 2 * LINE, (len(lines) + 1) * LINE) + 6
-        bands.append((row["id"], title, pictures, lines, height))
+        bands.append(((row["id"], row["resolution"]), title, pictures, lines, height))
     columns = max((len(band[2]) for band in bands), default=1)
     sheet = Image.new("RGB", (columns * (cell + 2) + PROMPT_PANEL, max(1, sum(band[4] for band in bands))), "white")
     draw = ImageDraw.Draw(sheet)
     cells = []
     top = 0
-    for row_id, title, pictures, lines, height in bands:
+    for (row_id, resolution), title, pictures, lines, height in bands:
         if top:
             draw.line([(0, top - 2), (sheet.width, top - 2)], fill=(200, 200, 200))
         draw.text((2, top), title, fill="black", font=font)
@@ -210,7 +214,7 @@ def contact_sheet(rows: list[dict[str, Any]], tokenizers: Tokenizers, cell: int 
             x0 = c * (cell + 2) + (cell - image.width) // 2
             y0 = top + LINE + (cell - image.height) // 2
             sheet.paste(image, (x0, y0))
-            cells.append({"id": row_id, "view": view, "modality": modality,
+            cells.append({"id": row_id, "resolution": resolution, "view": view, "modality": modality,
                           "box": [x0, y0, x0 + image.width, y0 + image.height]})
             draw.text((c * (cell + 2) + 2, top + LINE + cell + 1), f"v{view} {modality}", fill="black", font=font)
         left = len(pictures) * (cell + 2) + 6
@@ -223,17 +227,15 @@ def contact_sheet(rows: list[dict[str, Any]], tokenizers: Tokenizers, cell: int 
 
 def _panel_lines(draw: ImageDraw.ImageDraw, font, caption: dict | None, prompts: list[str]) -> list[tuple[str, bool]]:
     """(line, is caption) of a row's text: the caption with its origin, cut after a few lines, then each task's
-    prompt with the caption written as <caption>."""
+    prompt (built with <caption> standing for it)."""
     width = PROMPT_PANEL - 8
-    text = caption["text"] if caption else ""
-    lines = _wrap(draw, font, f"caption ({caption['origin']}): {text}" if caption else "no caption", width)
+    lines = _wrap(draw, font, f"caption ({caption['origin']}): {caption['text']}" if caption else "no caption", width)
     if len(lines) > CAPTION_LINES:
         lines = lines[:CAPTION_LINES]
         lines[-1] = lines[-1][:-3].rstrip() + "..."
     marked = [(line, True) for line in lines]
     for prompt in prompts:
-        marked += [(line, False) for line in _wrap(draw, font, prompt.replace(text, "<caption>") if text else prompt,
-                                                   width)]
+        marked += [(line, False) for line in _wrap(draw, font, prompt, width)]
     return marked
 
 
@@ -262,7 +264,9 @@ def inspect_build(target: str, out: str | None = None, samples: int = 8, seed: i
     result = Inspection(summarise(build))
     if result.summary["rows"] and samples > 0:
         tokenizers = Tokenizers()
-        sheet, result.cells = contact_sheet(sample_rows(build, samples, seed), tokenizers, cell)
+        rows = sample_rows(build, samples, seed)
+        sheet, result.cells = contact_sheet(rows, tokenizers, cell)
+        result.rows = len(rows)
         buffer = io.BytesIO()
         sheet.save(buffer, format="PNG")
         result.sheet = out or f"{build.name}_contact_sheet.png"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import subprocess
 import sys
@@ -88,6 +89,8 @@ def test_the_stats_match_what_was_served_and_what_the_folder_holds(mixed):
     assert line in table and line in (REPO / "README.md").read_text()
     for message in ("HTTP Error 404: Not Found", "HTTP Error 500", "timed out", "X-Robots-Tag", "infinite loop"):
         assert sum(message in row for row in table.splitlines()) == 1, message
+    for kind in ("canny", "blur", "inpaint", "labels"):  # each condition's share of the conditions stage
+        assert re.search(rf"^ {{4}}{kind} +[0-9.]+ +[0-9.]+$", table, re.M), kind
 
     odd = Counter()
     for entry in entries.values():
@@ -236,15 +239,13 @@ def test_inspect_prints_the_summary_and_draws_what_the_trainer_reads(mixed, tmp_
     for cell in inspection.cells:
         x0, y0, x1, y1 = cell["box"]
         name = "png" if cell["modality"] == "image" else f"cond_{cell['modality']}.png"
-        expected = decode_png(members[f"{cell['id']}-r256-v{cell['view']}.{name}"])
+        expected = decode_png(members[f"{cell['id']}-r{cell['resolution']}-v{cell['view']}.{name}"])
         np.testing.assert_array_equal(sheet[y0:y1, x0:x1], expected, err_msg=str(cell))
-    assert len({c["id"] for c in inspection.cells}) == 6
+    assert inspection.rows == len({c["id"] for c in inspection.cells}) == 6
     assert {c["modality"] for c in inspection.cells} >= {"image", "canny", "blurred_image", "masked_image"}
 
 
 def test_the_sheets_prompts_are_the_trainers_for_every_task_the_row_feeds(mixed):
-    import re
-
     from pipelines.inspect_build import row_prompts
 
     row = Build(mixed["storage"], "b").row("synth-00000", 0, as_tensors=False)
@@ -258,6 +259,8 @@ def test_the_sheets_prompts_are_the_trainers_for_every_task_the_row_feeds(mixed)
     tags = re.findall(r"<(#[0-9A-F]{6}) (\w+) mask: (\w+)>", by_token["[[semanticmap2image]]"])
     assert tags and all(colours[label]["hex"] == hex_ and colours[label]["name"] == name for hex_, name, label in tags)
     assert "boundingbox: " in by_token["[[boundingbox2image]]"] and by_token["[[deblurring]]"].endswith(caption)
+    # the sheet shows them with a stand-in for the caption: the same prompts, the caption's text swapped only
+    assert row_prompts(row, "<caption>") == [p.replace(caption, "<caption>") for p in prompts]
 
 
 def test_inspect_says_in_one_line_when_a_build_is_not_final_or_not_there(mixed, tmp_path):
@@ -269,6 +272,7 @@ def test_inspect_says_in_one_line_when_a_build_is_not_final_or_not_there(mixed, 
     (copy / "builds/b/manifest/web-00001.json").unlink()  # one shard not committed yet
     result = inspect_command(str(copy / "builds/b"), "--samples", "0")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "exact duplicates: n/a until final" in result.stdout and "no contact sheet: --samples 0" in result.stdout
     planned = len(mixed["entries"])
     assert result.stdout.splitlines()[0].endswith(
         f"NOT FINAL, {planned - 1} of {planned} planned shards committed; the trainer refuses it until the same "

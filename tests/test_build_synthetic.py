@@ -157,7 +157,8 @@ def test_the_build_is_an_mlflow_run_with_its_config_counts_and_manifest(syntheti
     assert metrics["shards_committed"] == 3 and metrics["shards_skipped"] == 0 and metrics["inputs"] == 24
     entries = build.entries().values()
     assert metrics["bytes_written"] == sum(e["files"][k]["bytes"] for e in entries for k in ("images", "latents"))
-    assert {"samples_per_s.ingest", "samples_per_s.encode", "samples_per_s.pack"} <= set(metrics)
+    assert {"samples_per_s.ingest", "samples_per_s.encode", "samples_per_s.pack", "samples_per_s.conditions.canny",
+            "samples_per_s.conditions.labels"} <= set(metrics)
     local = client.download_artifacts(run.info.run_id, "build/manifest.json", str(work / "artifacts-check"))
     assert json.loads(Path(local).read_text()) == manifest
     summary = Path(client.download_artifacts(run.info.run_id, "build/summary.txt", str(work / "artifacts-check")))

@@ -40,9 +40,13 @@ def run(args: argparse.Namespace) -> int:
             print(format_summary(result.summary))
         for warning in result.warnings:
             print(warning, file=sys.stderr)
-        if result.sheet and not args.json:
-            print(f"contact sheet: {result.sheet} ({len({c['id'] for c in result.cells})} random rows, every view "
-                  "decoded from its latents, with the prompts the trainer builds)")
+        if args.json:
+            pass
+        elif result.sheet:
+            print(f"contact sheet: {result.sheet} ({result.rows} random rows, every view decoded from its latents, "
+                  "with the prompts the trainer builds)")
+        else:
+            print("no contact sheet: " + ("--samples 0" if args.samples == 0 else "the build has no rows yet"))
         return 0
     if not args.config:
         raise UsageError("onegen build needs --config FILE (see configs/build/), or `inspect TARGET`")
