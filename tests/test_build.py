@@ -170,6 +170,26 @@ def test_weight_free_conditions_are_byte_identical_on_a_rebuild_and_differ_with_
         np.testing.assert_array_equal(picture, decode_png(built[f"{key}.cond_masked_image.png"]))
 
 
+def test_the_trainer_draws_the_condition_tasks_from_a_folder_row(mixed):
+    """A folder row feeds deblurring, inpainting and canny2image: the trainer reads each condition frame from the
+    latent named by the task's view role."""
+    import torch
+
+    from model.tasks import get_task
+    from training.samples import Choice, make_sample, supported_directions
+
+    row = next(Build(mixed["storage"], "b").rows(["odd-00000"]))
+    for name, role in (("deblurring", "blurred_image"), ("image_inpainting", "masked_image"), ("canny2image", "canny")):
+        task = get_task(name)
+        directions = tuple(task.directions)
+        assert supported_directions(task, directions, frozenset(row["latents"]), row["num_views"],
+                                    bool(row["cameras"])) == directions, name
+        sample = make_sample(row, Choice(row=0, item=0, direction="generate", view=0, caption=0), name,
+                             sample_posterior=False)
+        assert sample.layout.roles == ("image", role) and sample.prompt.startswith(task.token)
+        assert torch.equal(sample.latents[1], row["latents"][(0, role)][0])
+
+
 def test_the_synthetic_rows_carry_their_exact_maps_and_labels(mixed):
     storage = mixed["storage"]
     entry = mixed["entries"]["synth-00000"]

@@ -40,12 +40,10 @@ def run(args: argparse.Namespace) -> int:
             print(format_summary(result.summary))
         for warning in result.warnings:
             print(warning, file=sys.stderr)
-        if args.json:
-            pass
-        elif result.sheet:
+        if result.sheet and not args.json:
             print(f"contact sheet: {result.sheet} ({result.rows} random rows, every view decoded from its latents, "
                   "with the prompts the trainer builds)")
-        else:
+        elif not args.json:
             print("no contact sheet: " + ("--samples 0" if args.samples == 0 else "the build has no rows yet"))
         return 0
     if not args.config:
