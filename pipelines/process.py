@@ -50,8 +50,13 @@ def timed_stage(name: str, records: list[dict], fn: Callable[[dict], None]) -> l
 
             reason = err.reason if isinstance(err, DropSample) else f"error_{name}"
             drop(record, reason, f"{type(err).__name__}: {err}" if reason.startswith("error_") else str(err))
-        record["timings"][name] = record["timings"].get(name, 0.0) + time.perf_counter() - start
+        add_seconds(record["timings"], name, start)
     return records
+
+
+def add_seconds(timings: dict[str, float], name: str, start: float) -> None:
+    """Add the seconds since `start` to `timings[name]` (a stage, or a part of one such as "conditions.canny")."""
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def drop(record: dict, reason: str, message: str) -> None:
@@ -140,40 +145,35 @@ def conditions_record(cfg: BuildConfig, record: dict) -> None:
             params: dict[str, Any] = {}
             mask = None
             rng = partial(record_rng, cfg, record["id"], output["resolution"], v)  # rng(kind): one per kind
-            clock = partial(_add_seconds, record["timings"])  # clock(kind, start): the kind's share of the stage
+            clock = partial(add_seconds, record["timings"])  # clock(part, start): the part's share of the stage
             if "canny" in settings.kinds:
                 start, draw = time.perf_counter(), rng("canny")
                 low = int(draw.integers(settings.canny_low[0], settings.canny_low[1] + 1))
                 high = int(draw.integers(settings.canny_high[0], settings.canny_high[1] + 1))
                 maps[CONDITION_MODALITIES["canny"]] = render.canny_map(sample.image, low, high)
                 params["canny"] = [low, high]
-                clock("canny", start)
+                clock("conditions.canny", start)
             if "blur" in settings.kinds:
                 start = time.perf_counter()
                 blurred, sigma, ksize = render.blur_image(sample.image, rng("blur"), settings.blur_sigma,
                                                           settings.blur_kernel)
                 maps[CONDITION_MODALITIES["blur"]] = blurred
                 params["blur_sigma"], params["blur_kernel"] = sigma, ksize
-                clock("blur", start)
+                clock("conditions.blur", start)
             if "inpaint" in settings.kinds:
                 start = time.perf_counter()
                 mask = render.inpaint_mask(sample.image.shape[:2], rng("inpaint"), *settings.inpaint_fraction,
                                            shapes=settings.inpaint_shapes)
                 maps[CONDITION_MODALITIES["inpaint"]] = render.masked_image(sample.image, mask)
                 params["inpaint_fraction"] = float(mask.mean())
-                clock("inpaint", start)
+                clock("conditions.inpaint", start)
             start = time.perf_counter()
             maps.update(_exact_maps(sample, settings.synthetic_maps, render))
             if set(maps) - set(CONDITION_MODALITIES.values()):
-                clock("labels", start)
+                clock("conditions.labels", start)
             output["conditions"].append(maps)
             output["params"].append(params)
             output["masks"].append(mask)
-
-
-def _add_seconds(timings: dict[str, float], kind: str, start: float) -> None:
-    name = f"conditions.{kind}"
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _exact_maps(sample: Sample, wanted: list[str], render) -> dict[str, np.ndarray]:
