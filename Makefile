@@ -32,13 +32,17 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Benchmarks report ratios measured side by side in one run; --write-results updates bench/RESULTS.md.
+# CPU benchmarks (~12 min on 2 cores): ratios measured side by side in one run; --write-results updates
+# bench/RESULTS.md. The data build and the trainer against their bare loops first, then the model's own numbers.
 bench: $(STAMP)
+	$(PY) bench/bench_build.py --write-results
+	$(PY) bench/bench_train.py --write-results
 	$(PY) bench/bench_synthetic.py
 	$(PY) bench/bench_nextdit.py --threads 1 --write-results
 	$(PY) bench/bench_overfit.py --write-results
 
-# On a machine with a GPU and a CUDA build of torch in .venv (README "GPU install").
+# On a machine with a GPU, a CUDA build of torch, deepspeed and diffusers (README "GPU install"; on a lent machine
+# run `python3 bench/gpu_bench.py ...` directly, INTERFACES §5).
 gpu-bench: $(STAMP)
 	$(PY) bench/gpu_bench.py --out bench/gpu_results.json --write-results
 

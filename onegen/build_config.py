@@ -163,10 +163,11 @@ def tokenizer_factor_problem(spec: str, factor: int | None) -> str | None:
 class StagesSection(_Section):
     """How the weight-free stages run (Ray Data tasks): never changes output bytes."""
 
-    batch_size: int = Field(8, gt=0, description="samples per decode/bucket/conditions batch")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per stage task (fractions let the encoder actor and the "
-                                                   "stages share a 2-core machine without stalling)")
-    ingest_num_cpus: float = Field(0.5, gt=0, description="CPUs per partition-reading task")
+    batch_size: int = Field(8, gt=0, description="records per slice of a partition through the weight-free stages, "
+                                                 "and per encoder batch")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per partition task (read, decode, bucket, conditions, PNGs; "
+                                                   "fractions let the encoder actor and the tasks share a 2-core "
+                                                   "machine without stalling)")
 
 
 class BuildSection(_Section):

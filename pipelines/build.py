@@ -10,9 +10,9 @@
    later never slip into this build (they go into a new one) and a rerun that finds the sources changed says so.
    Shards with a manifest entry are skipped.
 3. Run the rest as Ray Data operators, streaming with Ray Data's backpressure:
-       ingest (task per partition: img2dataset / folder / tars / synthetic world)
-       -> decode -> bucket -> conditions (tasks; Ray fuses them) -> encode (actor pool holding the tokenizer)
-       -> pack (tasks: PNGs, WebDataset members, latent rows)
+       ingest -> decode -> bucket -> conditions -> pack's members (one task per partition: img2dataset / folder /
+       tars / synthetic world read, then the weight-free stages in slices of stages.batch_size records, and the
+       WebDataset members' PNGs) -> encode (actor pool holding the tokenizer; the latents into the rows)
    Records flow pickled in one column: they hold nested, ragged arrays that Arrow has no type for.
 4. The driver gathers each shard's records (order preserved, so about one shard at a time is open) and commits it
    (pipelines/shard_writer.py) in a writer thread while the stream goes on. Then the final manifest.
@@ -262,8 +262,15 @@ def _dump(records: list[dict]) -> dict[str, np.ndarray]:
     return {"record": out}
 
 
-def ingest_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: str):
-    """One partition in, its records out (in slices, so Ray Data streams them on before the partition ends)."""
+WEIGHT_FREE_STAGES = ("decode", "bucket", "conditions", "pack")  # "pack": its members, before the latents
+
+
+def partition_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: str, built=None):
+    """One partition in, its records out through the weight-free stages, in slices of stages.batch_size (so Ray
+    Data streams them on before the partition ends). One operator, one task per partition: as separate
+    map_batches, Ray Data fused them and bundled stages.batch_size partitions into each task (the largest batch size
+    of a fused chain sets its bundle), which left 2 cores with a handful of serial tasks and huge blocks."""
+    size = cfg.build.stages.batch_size
     for text in batch["partition"]:
         partition = Partition.from_json(str(text))
         start = time.perf_counter()
@@ -275,20 +282,23 @@ def ingest_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: str):
         for record in records:
             record["timings"]["ingest"] = spent
         records[0]["source_stats"] = source_stats
-        for first in range(0, len(records), 8):
-            yield _dump(records[first:first + 8])
+        for first in range(0, len(records), size):
+            part = records[first:first + size]
+            for stage in WEIGHT_FREE_STAGES:
+                part = run_stage(stage, part, cfg, built)
+            yield _dump(part)
 
 
-def record_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stage: str, built=None) -> dict[str, np.ndarray]:
-    """`built` (decode, incremental builds): an ObjectRef of the earlier builds' picture digests."""
+def run_stage(stage: str, records: list[dict], cfg: BuildConfig, built=None) -> list[dict]:
+    """One weight-free stage over records in this process. `built` (decode, incremental builds): an ObjectRef of the
+    earlier builds' picture digests."""
     from pipelines import process
 
     if stage == "decode":
         hashes = _built_hashes(built)
-        return _dump(process.timed_stage(stage, _load(batch), lambda record: process.decode_record(cfg, record,
-                                                                                                   hashes)))
-    fn = {"bucket": process.bucket_record, "conditions": process.conditions_record, "pack": process.pack_record}[stage]
-    return _dump(process.timed_stage(stage, _load(batch), lambda record: fn(cfg, record)))
+        return process.timed_stage(stage, records, lambda record: process.decode_record(cfg, record, hashes))
+    fn = {"bucket": process.bucket_record, "conditions": process.conditions_record, "pack": process.pack_members}[stage]
+    return process.timed_stage(stage, records, lambda record: fn(cfg, record))
 
 
 _BUILT: dict[str, np.ndarray] = {}
@@ -317,7 +327,9 @@ class EncodeStage:
         self.encoder = ViewEncoder(cfg, revision=revision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _dump(self.encoder.encode_records(_load(batch)))
+        from pipelines.process import pack_latents, timed_stage
+
+        return _dump(timed_stage("pack", self.encoder.encode_records(_load(batch)), pack_latents))
 
 
 def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str | None = None, built=None):
@@ -332,20 +344,15 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str
     encode = cfg.build.encode
     items = [{"partition": p.to_json()} for p in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(ingest_stage, batch_size=1, fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir)},
-                        num_cpus=stages.ingest_num_cpus)
-    for stage in ("decode", "bucket", "conditions"):
-        kwargs = {"cfg": cfg, "stage": stage, **({"built": built} if stage == "decode" and built is not None else {})}
-        ds = ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs=kwargs, num_cpus=stages.num_cpus)
+    ds = ds.map_batches(partition_stage, batch_size=1, num_cpus=stages.num_cpus,
+                        fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir), "built": built})
     # CPU encoding (num_gpus 0) with the stages' num_cpus would let Ray Data fuse the weight-free task stages into
     # the encoder actors, and every partition would be read, decoded and drawn by the `encode.concurrency` actors
     # alone. Naming the strategy Ray Data uses anyway (SPREAD) makes the remote args differ: the stages stay a task
     # pool over every CPU of the cluster. (With GPUs, num_gpus already keeps them apart.)
-    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"cfg": cfg, "revision": revision},
-                        batch_size=stages.batch_size, concurrency=encode.concurrency, num_cpus=encode.num_cpus,
-                        num_gpus=encode.num_gpus or None, scheduling_strategy="SPREAD")
-    return ds.map_batches(record_stage, batch_size=stages.batch_size, fn_kwargs={"cfg": cfg, "stage": "pack"},
-                          num_cpus=stages.num_cpus)
+    return ds.map_batches(EncodeStage, fn_constructor_kwargs={"cfg": cfg, "revision": revision},
+                          batch_size=stages.batch_size, concurrency=encode.concurrency, num_cpus=encode.num_cpus,
+                          num_gpus=encode.num_gpus or None, scheduling_strategy="SPREAD")
 
 
 # --- the job ---------------------------------------------------------------------------------------------------------

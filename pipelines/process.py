@@ -327,8 +327,11 @@ def tokenizer_identity(spec: str, revision: str | None = None) -> tuple[str, str
 
 # --- pack --------------------------------------------------------------------------------------------------------
 
-def pack_record(cfg: BuildConfig, record: dict) -> None:
-    """WebDataset members and latent rows of one record; everything else is dropped."""
+def pack_members(cfg: BuildConfig, record: dict) -> None:
+    """WebDataset members (the PNGs of every picture and condition map, the metadata) and the latent rows without
+    their latents: packing's CPU-heavy half, done before the encode stage, so the job runs it in the partition tasks
+    and the encoder's output goes straight to the driver (records are ~10 MB once they hold float latents; every hop
+    between Ray workers copies them several times)."""
     record["members"], record["rows"] = [], []
     split = split_of(record["id"], cfg.build.heldout_fraction)
     for output in record["outputs"]:
@@ -362,17 +365,23 @@ def pack_record(cfg: BuildConfig, record: dict) -> None:
             "id": record["id"], "group_id": record["group_id"], "source": record["source"],
             "input_id": record["input_id"], "sha256": record["sha256"], "split": split,
             "resolution": resolution, "bucket_h": height, "bucket_w": width, "num_views": len(output["samples"]),
-            "modalities": sorted(modalities), "latents": output["latents"],
+            "modalities": sorted(modalities), "latents": None,
             "captions": [{"name": name, "text": text, "origin": "source"}
                          for name, text in sorted(record["captions"].items())],
             "class_colours": json.dumps(class_colours(first), sort_keys=True),
             "entities": entities, "cameras": cameras,
             "params": json.dumps(output["params"], sort_keys=True),
-            "image_tokenizer": record["tokenizer"]["id"], "image_tokenizer_sha": record["tokenizer"]["sha"],
-            "downsample_factor": record["tokenizer"]["downsample_factor"], "text_tokenizer": None,
+            "text_tokenizer": None,
         })
-    record.pop("outputs")
     record["views"] = [{"name": view.get("name"), "camera": view.get("camera")} for view in record["views"]]
+
+
+def pack_latents(record: dict) -> None:
+    """The latents (and the tokenizer that made them) into the rows pack_members left; the pictures are dropped."""
+    for row, output in zip(record["rows"], record.pop("outputs"), strict=True):
+        row.update(latents=output["latents"], image_tokenizer=record["tokenizer"]["id"],
+                   image_tokenizer_sha=record["tokenizer"]["sha"],
+                   downsample_factor=record["tokenizer"]["downsample_factor"])
 
 
 # --- the whole chain in one process (tests, the benchmark's bare loop) ---------------------------------------------
@@ -381,6 +390,7 @@ def process_records(cfg: BuildConfig, records: list[dict], encoder: ViewEncoder)
     timed_stage("decode", records, lambda r: decode_record(cfg, r))
     timed_stage("bucket", records, lambda r: bucket_record(cfg, r))
     timed_stage("conditions", records, lambda r: conditions_record(cfg, r))
+    timed_stage("pack", records, lambda r: pack_members(cfg, r))
     encoder.encode_records(records)
-    timed_stage("pack", records, lambda r: pack_record(cfg, r))
+    timed_stage("pack", records, pack_latents)
     return records

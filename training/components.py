@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from model.flow import FlowConfig
-from onegen.train_config import TINY_T5, TrainConfig
+from onegen.train_config import TINY_T5, FlowSection, TrainConfig
 
 
 def tiny_t5_folder(cfg: TrainConfig, d_model: int, *, build: bool = True) -> Path:
@@ -78,8 +78,8 @@ def export_image_tokenizer(identity: str):
     return load_image_tokenizer(spec, revision=revision)
 
 
-def flow_config(cfg: TrainConfig) -> FlowConfig:
-    flow = cfg.train.flow
+def flow_config(flow: FlowSection) -> FlowConfig:
+    """model.flow's settings from the config's train.flow."""
     return FlowConfig(shift=flow.shift, logit_mean=flow.logit_mean, logit_std=flow.logit_std,
                       clean_condition_prob=flow.clean_condition_prob, text_dropout_prob=flow.text_dropout_prob,
                       loss_on=flow.loss_on)

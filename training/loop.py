@@ -152,7 +152,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     ema = EmaWeights(model, cfg.train.ema, keep=rank == 0, masters=cfg.train.zero_stage == 3 or bf16).to(device)
     image_tokenizer = export_image_tokenizer(data.image_tokenizer) if rank == 0 else None
     engine = make_engine(model, cfg.train, total_steps=stage.steps, per_rank_batch=per_rank)
-    runner = StepRunner(engine, TextEncoding.from_encoder(text_encoder, device), flow_config(cfg),
+    runner = StepRunner(engine, TextEncoding.from_encoder(text_encoder, device), flow_config(cfg.train.flow),
                         channel_mask=loss_channel_mask(data.image_tokenizer), device=device,
                         model_dtype=torch.bfloat16 if bf16 else None)
     group = process_group if process_group is not None else (dist.group.WORLD if dist.is_initialized() else None)
