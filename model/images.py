@@ -35,14 +35,25 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import sys
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 from model.limits import BUCKET_MULTIPLE, MAX_IMAGE_PIXELS, resolution_problem
 
 ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+def _is_tensor(value) -> bool:
+    """isinstance(value, torch.Tensor) without importing torch: the data build's decode and bucket stages use this
+    module's numpy/PIL half, and importing torch costs each of the build's worker processes ~1.5 s of CPU."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 # The release's ASPECT_RATIO_512 buckets (onediffusion/dataset/utils.py): ratio key height/width -> (height, width) in
 # pixels at VAE factor 8. Ties go to the first key in this (ascending) order, as the release's `min` over the keys.
@@ -168,7 +179,7 @@ def image_to_tensor(image: ImageInput, *, name: str | None = None) -> torch.Tens
     refer to the input; paths and URLs are named by themselves too. Tensors are the image tokenizer's own
     convention, so they come back as float32 on the CPU without rescaling (the same tensor if it already is)."""
     label = _label(image, name)
-    if isinstance(image, torch.Tensor):
+    if _is_tensor(image):
         return _checked_tensor(image, label)
     if isinstance(image, (str, os.PathLike, Image.Image)):
         image = pil_to_array(load_image(image), name=label)
@@ -235,6 +246,8 @@ def _array_to_tensor(array: np.ndarray, label: str) -> torch.Tensor:
         values = values[..., :3] * alpha + (1 - alpha)
     if values.shape[-1] == 1:
         values = np.repeat(values, 3, axis=-1)
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(values)).permute(2, 0, 1) * 2 - 1
 
 
@@ -269,9 +282,9 @@ def _checked_tensor(image: torch.Tensor, label: str) -> torch.Tensor:
 
 
 def _refuse_non_finite(values: np.ndarray | torch.Tensor, label: str) -> None:
-    finite = torch.isfinite(values) if isinstance(values, torch.Tensor) else np.isfinite(values)
+    finite = sys.modules["torch"].isfinite(values) if _is_tensor(values) else np.isfinite(values)
     if not bool(finite.all()):
-        bad, total = int((~finite).sum()), finite.numel() if isinstance(finite, torch.Tensor) else finite.size
+        bad, total = int((~finite).sum()), finite.numel() if _is_tensor(finite) else finite.size
         raise ValueError(f"{label}: {bad} of {total} values are NaN or inf; replace NaN/inf (e.g. np.nan_to_num / "
                          "torch.nan_to_num) before passing the image.")
 
@@ -319,6 +332,8 @@ def center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Te
     and size truncated to whole pixels, `center_crop_box`), then resize it bilinearly (align_corners=False, no
     antialiasing) to height × width. Bilinear weights sum to 1, so resizing the [-1, 1] tensor equals resizing
     [0, 1] then normalising, as the release does."""
+    import torch.nn.functional as F
+
     top, left, crop_h, crop_w = center_crop_box(image.shape[-2], image.shape[-1], height, width)
     cropped = image[:, top:top + crop_h, left:left + crop_w]
     return F.interpolate(cropped[None], size=(height, width), mode="bilinear", align_corners=False)[0]
@@ -369,7 +384,7 @@ def as_image_list(images) -> list:
         return []
     if isinstance(images, (list, tuple)):
         return list(images)
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
+    if _is_tensor(images) and images.ndim == 4:
         return list(images)
     return [images]
 

@@ -215,7 +215,9 @@ def start_run(cfg: OnegenConfig, run_name: str | None = None, tags: dict[str, st
 
 class MetricsLogger:
     """Buffered per-step metrics of a run that another process opened (a training worker logging into the driver's
-    run): `log(metrics, step)` buffers, a `log_batch` goes out every `every` steps and on `flush()`."""
+    run): `log(metrics, step)` buffers, a `log_batch` goes out every `every` steps, asynchronously (MLflow's own
+    async logging: a write to the store never holds up a training step, and with it every rank, which waits for
+    rank 0 at the next all-reduce); `flush()` returns once everything logged so far is in the store."""
 
     def __init__(self, tracking_uri: str, run_id: str, every: int = 1):
         from mlflow.tracking import MlflowClient
@@ -224,6 +226,7 @@ class MetricsLogger:
         self.run_id = run_id
         self.every = max(1, int(every))
         self.pending: list = []
+        self.operations: list = []  # MLflow's RunOperations of the batches sent and not yet waited for
         self.steps = 0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -233,14 +236,23 @@ class MetricsLogger:
         self.pending += [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
         self.steps += 1
         if self.steps % self.every == 0:
-            self.flush()
+            self._send()
 
     def log_image(self, image, artifact_file: str) -> None:
         """An image (PIL or array) as an artifact of the run, e.g. samples/STAGE/step_000100/text2image.png."""
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
-    def flush(self) -> None:
+    def _send(self) -> None:
         # MLflow takes at most 1000 metrics per batch
         while self.pending:
             chunk, self.pending = self.pending[:1000], self.pending[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+            operation = self.client.log_batch(self.run_id, metrics=chunk, synchronous=False)
+            if operation is not None:
+                self.operations.append(operation)
+
+    def flush(self) -> None:
+        """Send what is buffered and wait until every batch is in the store (raises what a write raised)."""
+        self._send()
+        operations, self.operations = self.operations, []
+        for operation in operations:
+            operation.wait()

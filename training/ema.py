@@ -52,14 +52,19 @@ class EmaWeights:
         step: assembling a partitioned master is a collective)."""
         import deepspeed  # imported once per step, not per parameter
 
-        if self.ema is not None:
-            self.ema.optimization_step += 1
-            keep = 1 - self.ema.get_decay(self.ema.optimization_step)
-        for index, param in enumerate(module.parameters()):
-            full = self._full_master(param, deepspeed) if self.masters else param.detach()
-            if self.ema is not None:
-                shadow = self.ema.shadow_params[index]
-                shadow.sub_(keep * (shadow - full.to(shadow)))
+        if self.ema is None:
+            if self.masters:  # the other ranks' part of assembling each partitioned master
+                for param in module.parameters():
+                    self._full_master(param, deepspeed)
+            return
+        self.ema.optimization_step += 1
+        keep = 1 - self.ema.get_decay(self.ema.optimization_step)
+        shadows = self.ema.shadow_params
+        if not self.masters:  # the module's own float32 weights: one fused pass over all of them, no temporaries
+            torch._foreach_lerp_(shadows, [p.detach().to(s) for p, s in zip(module.parameters(), shadows)], keep)
+            return
+        for param, shadow in zip(module.parameters(), shadows, strict=True):  # one full master at a time
+            shadow.lerp_(self._full_master(param, deepspeed).to(shadow), keep)
 
     @staticmethod
     def _full_master(param: torch.nn.Parameter, deepspeed) -> torch.Tensor:
