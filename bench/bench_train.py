@@ -2,7 +2,7 @@
 PyTorch loop on the same model and batch, side by side in one run; the reader's samples/s against what the trainer
 consumes.
 
-    .venv/bin/python bench/bench_train.py [--preset nextdit-small] [--steps 20] [--repeats 2] [--write-results]
+    .venv/bin/python bench/bench_train.py [--preset nextdit-small] [--steps 20] [--repeats 3] [--write-results]
 
 Data: a synthetic build made first (64 px, the pixel tokenizer: 32x32 latents, 256 tokens per view), one
 text2image batch shape. Three loops per repeat, interleaved so load changes hit them alike:
@@ -160,13 +160,12 @@ def run_bare(cfg, count: int) -> tuple[list[float], int]:
 
 def thin_worker(config: dict) -> None:
     """The thinnest Ray Train + DeepSpeed loop: one engine, one fixed batch, the objective, backward, step."""
-    import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
 
     from onegen.train_config import TrainConfig
-    from training.engine import deepspeed_config, init_distributed
+    from training.engine import init_distributed, make_engine
 
     cfg = TrainConfig.model_validate(config["cfg"])
     context = ray.train.get_context()
@@ -174,11 +173,7 @@ def thin_worker(config: dict) -> None:
     init_distributed()
     fixed = fixed_batch(cfg, rank, world_size)
     model = seeded_model(cfg)
-    opt = cfg.train.optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                                  weight_decay=opt.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(cfg.train, len(fixed[0])))
+    engine = make_engine(model, cfg.train, total_steps=config["count"], per_rank_batch=len(fixed[0]))
     engine.train()
     generator = torch.Generator().manual_seed(1 + rank)
 
@@ -222,13 +217,18 @@ def run_trainer(cfg) -> tuple[list[float], dict[str, list[float]]]:
     stage_runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         filter_string=f"tags.mlflow.runName = '{cfg.run.name}/{cfg.train.stages[0].name}'")
+    assert len(stage_runs) == 1, [r.info.run_id for r in stage_runs]
     run_id = stage_runs[0].info.run_id
     def history(key: str):
         return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
 
     stamps = [m.timestamp / 1000 for m in history("train/loss")]
-    parts = {key: [m.value for m in history(f"train/{key}")] for key in ("step_seconds", "data_wait_fraction")}
-    return [b - a for a, b in zip(stamps, stamps[1:])], parts
+    inner = [m.value for m in history("train/step_seconds")]
+    data = [f * s for f, s in zip((m.value for m in history("train/data_wait_fraction")), inner)]
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]  # interval i: the end of step i to the end of step i+1
+    # outside the measured step: interval i minus step i+1's own seconds (logging, bookkeeping), step by step
+    return intervals, {"inner": inner[1:], "data": data[1:],
+                       "outside": [i - s for i, s in zip(intervals, inner[1:])]}
 
 
 def reader_rate(cfg, batches: int) -> float:
@@ -266,7 +266,7 @@ def main() -> int:
     parser.add_argument("--preset", default="nextdit-small")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=4, help="untimed first steps per loop")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--per-rank", type=int, default=2, help="samples per rank per step")
     parser.add_argument("--scenes", type=int, default=32)
@@ -292,9 +292,8 @@ def main() -> int:
             reader = reader_rate(cfg, 50)
             row = {"bare": summary(bare, args.warmup), "thin": summary(thin, args.warmup),
                    "trainer": summary(real, args.warmup - 1), "reader": reader,
-                   "inner": summary(parts["step_seconds"], args.warmup),
-                   "data": summary([f * s for f, s in zip(parts["data_wait_fraction"], parts["step_seconds"])],
-                                   args.warmup),
+                   "inner": summary(parts["inner"], args.warmup - 1), "data": summary(parts["data"], args.warmup - 1),
+                   "outside": summary(parts["outside"], args.warmup - 1),
                    "threads": (bare_threads, thin_threads)}
             rows.append(row)
             print(f"repeat {repeat}: bare {row['bare']:.3f} s, thin {row['thin']:.3f} s, trainer "
@@ -328,11 +327,12 @@ def format_report(args, rows: list[dict], seconds: float) -> list[str]:
         values = [row[name] for row in rows]
         lines.append(f"| {name} | {spread(values)} | {gb / statistics.median(values):.2f} |")
     inner, data = statistics.median(r["inner"] for r in rows), statistics.median(r["data"] for r in rows)
-    trainer = statistics.median(r["trainer"] for r in rows)
+    outside = statistics.median(r["outside"] for r in rows)
     lines += ["", f"Where the trainer's step goes (medians): {data * 1e3:.0f} ms assembling the batch from the shards "
               f"(reader), {(inner - data) * 1e3:.0f} ms in the step (T5 on the prompts, forward, backward, "
-              f"DeepSpeed's step, the EMA), {(trainer - inner) * 1e3:.0f} ms outside it (MLflow logging, "
-              "bookkeeping; the wall-clock interval between steps minus train/step_seconds)."]
+              f"DeepSpeed's step, the EMA), {outside * 1e3:.0f} ms outside it (MLflow logging, "
+              "bookkeeping: each wall-clock interval between steps minus that step's train/step_seconds; MLflow "
+              "timestamps are whole milliseconds)."]
     ratios = {"trainer / thin": [r["trainer"] / r["thin"] for r in rows],
               "thin / bare": [r["thin"] / r["bare"] for r in rows],
               "reader / trainer consumption": [r["reader"] / (gb / r["trainer"]) for r in rows]}

@@ -336,6 +336,14 @@ def check_ray_target(cfg: OnegenConfig | None = None, *, address: str | None = N
     return target
 
 
+def local_worker_soft_limit(num_cpus: int | None) -> int:
+    """Idle worker processes a local instance keeps. Ray's default is one per CPU, and it kills idle workers above
+    that within a second; the build's tasks take half a CPU each beside its encoder actors, so on a small machine
+    Ray kept killing and restarting workers between waves of tasks, each restart re-importing the pipeline (seconds
+    of CPU): the build job burnt ~40% more CPU per sample (bench/bench_build.py). Twice the CPUs, plus two."""
+    return 2 * (num_cpus or os.cpu_count() or 1) + 2
+
+
 def init_ray(cfg: OnegenConfig | None = None, *, address: str | None = None) -> "ray":
     """Connect to (or start) Ray once per process; later calls return at once. Returns the `ray` module.
 
@@ -351,7 +359,8 @@ def init_ray(cfg: OnegenConfig | None = None, *, address: str | None = None) -> 
         env_vars = worker_env_vars(cfg)
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False,
-                 runtime_env={"env_vars": env_vars} if env_vars else None)
+                 runtime_env={"env_vars": env_vars} if env_vars else None,
+                 _system_config={"num_workers_soft_limit": local_worker_soft_limit(cfg.ray.num_cpus)})
         return ray
     # Inside a job, its runtime env (working dir, env vars) already applies to every task; adding one conflicts.
     env_vars = {} if in_submitted_job() else worker_env_vars(cfg)

@@ -213,11 +213,20 @@ def start_run(cfg: OnegenConfig, run_name: str | None = None, tags: dict[str, st
     mlflow.end_run(end_status(None))
 
 
+def _done(operation) -> bool:
+    """Whether an MLflow RunOperations has finished (its futures are done)."""
+    return all(future.done() for future in getattr(operation, "_operation_futures", ()))
+
+
 class MetricsLogger:
     """Buffered per-step metrics of a run that another process opened (a training worker logging into the driver's
     run): `log(metrics, step)` buffers, a `log_batch` goes out every `every` steps, asynchronously (MLflow's own
     async logging: a write to the store never holds up a training step, and with it every rank, which waits for
-    rank 0 at the next all-reduce); `flush()` returns once everything logged so far is in the store."""
+    rank 0 at the next all-reduce); a write that failed raises at the next `log` that sends, at most MAX_IN_FLIGHT
+    batches are outstanding, and `flush()` returns once everything logged so far is in the store. A process killed
+    in between loses only the batches still in flight (a checkpoint flushes first: what it covers is logged)."""
+
+    MAX_IN_FLIGHT = 8
 
     def __init__(self, tracking_uri: str, run_id: str, every: int = 1):
         from mlflow.tracking import MlflowClient
@@ -249,6 +258,9 @@ class MetricsLogger:
             operation = self.client.log_batch(self.run_id, metrics=chunk, synchronous=False)
             if operation is not None:
                 self.operations.append(operation)
+        # the oldest batches: waited for (raising a failed write now) once done, or once too many are outstanding
+        while self.operations and (len(self.operations) > self.MAX_IN_FLIGHT or _done(self.operations[0])):
+            self.operations.pop(0).wait()
 
     def flush(self) -> None:
         """Send what is buffered and wait until every batch is in the store (raises what a write raised)."""

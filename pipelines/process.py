@@ -330,8 +330,9 @@ def tokenizer_identity(spec: str, revision: str | None = None) -> tuple[str, str
 def pack_members(cfg: BuildConfig, record: dict) -> None:
     """WebDataset members (the PNGs of every picture and condition map, the metadata) and the latent rows without
     their latents: packing's CPU-heavy half, done before the encode stage, so the job runs it in the partition tasks
-    and the encoder's output goes straight to the driver (records are ~10 MB once they hold float latents; every hop
-    between Ray workers copies them several times)."""
+    (many) rather than the encoder actors (few), and the encoder's output goes straight to the driver instead of
+    through another task (records are ~10 MB once they hold float latents; every hop between Ray workers copies
+    them several times)."""
     record["members"], record["rows"] = [], []
     split = split_of(record["id"], cfg.build.heldout_fraction)
     for output in record["outputs"]:

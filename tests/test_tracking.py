@@ -173,3 +173,28 @@ def test_run_logged_to_a_real_mlflow_server(tmp_path: Path, mlflow_server):
     assert not (tmp_path / "work" / "mlartifacts").exists()
     assert not (tmp_path / "work" / "mlflow.db").exists()
     assert os.path.exists(tmp_path) and not (Path.cwd() / "mlruns").exists()
+
+
+def test_metrics_logger_writes_every_step_in_order_in_the_background_and_raises_a_failed_write(tmp_path: Path):
+    """The trainer's per-step metrics go out asynchronously (a write never holds a training step up), yet all of
+    them are in the store, in step order, once flush() returns; a write that fails is raised, not swallowed."""
+    from onegen.tracking import MetricsLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("metrics")).info.run_id
+    logger = MetricsLogger(uri, run_id, every=1)
+    steps = 3 * MetricsLogger.MAX_IN_FLIGHT
+    for step in range(1, steps + 1):
+        logger.log({"train/loss": 1.0 / step, "train/lr": 0.1}, step)
+        assert len(logger.operations) <= MetricsLogger.MAX_IN_FLIGHT
+    logger.flush()
+    assert not logger.operations and not logger.pending
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, steps + 1))
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1.0 / s for s in range(1, steps + 1)]
+
+    gone = MetricsLogger(uri, "0" * 32, every=1)  # no such run: the store refuses the write
+    gone.log({"train/loss": 1.0}, 1)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        gone.flush()

@@ -13,8 +13,9 @@ never an average of empty shards or of bf16 roundings. Under fp32 ZeRO-1/2 every
 masters. The average is float32 on the training device; `pipeline/transformer` holds it exactly, so a resume reads it
 back from there (no second copy).
 
-The update is EMAModel.step's own line (s -= (1 - decay)(s - p)) applied per parameter, with EMAModel's decay and
-step count: EMAModel.step takes all parameters at once, which would need them all assembled at once.
+The update is EMAModel.step's (s -= (1 - decay)(s - p)), as one lerp per parameter (s.lerp_(p, 1 - decay): the same
+value, without temporaries; with the module's own weights one fused lerp over all of them), with EMAModel's decay and
+step count: EMAModel.step takes all parameters at once, which would need every master assembled at once.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class EmaWeights:
         keep = 1 - self.ema.get_decay(self.ema.optimization_step)
         shadows = self.ema.shadow_params
         if not self.masters:  # the module's own float32 weights: one fused pass over all of them, no temporaries
-            torch._foreach_lerp_(shadows, [p.detach().to(s) for p, s in zip(module.parameters(), shadows)], keep)
+            torch._foreach_lerp_(shadows, [p.detach().to(s) for p, s in zip(module.parameters(), shadows,
+                                                                               strict=True)], keep)
             return
         for param, shadow in zip(module.parameters(), shadows, strict=True):  # one full master at a time
             shadow.lerp_(self._full_master(param, deepspeed).to(shadow), keep)

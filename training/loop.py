@@ -305,9 +305,15 @@ def train_worker(config: dict) -> None:
                       sources=config.get("sources"), previous=previous_folder, previous_uri=previous_uri,
                       mlflow_parent_run_id=config.get("mlflow_parent_run_id"),
                       log_image=logger.log_image if logger else None)
-    finally:
-        if logger is not None:
-            logger.flush()
+    except BaseException:
+        if logger is not None:  # what it can of the steps before the failure, without hiding the failure
+            try:
+                logger.flush()
+            except Exception as err:  # noqa: BLE001 - the training error is the one to raise
+                say(f"MLflow: the last metrics could not be written ({type(err).__name__}: {err})")
+        raise
+    if logger is not None:
+        logger.flush()
 
 
 def _ignore(metrics: dict, step: int) -> None:
