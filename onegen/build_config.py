@@ -160,6 +160,45 @@ def tokenizer_factor_problem(spec: str, factor: int | None) -> str | None:
             "AutoencoderKL (SD3/FLUX class) or 'pixel'")
 
 
+DEFAULT_CAPTION_MODEL = "llava-hf/llama3-llava-next-8b-hf"  # the release demo's captioner (ONEDIFFUSION_SPEC §6)
+DEFAULT_CAPTION_INSTRUCTION = "Describe the contents of the photo in 150 words or fewer."
+
+
+class LabelerSection(_Section):
+    """What every model stage (a labeler) shares: on or off, which weights, and how its Ray Data actor pool runs.
+    The model is loaded once per actor; a preflight task on the same resources resolves it before any input is
+    read (pipelines/labelers.py)."""
+
+    enabled: bool = Field(False, description="run this labeler in the build")
+    model: str = Field(min_length=1, description="hub id 'owner/name' (downloaded on first use, or read from the "
+                                                 "local Hugging Face cache offline) or a local folder")
+    revision: str | None = Field(None, min_length=1, description="hub branch, tag or commit (null: main, pinned to "
+                                                                 "its commit when the build starts)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU, float32 on CPU")
+    batch_size: int = Field(4, gt=0, description="samples per model call", **_role(RUNTIME))
+    concurrency: int = Field(1, gt=0, description="actors (model copies)", **_role(RUNTIME))
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor", **_role(RUNTIME))
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor", **_role(RUNTIME))
+    preflight_timeout_s: float = Field(300.0, gt=0, description="how long the start-up check may wait for a node "
+                                                                "with the actor's resources (and a download)",
+                                       **_role(RUNTIME))
+
+
+class CaptionSection(LabelerSection):
+    """The caption labeler: a transformers image-text-to-text model with a chat template describes each sample (a
+    group: its first view), greedy decoding; the caption is kept beside the source's own, origin `generated`."""
+
+    model: str = Field(DEFAULT_CAPTION_MODEL, min_length=1, description="an image-text-to-text model with a chat "
+                                                                        "template: hub id or local folder")
+    backend: Literal["transformers"] = Field("transformers", description="transformers' generate() on the actor "
+                                                                         "pool")
+    instruction: str = Field(DEFAULT_CAPTION_INSTRUCTION, min_length=1, description="the user turn after the image")
+    max_new_tokens: int = Field(200, gt=0, description="token budget per caption (a caption that reaches it is "
+                                                       "kept and counted as `truncated`)")
+    name: str = Field("vlm", pattern=_NAME_PATTERN, description="the caption's name in the rows (origin: generated)")
+
+
 class StagesSection(_Section):
     """How the weight-free stages run (Ray Data tasks): never changes output bytes."""
 
@@ -182,6 +221,7 @@ class BuildSection(_Section):
     decode: DecodeSection = DecodeSection()
     conditions: ConditionsSection = ConditionsSection()
     encode: EncodeSection = EncodeSection()
+    caption: CaptionSection = CaptionSection()
     stages: StagesSection = Field(StagesSection(), **_role(RUNTIME))
 
     _safe_name = field_validator("name")(check_safe_name)

@@ -584,12 +584,20 @@ def machine_fields(cfg: OnegenConfig) -> dict[str, Any]:
 
 def content_hash(cfg: OnegenConfig) -> str:
     """sha256 of the keys that change output bytes or the maths: gates "changed config" refusals."""
-    return _sha256(fields_by_role(cfg, {CONTENT}), type(cfg))
+    return _sha256(_switched_on(fields_by_role(cfg, {CONTENT})), type(cfg))
 
 
 def config_hash(cfg: OnegenConfig) -> str:
     """The full hash: sha256 of every key but machine paths and addresses (content + runtime)."""
-    return _sha256(fields_by_role(cfg, {CONTENT, RUNTIME}), type(cfg))
+    return _sha256(_switched_on(fields_by_role(cfg, {CONTENT, RUNTIME})), type(cfg))
+
+
+def _switched_on(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` without the sections switched off (`SECTION.enabled: false`, e.g. a labeler): a stage that does not
+    run changes no bytes, so its settings, and a stage added to the schema later, leave the hashes of builds and
+    runs that do not use it as they were."""
+    off = tuple(key[:-len("enabled")] for key, value in fields.items() if key.endswith(".enabled") and value is False)
+    return {key: value for key, value in fields.items() if not key.startswith(off)} if off else fields
 
 
 def _sha256(fields: dict[str, Any], schema: type[OnegenConfig]) -> str:

@@ -39,8 +39,10 @@ _JOB_MARKER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 # Driver environment forwarded to workers (cluster nodes do not share the driver's shell). Never credentials:
 # runtime envs are visible in the dashboard; workers get AWS credentials from their own environment/instance role.
+# The Hugging Face hub's switches travel (the labelers' preflight and actors must see what the driver sees), its
+# cache paths do not (a node's cache is its own: set HF_HOME per node, or in ray.runtime_env.env_vars).
 FORWARDED_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "WANDB_MODE", "NO_ALBUMENTATIONS_UPDATE",
-                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 
 # Not uploaded with --working-dir . (gitignore-style patterns; Ray also honours .gitignore). No trailing "/": Ray
 # matches folder paths without one, and a matched folder is skipped whole instead of walked file by file.

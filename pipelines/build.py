@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 import time
 from collections import Counter
@@ -42,11 +41,12 @@ from onegen.shards import (BUILD_SCHEMA, PLAN_SCHEMA, SHARD_SCHEMA_VERSION, buil
 from onegen.storage import Storage
 from pipelines.earlier import EarlierBuilds, load_earlier
 from pipelines.ingest import Partition, plan_source, read_partition
-from pipelines.process import check_image_tokenizer
+from pipelines.labelers import LABELERS
+from pipelines.process import batch_of, check_image_tokenizer, records_of
 
 TAG_BUILD = "onegen.build"
 TAG_BUILD_URI = "onegen.build_uri"
-STAGES = ("ingest", "decode", "bucket", "conditions", "encode", "pack")
+STAGES = ("ingest", "decode", "bucket", *(labeler.stage for labeler in LABELERS), "conditions", "encode", "pack")
 
 
 class BuildConflict(UsageError):
@@ -65,6 +65,7 @@ class BuildSummary:
     rows: int = 0
     bytes_written: int = 0
     dropped: Counter = field(default_factory=Counter)
+    labels: dict[str, Counter] = field(default_factory=dict)  # {labeler stage: {outcome: samples}}
     seconds: Counter = field(default_factory=Counter)  # wall time per stage, summed over records (and workers)
     source_stats: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -92,6 +93,9 @@ class BuildSummary:
         if self.dropped:
             lines.append("  dropped by reason:")
             lines += [f"    {reason:<22} {n}" for reason, n in sorted(self.dropped.items())]
+        for stage, counts in sorted(self.labels.items()):  # failures keep the sample: counted, not dropped
+            lines.append(f"  {stage} labels: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+                         + (" (their messages: stats/SHARD.json)" if "error" in counts else ""))
         for source, stats in sorted(self.source_stats.items()):
             counts = ", ".join(f"{stats.get(key, 0)} {key}" for key in ("successes", "failed_to_download",
                                                                           "failed_to_resize"))
@@ -252,21 +256,13 @@ def check_plan_matches(entries: dict[str, dict], plan: list[Partition], storage:
 
 # --- Ray Data stages (module level: Ray pickles them by reference) ----------------------------------------------------
 
-def _load(batch: dict[str, np.ndarray]) -> list[dict]:
-    return [pickle.loads(blob) for blob in batch["record"]]
-
-
-def _dump(records: list[dict]) -> dict[str, np.ndarray]:
-    out = np.empty(len(records), dtype=object)
-    out[:] = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
-    return {"record": out}
-
-
 WEIGHT_FREE_STAGES = ("decode", "bucket", "conditions", "pack")  # "pack": its members, before the latents
+BEFORE_LABELERS = WEIGHT_FREE_STAGES[:2]  # the labelers see the bucketed pictures; their labels can become conditions
 
 
-def partition_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: str, built=None):
-    """One partition in, its records out through the weight-free stages, in slices of stages.batch_size (so Ray
+def partition_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: str, built=None,
+                    stages: tuple[str, ...] = WEIGHT_FREE_STAGES):
+    """One partition in, its records out through the weight-free `stages`, in slices of stages.batch_size (so Ray
     Data streams them on before the partition ends). One operator, one task per partition: as separate
     map_batches, Ray Data fused them and bundled stages.batch_size partitions into each task (the largest batch size
     of a fused chain sets its bundle), which left 2 cores with a handful of serial tasks and huge blocks."""
@@ -284,9 +280,17 @@ def partition_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: st
         records[0]["source_stats"] = source_stats
         for first in range(0, len(records), size):
             part = records[first:first + size]
-            for stage in WEIGHT_FREE_STAGES:
+            for stage in stages:
                 part = run_stage(stage, part, cfg, built)
-            yield _dump(part)
+            yield batch_of(part)
+
+
+def records_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stages: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The weight-free stages after the labelers (conditions, pack's members), over one block of records."""
+    records = records_of(batch)
+    for stage in stages:
+        records = run_stage(stage, records, cfg)
+    return batch_of(records)
 
 
 def run_stage(stage: str, records: list[dict], cfg: BuildConfig, built=None) -> list[dict]:
@@ -329,30 +333,48 @@ class EncodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.process import pack_latents, timed_stage
 
-        return _dump(timed_stage("pack", self.encoder.encode_records(_load(batch)), pack_latents))
+        return batch_of(timed_stage("pack", self.encoder.encode_records(records_of(batch)), pack_latents))
 
 
-def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str | None = None, built=None):
+def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str | None = None, built=None,
+                  labelled: dict[str, dict] | None = None):
     """The Ray Data pipeline over the pending partitions (lazy: it runs when iterated); `revision`: the commit of a
     hub-id VAE the driver resolved (check_image_tokenizer); `built`: an ObjectRef of the earlier builds' picture
-    digests (incremental builds) for the decode stage."""
+    digests (incremental builds) for the decode stage; `labelled`: what each enabled labeler's preflight resolved
+    (pipelines.labelers.preflight_labelers)."""
     import ray.data
+
+    from pipelines.labelers import enabled_labelers
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # shards complete in plan order: the driver holds ~one at a time
     stages = cfg.build.stages
     encode = cfg.build.encode
+    labelers = enabled_labelers(cfg)
     items = [{"partition": p.to_json()} for p in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(partition_stage, batch_size=1, num_cpus=stages.num_cpus,
-                        fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir), "built": built})
-    # CPU encoding (num_gpus 0) with the stages' num_cpus would let Ray Data fuse the weight-free task stages into
-    # the encoder actors, and every partition would be read, decoded and drawn by the `encode.concurrency` actors
-    # alone. Naming the strategy Ray Data uses anyway (SPREAD) makes the remote args differ: the stages stay a task
-    # pool over every CPU of the cluster. (With GPUs, num_gpus already keeps them apart.)
-    return ds.map_batches(EncodeStage, fn_constructor_kwargs={"cfg": cfg, "revision": revision},
-                          batch_size=stages.batch_size, concurrency=encode.concurrency, num_cpus=encode.num_cpus,
-                          num_gpus=encode.num_gpus or None, scheduling_strategy="SPREAD")
+                        fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir), "built": built,
+                                   "stages": BEFORE_LABELERS if labelers else WEIGHT_FREE_STAGES})
+    if labelers:
+        for labeler in labelers:
+            section = labeler.section(cfg)
+            ds = _actor_stage(ds, labeler.actor_class(), {"cfg": cfg, "resolved": (labelled or {})[labeler.stage]},
+                              section.batch_size, section.concurrency, section.num_cpus, section.num_gpus)
+        ds = ds.map_batches(records_stage, batch_size=None, num_cpus=stages.num_cpus,
+                            fn_kwargs={"cfg": cfg, "stages": WEIGHT_FREE_STAGES[len(BEFORE_LABELERS):]})
+    return _actor_stage(ds, EncodeStage, {"cfg": cfg, "revision": revision}, stages.batch_size, encode.concurrency,
+                        encode.num_cpus, encode.num_gpus)
+
+
+def _actor_stage(ds, actor: type, kwargs: dict, batch_size: int, concurrency: int, num_cpus: float,
+                 num_gpus: float):
+    """A model stage as an actor pool. A CPU actor (num_gpus 0) with the stages' num_cpus would let Ray Data fuse
+    the weight-free task stage before it into the actors, and every partition would be read, decoded and drawn by
+    the `concurrency` actors alone. Naming the strategy Ray Data uses anyway (SPREAD) makes the remote args differ:
+    the stages stay a task pool over every CPU of the cluster. (With GPUs, num_gpus already keeps them apart.)"""
+    return ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=batch_size, concurrency=concurrency,
+                          num_cpus=num_cpus, num_gpus=num_gpus or None, scheduling_strategy="SPREAD")
 
 
 # --- the job ---------------------------------------------------------------------------------------------------------
@@ -369,6 +391,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     check_run_targets(cfg)  # work dir, Ray, MLflow and storage usable: refused before anything is written
     with step("load the image tokenizer", cfg.build.encode.image_tokenizer):
         revision = check_image_tokenizer(cfg)
+    labelled = check_labelers(cfg)
     started = time.perf_counter()
     storage = Storage.from_config(cfg)
     name = cfg.build_name
@@ -402,9 +425,9 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             futures: list[Future] = []
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer") as writers, \
                     step("run the build's Ray Data stages"):
-                stream = build_dataset(ray, cfg, pending, revision, built)
+                stream = build_dataset(ray, cfg, pending, revision, built, labelled)
                 for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
-                    for record in _load(batch):
+                    for record in records_of(batch):
                         shard = record["shard"]
                         stats.setdefault(shard, {}).update(record.pop("source_stats", None) or {})
                         records = open_shards.setdefault(shard, [])
@@ -432,6 +455,20 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     return summary
 
 
+def check_labelers(cfg: BuildConfig) -> dict[str, dict]:
+    """The enabled labelers' preflight (pipelines/labelers.py), before the build name is claimed: a model that
+    cannot load is fixed by editing the config, and the fixed config must still be free to claim the name."""
+    from pipelines.labelers import enabled_labelers, preflight_labelers
+
+    labelers = enabled_labelers(cfg)
+    if not labelers:
+        return {}
+    from onegen.raycluster import init_ray
+
+    with step("check the labelers' models", ", ".join(f"{l.stage}: {l.section(cfg).model}" for l in labelers)):
+        return preflight_labelers(init_ray(cfg), cfg)
+
+
 def entry_bytes(entry: dict) -> int:
     """Bytes of a committed shard's files (its entry records them: the tar and the parquet)."""
     return sum(f.get("bytes", 0) for f in entry["files"].values())
@@ -449,6 +486,8 @@ def _count(summary: BuildSummary, result: tuple[dict, dict]) -> None:
     summary.kept += entry["samples"]
     summary.rows += entry["rows"]
     summary.dropped.update(entry["dropped"])
+    for stage, counts in entry.get("labels", {}).items():
+        summary.labels.setdefault(stage, Counter()).update(counts)
     summary.bytes_written += entry_bytes(entry)
     summary.seconds.update(stats["seconds"])
     if stats.get("source_stats"):  # img2dataset's counts, and its error messages counted over the shards
@@ -511,6 +550,8 @@ def _log_results(run, storage: Storage, summary: BuildSummary) -> None:
     metrics.update({"inputs": totals["inputs"], "kept": totals["samples"], "rows": totals["rows"],
                     "duplicates": totals["duplicates"], "shards": totals["shards"], "bytes": summary.build_bytes})
     metrics.update({f"dropped.{reason}": n for reason, n in totals["dropped"].items()})
+    metrics.update({f"labels.{stage}.{outcome}": n for stage, counts in totals.get("labels", {}).items()
+                    for outcome, n in counts.items()})
     mlflow.log_metrics({key.replace(":", "_"): float(v) for key, v in metrics.items()})
     mlflow.log_text(summary.table(), "build/summary.txt")
     mlflow.log_text(json.dumps(summary.manifest, indent=1, sort_keys=True), "build/manifest.json")

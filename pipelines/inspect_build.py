@@ -195,8 +195,7 @@ def contact_sheet(rows: list[dict[str, Any]], tokenizers: Tokenizers, cell: int 
         title = (f"{row['id']}  {row['source']}  resolution {row['resolution']}  {row['bucket_h']}x{row['bucket_w']}  "
                  f"{row['split']}  {row['num_views']} view(s)")
         captions = row.get("captions") or []
-        caption = captions[0] if captions else None
-        lines = _panel_lines(measure, font, caption, row_prompts(row, "<caption>" if caption else ""))
+        lines = _panel_lines(measure, font, captions, row_prompts(row, "<caption>" if captions else ""))
         height = max(cell + 2 * LINE, (len(lines) + 1) * LINE) + 6
         bands.append(((row["id"], row["resolution"]), title, pictures, lines, height))
     columns = max((len(band[2]) for band in bands), default=1)
@@ -225,15 +224,17 @@ def contact_sheet(rows: list[dict[str, Any]], tokenizers: Tokenizers, cell: int 
     return sheet, cells
 
 
-def _panel_lines(draw: ImageDraw.ImageDraw, font, caption: dict | None, prompts: list[str]) -> list[tuple[str, bool]]:
-    """(line, is caption) of a row's text: the caption with its origin, cut after a few lines, then each task's
-    prompt (built with <caption> standing for it)."""
+def _panel_lines(draw: ImageDraw.ImageDraw, font, captions: list[dict], prompts: list[str]) -> list[tuple[str, bool]]:
+    """(line, is caption) of a row's text: each caption with its name and origin (the source's, a labeler's), cut
+    after a few lines, then each task's prompt (built with <caption> standing for the one the trainer draws)."""
     width = PROMPT_PANEL - 8
-    lines = _wrap(draw, font, f"caption ({caption['origin']}): {caption['text']}" if caption else "no caption", width)
-    if len(lines) > CAPTION_LINES:
-        lines = lines[:CAPTION_LINES]
-        lines[-1] = lines[-1][:-3].rstrip() + "..."
-    marked = [(line, True) for line in lines]
+    marked = [] if captions else [("no caption", True)]
+    for caption in captions:
+        lines = _wrap(draw, font, f"{caption['name']} ({caption['origin']}): {caption['text']}", width)
+        if len(lines) > CAPTION_LINES:
+            lines = lines[:CAPTION_LINES]
+            lines[-1] = lines[-1][:-3].rstrip() + "..."
+        marked += [(line, True) for line in lines]
     for prompt in prompts:
         marked += [(line, False) for line in _wrap(draw, font, prompt, width)]
     return marked

@@ -37,6 +37,22 @@ from pipelines.record import Sample, encode_png
 IMAGE = "image"
 
 
+def records_of(batch: dict[str, np.ndarray]) -> list[dict]:
+    """A Ray Data batch's records. Records flow pickled in one column: they hold nested, ragged arrays that Arrow has
+    no type for."""
+    import pickle
+
+    return [pickle.loads(blob) for blob in batch["record"]]
+
+
+def batch_of(records: list[dict]) -> dict[str, np.ndarray]:
+    import pickle
+
+    out = np.empty(len(records), dtype=object)
+    out[:] = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+    return {"record": out}
+
+
 def timed_stage(name: str, records: list[dict], fn: Callable[[dict], None]) -> list[dict]:
     """Apply `fn` to each live record in place, timing it and turning an exception into a dropped record."""
     for record in records:
@@ -335,6 +351,9 @@ def pack_members(cfg: BuildConfig, record: dict) -> None:
     them several times)."""
     record["members"], record["rows"] = [], []
     split = split_of(record["id"], cfg.build.heldout_fraction)
+    captions = [{"name": name, "text": text, "origin": "source"} for name, text in sorted(record["captions"].items())]
+    captions += [{"name": name, "text": text, "origin": "generated"}  # the caption labeler's (pipelines/caption.py)
+                 for name, text in sorted(record.get("generated_captions", {}).items())]
     for output in record["outputs"]:
         resolution, (height, width) = output["resolution"], output["bucket"]
         modalities: set[str] = set()
@@ -342,7 +361,8 @@ def pack_members(cfg: BuildConfig, record: dict) -> None:
         for v, sample in enumerate(output["samples"]):
             sample.meta = {**sample.meta, "build": {
                 "id": record["id"], "input_id": record["input_id"], "resolution": resolution, "view": v,
-                "split": split, "params": output["params"][v], **record["meta"]}}
+                "split": split, "params": output["params"][v], **record["meta"],
+                **({"captions": captions, "labels": record["labels"]} if record.get("labels") else {})}}
             members = sample.to_wds()
             members["__key__"] = f"{record['id']}-r{resolution}-v{v}"
             for modality, picture in sorted(output["conditions"][v].items()):
@@ -367,8 +387,7 @@ def pack_members(cfg: BuildConfig, record: dict) -> None:
             "input_id": record["input_id"], "sha256": record["sha256"], "split": split,
             "resolution": resolution, "bucket_h": height, "bucket_w": width, "num_views": len(output["samples"]),
             "modalities": sorted(modalities), "latents": None,
-            "captions": [{"name": name, "text": text, "origin": "source"}
-                         for name, text in sorted(record["captions"].items())],
+            "captions": captions,
             "class_colours": json.dumps(class_colours(first), sort_keys=True),
             "entities": entities, "cameras": cameras,
             "params": json.dumps(output["params"], sort_keys=True),
@@ -387,9 +406,12 @@ def pack_latents(record: dict) -> None:
 
 # --- the whole chain in one process (tests, the benchmark's bare loop) ---------------------------------------------
 
-def process_records(cfg: BuildConfig, records: list[dict], encoder: ViewEncoder) -> list[dict]:
+def process_records(cfg: BuildConfig, records: list[dict], encoder: ViewEncoder, labelers=()) -> list[dict]:
+    """`labelers`: pipelines.labelers.LabelerStage instances (the enabled ones, in build order)."""
     timed_stage("decode", records, lambda r: decode_record(cfg, r))
     timed_stage("bucket", records, lambda r: bucket_record(cfg, r))
+    for labeler in labelers:
+        labeler.label_records(records)
     timed_stage("conditions", records, lambda r: conditions_record(cfg, r))
     timed_stage("pack", records, lambda r: pack_members(cfg, r))
     encoder.encode_records(records)

@@ -79,13 +79,26 @@ def commit_shard(storage: Storage, build: str, partition: Partition, records: li
         "dropped_input_ids": [[r["input_id"], r["dropped"]] for r in records if r["dropped"]],
         "content_hash": content_hash, "shard_schema_version": SHARD_SCHEMA_VERSION, "code_version": code_version,
     }
+    labels = label_counts(kept)
+    if labels:  # only where labelers ran: entries of builds without them stay as they were
+        entry["labels"] = labels
     if not storage.put_if_absent(paths.entry, _chunks(canonical_json(entry), "in_manifest_put")):
         entry = json.loads(storage.read_bytes(paths.entry))
     return entry, stats
 
 
+def label_counts(records: list[dict]) -> dict[str, dict[str, int]]:
+    """{labeler stage: {outcome: samples}} over kept records (pipelines/labelers.py: "ok" or a failure reason)."""
+    counts: dict[str, Counter] = {}
+    for record in records:
+        for stage, outcome in record.get("labels", {}).items():
+            counts.setdefault(stage, Counter())[outcome] += 1
+    return {stage: dict(sorted(c.items())) for stage, c in sorted(counts.items())}
+
+
 def shard_stats(partition: Partition, records: list[dict], source_stats: dict) -> dict[str, Any]:
-    """Kept and dropped per reason (with example messages) and seconds per stage: the shard's stats file."""
+    """Kept and dropped per reason (with example messages), labeler failures (with example messages) and seconds
+    per stage: the shard's stats file."""
     seconds: Counter = Counter()
     for record in records:
         seconds.update(record["timings"])
@@ -93,6 +106,10 @@ def shard_stats(partition: Partition, records: list[dict], source_stats: dict) -
     for record in records:
         if record["dropped"] and len(examples.setdefault(record["dropped"], [])) < 5:
             examples[record["dropped"]].append(f"{record['input_id']}: {record['error']}")
+        for stage, message in record.get("label_errors", {}).items():
+            key = f"{stage}.{record['labels'][stage]}"
+            if len(examples.setdefault(key, [])) < 5:
+                examples[key].append(f"{record['input_id']}: {message}")
     return {"shard": partition.shard, "source": partition.source, "inputs": len(records),
             "kept": sum(not r["dropped"] for r in records),
             "dropped": dict(Counter(r["dropped"] for r in records if r["dropped"])), "examples": examples,
@@ -107,8 +124,11 @@ def write_manifest(storage: Storage, build: str, plan: list[Partition], entries:
         return None
     ordered = [entries[p.shard] for p in plan]
     dropped: Counter = Counter()
+    labels: dict[str, Counter] = {}
     for entry in ordered:
         dropped.update(entry["dropped"])
+        for stage, counts in entry.get("labels", {}).items():
+            labels.setdefault(stage, Counter()).update(counts)
     duplicates = duplicate_losers(ordered)
     manifest = {
         "schema": MANIFEST_SCHEMA, "build": build, "content_hash": content_hash,
@@ -121,5 +141,7 @@ def write_manifest(storage: Storage, build: str, plan: list[Partition], entries:
                    "duplicates": len(duplicates), "dropped": dict(sorted(dropped.items()))},
         "duplicates": duplicates,
     }
+    if labels:
+        manifest["totals"]["labels"] = {stage: dict(sorted(c.items())) for stage, c in sorted(labels.items())}
     storage.put_if_absent(manifest_path(build), canonical_json(manifest))
     return json.loads(storage.read_bytes(manifest_path(build)))

@@ -28,8 +28,9 @@ from conftest import HEAD_CPUS, VENV_BIN, ray_processes  # the session Ray head 
 
 @pytest.fixture
 def no_ray_env(monkeypatch):
-    for name in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
-                 "WANDB_MODE", "NO_ALBUMENTATIONS_UPDATE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    from onegen.raycluster import FORWARDED_ENV
+
+    for name in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR", *FORWARDED_ENV):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
