@@ -41,7 +41,7 @@ from onegen.shards import (BUILD_SCHEMA, PLAN_SCHEMA, SHARD_SCHEMA_VERSION, buil
 from onegen.storage import Storage
 from pipelines.earlier import EarlierBuilds, load_earlier
 from pipelines.ingest import Partition, plan_source, read_partition
-from pipelines.labelers import LABELERS
+from pipelines.labelers import LABELERS, one_line_start_failures
 from pipelines.process import batch_of, check_image_tokenizer, records_of
 
 TAG_BUILD = "onegen.build"
@@ -158,12 +158,13 @@ def source_locations(cfg: BuildConfig) -> dict[str, dict[str, Any]]:
     return {source.name: fields_by_role(source, {MACHINE}) for source in cfg.build.sources}
 
 
-def frozen_plan(storage: Storage, cfg: BuildConfig,
-                digest: str) -> tuple[list[Partition], dict[str, Any], "EarlierBuilds | None"]:
+def frozen_plan(storage: Storage, cfg: BuildConfig, digest: str, labelled: dict[str, dict] | None = None
+                ) -> tuple[list[Partition], dict[str, Any], "EarlierBuilds | None"]:
     """(the build's partitions, the plan document, the earlier builds when this run froze the plan, else None).
     The first run reads the earlier builds (build.previous), lists every source without what they hold and writes
     builds/NAME/plan.json with put-if-absent (of two racing first runs, one plan wins and both use it); later runs
-    read it back and never re-plan."""
+    read it back and never re-plan. `labelled`: what the labelers' preflight resolved (their hub commits), frozen
+    with the plan."""
     rel = plan_path(cfg.build_name)
     earlier = None
     if not storage.exists(rel):
@@ -174,6 +175,8 @@ def frozen_plan(storage: Storage, cfg: BuildConfig,
                     "sources": source_locations(cfg), "partitions": [p.to_dict() for p in plan],
                     "previous_named": cfg.build.previous, "previous": earlier.builds,
                     "already_built": dict(sorted(earlier.skipped.items()))}
+        if labelled:
+            document["labelers"] = labelled
         if not storage.put_if_absent(rel, canonical_json(document)):
             earlier = None  # another first run froze its plan first: this run follows that one
     document = json.loads(storage.read_bytes(rel))
@@ -391,7 +394,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     check_run_targets(cfg)  # work dir, Ray, MLflow and storage usable: refused before anything is written
     with step("load the image tokenizer", cfg.build.encode.image_tokenizer):
         revision = check_image_tokenizer(cfg)
-    labelled = check_labelers(cfg)
+    labelled = check_labelers(cfg, Storage.from_config(cfg))
     started = time.perf_counter()
     storage = Storage.from_config(cfg)
     name = cfg.build_name
@@ -399,7 +402,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     with step("claim the build name", storage.uri(build_json_path(name))):
         claim_build(storage, cfg)
     with step("plan partitions"):
-        plan, document, earlier = frozen_plan(storage, cfg, digest)
+        plan, document, earlier = frozen_plan(storage, cfg, digest, labelled)
     entries = read_entries(storage, name)
     check_plan_matches(entries, plan, storage, name)
     pending = [p for p in plan if p.shard not in entries]
@@ -426,7 +429,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer") as writers, \
                     step("run the build's Ray Data stages"):
                 stream = build_dataset(ray, cfg, pending, revision, built, labelled)
-                for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
+                for batch in one_line_start_failures(stream.iter_batches(batch_size=None, batch_format="numpy")):
                     for record in records_of(batch):
                         shard = record["shard"]
                         stats.setdefault(shard, {}).update(record.pop("source_stats", None) or {})
@@ -455,9 +458,11 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     return summary
 
 
-def check_labelers(cfg: BuildConfig) -> dict[str, dict]:
+def check_labelers(cfg: BuildConfig, storage: Storage) -> dict[str, dict]:
     """The enabled labelers' preflight (pipelines/labelers.py), before the build name is claimed: a model that
-    cannot load is fixed by editing the config, and the fixed config must still be free to claim the name."""
+    cannot load is fixed by editing the config, and the fixed config must still be free to claim the name. A rerun
+    resolves the hub commits the build's first run froze in its plan (this config's plan only: another config's is
+    refused by claim_build just after)."""
     from pipelines.labelers import enabled_labelers, preflight_labelers
 
     labelers = enabled_labelers(cfg)
@@ -465,8 +470,14 @@ def check_labelers(cfg: BuildConfig) -> dict[str, dict]:
         return {}
     from onegen.raycluster import init_ray
 
+    frozen = {}
+    rel = plan_path(cfg.build_name)
+    if storage.exists(rel):
+        document = json.loads(storage.read_bytes(rel))
+        if document.get("content_hash") == content_hash(cfg):
+            frozen = document.get("labelers", {})
     with step("check the labelers' models", ", ".join(f"{l.stage}: {l.section(cfg).model}" for l in labelers)):
-        return preflight_labelers(init_ray(cfg), cfg)
+        return preflight_labelers(init_ray(cfg), cfg, frozen)
 
 
 def entry_bytes(entry: dict) -> int:

@@ -17,26 +17,25 @@ from __future__ import annotations
 from typing import Any
 
 from onegen.build_config import CaptionSection
-from pipelines.labelers import OK, LabelerStage, resolve_model, torch_dtype
+from pipelines.labelers import OK, Label, LabelerStage, list_weights, resolve_model
 
 EMPTY, TRUNCATED = "empty", "truncated"
+CONFIG_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]  # config, processor, tokenizer, template
 
 
 def preflight(section: CaptionSection) -> dict[str, Any]:
-    """Resolve the model, read its config and processor (small files; the weights are only listed): what the actors
-    need is the hub commit, so each node loads the very same weights."""
-    from pathlib import Path
-
+    """Resolve the model to a folder and a hub commit, read its config and processor (small files only: the
+    weights are only listed; each actor downloads them at that commit)."""
     from transformers import AutoConfig, AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    folder, revision = resolve_model(section)
+    folder, revision = resolve_model(section, CONFIG_FILES)  # a preflight never downloads the weights
     config = AutoConfig.from_pretrained(folder)
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise ValueError(f"{folder} holds a {config.model_type!r} model, not an image-text-to-text one "
                          "(AutoModelForImageTextToText cannot load it); pick a vision-language chat model such as "
                          "LLaVA-NeXT")
-    if not any(Path(folder).glob("*.safetensors")) and not any(Path(folder).glob("*.bin")):
+    if not list_weights(section, folder, revision):
         raise FileNotFoundError(f"{folder} has a config but no weights (*.safetensors); download the whole folder")
     processor = AutoProcessor.from_pretrained(folder)
     if not getattr(processor, "chat_template", None):
@@ -48,39 +47,48 @@ def preflight(section: CaptionSection) -> dict[str, Any]:
 class Stage(LabelerStage):
     stage = "caption"
 
-    def setup(self, resolved: dict[str, Any]) -> None:
-        import torch
+    def load(self, folder: str, device: str, dtype) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        section = self.section
-        folder, _ = resolve_model(section.model_copy(update={"revision": resolved.get("revision")}))
-        self.device = "cuda" if section.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.dtype = torch_dtype(section, self.device)
         self.processor = AutoProcessor.from_pretrained(folder)
-        self.processor.tokenizer.padding_side = "left"  # batched generation: every prompt ends where new text starts
-        self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=self.dtype).to(self.device).eval()
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": section.instruction}]}]
+        self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": self.section.instruction}]}]
         self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        self.add_special_tokens = not (bos and self.prompt.startswith(bos))  # a template's own BOS, not a second
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-    def label(self, records: list[dict]) -> list[tuple[str, str | None]]:
+    def smoke_test(self) -> None:
+        from PIL import Image
+
+        self.generate([Image.new("RGB", (64, 64), (128, 128, 128))], max_new_tokens=2)
+
+    def generate(self, images: list, max_new_tokens: int) -> tuple[list[str], list[list[int]]]:
+        """(texts, new token ids) of one greedy generate() call over `images`."""
         import torch
+
+        # One list per prompt: processors of multi-image models read a flat list as one prompt with n images.
+        inputs = self.processor(images=[[image] for image in images], text=[self.prompt] * len(images),
+                                padding=True, padding_side="left", add_special_tokens=self.add_special_tokens,
+                                return_tensors="pt")
+        inputs = inputs.to(self.device).to(self.dtype)  # .to(dtype) casts the floating inputs (pixels) only
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:].cpu()
+        return self.processor.batch_decode(new, skip_special_tokens=True), new.tolist()
+
+    def label(self, records: list[dict]) -> list[Label]:
         from PIL import Image
 
         images = [Image.fromarray(record["outputs"][-1]["samples"][0].image) for record in records]
-        inputs = self.processor(images=images, text=[self.prompt] * len(images), padding=True, return_tensors="pt")
-        inputs = inputs.to(self.device).to(self.dtype)  # .to(dtype) casts the floating inputs (pixels) only
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.section.max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:].cpu()
-        texts = self.processor.batch_decode(new, skip_special_tokens=True)
-        results = []
-        for record, tokens, text in zip(records, new.tolist(), texts, strict=True):
+        texts, tokens = self.generate(images, self.section.max_new_tokens)
+        labels = []
+        for text, ids in zip(texts, tokens, strict=True):
             text = text.strip()
             if not text:
-                results.append((EMPTY, "the model wrote no text"))
-                continue
-            record.setdefault("generated_captions", {})[self.section.name] = text
-            results.append((OK if self.eos & set(tokens) else TRUNCATED, None))
-        return results
+                labels.append(Label(EMPTY, message="the model wrote no text"))
+            else:  # no end-of-sequence token among the new ones: the budget ended it
+                labels.append(Label(OK if self.eos & set(ids) else TRUNCATED, value=text))
+        return labels

@@ -4,19 +4,26 @@ A labeler runs between `bucket` and `conditions` (its labels can become conditio
 
   * preflight: before the build name is claimed or any input read, `preflight_labelers` runs one Ray task per
     enabled labeler on the stage's own resources (its num_cpus / num_gpus, so on the kind of node its actors get)
-    that resolves the model (a hub id to a commit in that node's cache, or a local folder) and loads its config. A
-    model that cannot be found fails the build in seconds with one line naming the stage, the model and the fix.
-  * `__init__` loads the model once per actor, at the commit the preflight resolved (every shard of a build is
-    labelled by one model even if the hub repo moves while the build runs).
+    that resolves the model (a hub id to a commit, fetching only its small files into that node's cache; or a local
+    folder), reads its config and lists its weights. A model that cannot be found fails the build in seconds with
+    one line naming the stage, the model and the fix. The first run freezes the commits in the build's plan, so a
+    rerun labels with the same weights even if the hub repo moved.
+  * `__init__` loads the model once per actor at that commit, then runs it once on a blank picture: a model that
+    cannot run at all (no GPU where num_gpus asks for one, weights cut short, a dtype the device lacks) stops the
+    build with one line naming the stage and the node, instead of every sample being counted as an error.
   * `__call__` is pure per batch: records in, the same records out, each live one with `labels[stage]` = "ok" or a
-    failure reason. A label is extra, never a reason to drop: a record the model fails on keeps its views and the
-    rest of its labels, its reason is counted (manifest entries' `labels`) and its message kept in the shard's
-    stats. A batch that raises is retried record by record, so one bad sample costs only its own label.
+    failure reason and `label_values[stage]` = what the stage found. `label()` only returns `Label`s; the base
+    class writes them, so a batch that raises half-way leaves no partial labels. A label is extra, never a reason to
+    drop: a record the model fails on keeps its views, its reason is counted (manifest entries' `labels`) and its
+    message kept in the shard's stats. A batch that raises is retried record by record, so one bad sample costs
+    only its own label.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
@@ -28,6 +35,9 @@ from pipelines.process import add_seconds, batch_of, records_of
 
 OK = "ok"
 ERROR = "error"
+# An actor's start failure, found again in the many-line error Ray wraps it in (one_line_start_failures).
+START_FAILED = re.compile(r"build\.[a-z_]+: its model .*? could not start on node [^\n]*")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -52,21 +62,51 @@ def enabled_labelers(cfg: BuildConfig) -> list[Labeler]:
     return [labeler for labeler in LABELERS if labeler.section(cfg).enabled]
 
 
+@dataclass(frozen=True)
+class Label:
+    outcome: str  # OK, or the reason it failed (counted), or a kept-but-noted outcome (a caption's "truncated")
+    value: Any = None  # what the stage found (record["label_values"][stage]); None: nothing
+    message: str | None = None  # why it failed (the shard's stats keep a few)
+
+
 class LabelerStage:
-    """The actor: subclasses set `stage`, load their model in `setup(resolved)` and label live records in
-    `label(records)`, returning one (outcome, message or None) per record; they never drop a record."""
+    """The actor. Subclasses set `stage` and write `load(folder, device, dtype)`, `smoke_test()` (one tiny model
+    call) and `label(records) -> [Label]` (one per live record, never mutating them)."""
 
     stage = ""
 
     def __init__(self, cfg: BuildConfig, resolved: dict[str, Any]):
+        import socket
+
+        import torch
+
         self.cfg = cfg
         self.section = getattr(cfg.build, self.stage)
-        self.setup(resolved)
+        section = self.section.model_copy(update={"revision": resolved.get("revision")})
+        try:
+            if section.num_gpus > 0 and not torch.cuda.is_available():
+                raise RuntimeError(f"build.{self.stage}.num_gpus={section.num_gpus:g} but this worker sees no GPU")
+            self.device = "cuda" if section.num_gpus > 0 else "cpu"
+            self.dtype = torch_dtype(section, self.device)
+            folder, _ = resolve_model(section)
+            self.load(folder, self.device, self.dtype)
+            self.smoke_test()
+        except Exception as err:  # noqa: BLE001 - any failure to start is the model setting's or the node's
+            from onegen.errors import first_line
 
-    def setup(self, resolved: dict[str, Any]) -> None:
+            raise RuntimeError(f"build.{self.stage}: its model {section.model!r} could not start on node "
+                               f"{socket.gethostname()} ({type(err).__name__}: {first_line(err)}); check the model "
+                               f"folder there (or download it again) and build.{self.stage}.num_gpus / dtype") from err
+        self.identity = f"{section.model}" + (f"@{section.revision}" if section.revision else "") + \
+            f" {str(self.dtype).removeprefix('torch.')}"
+
+    def load(self, folder: str, device: str, dtype) -> None:
         raise NotImplementedError
 
-    def label(self, records: list[dict]) -> list[tuple[str, str | None]]:
+    def smoke_test(self) -> None:
+        raise NotImplementedError
+
+    def label(self, records: list[dict]) -> list[Label]:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,50 +121,76 @@ class LabelerStage:
             return records
         start = time.perf_counter()
         try:
-            results = self.label(live)
+            labels = self.label(live)
         except Exception:  # find the record the model fails on: the others are labelled one by one
-            results = [self._label_one(record) for record in live]
+            labels = [self._label_one(record) for record in live]
         spent = (time.perf_counter() - start) / len(live)
-        for record, (outcome, message) in zip(live, results, strict=True):
-            record.setdefault("labels", {})[self.stage] = outcome
-            if message:
-                record.setdefault("label_errors", {})[self.stage] = message
+        for record, label in zip(live, labels, strict=True):
+            record.setdefault("labels", {})[self.stage] = label.outcome
+            record.setdefault("labelled_by", {})[self.stage] = self.identity
+            if label.value is not None:
+                record.setdefault("label_values", {})[self.stage] = label.value
+            if label.message:
+                record.setdefault("label_errors", {})[self.stage] = label.message
             record["timings"][self.stage] = record["timings"].get(self.stage, 0.0) + spent
         return records
 
-    def _label_one(self, record: dict) -> tuple[str, str | None]:
+    def _label_one(self, record: dict) -> Label:
         start = time.perf_counter()
         try:
             return self.label([record])[0]
         except Exception as err:
-            return ERROR, f"{type(err).__name__}: {err}"
+            return Label(ERROR, message=f"{type(err).__name__}: {err}")
         finally:
             add_seconds(record["timings"], f"{self.stage}.retry", start)
 
 
-def preflight_labelers(ray, cfg: BuildConfig) -> dict[str, dict[str, Any]]:
+def one_line_start_failures(batches: Iterator) -> Iterator:
+    """The build's stream, with a labeler actor's start failure (Ray reports it as a many-line ActorDiedError)
+    re-raised as its own one line (a UsageError: the model setting or the node's copy of the weights to fix)."""
+    from onegen.errors import UsageError
+
+    try:
+        yield from batches
+    except Exception as err:
+        match = START_FAILED.search(ANSI.sub("", str(err)))
+        if match is None:
+            raise
+        raise UsageError(match.group(0)) from err
+
+
+def preflight_labelers(ray, cfg: BuildConfig, frozen: dict[str, dict] | None = None) -> dict[str, dict[str, Any]]:
     """{stage: what its actors need}, from one Ray task per enabled labeler on the stage's resources, all at once.
-    A model that cannot be resolved or loaded is a UsageError naming the stage, the model and the fix; no node with
-    the stage's resources within its preflight_timeout_s is an UnreachableError naming the resources."""
+    `frozen`: what a first run of this build resolved (its plan), kept on a rerun. A model that cannot be resolved
+    or read is a UsageError naming the stage, the model and the fix; a task that does not finish within the stage's
+    preflight_timeout_s (no node with its resources, or a hub that does not answer) an UnreachableError."""
     from onegen.errors import UnreachableError, UsageError
 
     pending = {}
     for labeler in enabled_labelers(cfg):
         section = labeler.section(cfg)
+        revision = (frozen or {}).get(labeler.stage, {}).get("revision")
+        if revision:
+            section = section.model_copy(update={"revision": revision})
         task = ray.remote(_preflight_task).options(num_cpus=section.num_cpus, num_gpus=section.num_gpus or None,
                                                    max_retries=0)
-        pending[labeler.stage] = (labeler, section, task.remote(labeler, section))
+        pending[labeler.stage] = (section, task.remote(labeler, section))
     resolved = {}
-    for stage, (labeler, section, ref) in pending.items():
+    for stage, (section, ref) in pending.items():
         try:
             outcome = ray.get(ref, timeout=section.preflight_timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.cancel(ref, force=True)
             raise UnreachableError(
-                f"build.{stage}: its start-up check found no node with the stage's resources (num_cpus="
-                f"{section.num_cpus:g}, num_gpus={section.num_gpus:g}) within {section.preflight_timeout_s:g} s; "
-                f"add such a node, lower build.{stage}.num_gpus / num_cpus, or raise "
-                f"build.{stage}.preflight_timeout_s for a slow download") from None
+                f"build.{stage}: its start-up check did not finish within {section.preflight_timeout_s:g} s: no node "
+                f"offers the stage's resources (num_cpus={section.num_cpus:g}, num_gpus={section.num_gpus:g}), or "
+                f"the Hugging Face hub did not answer; add such a node, lower build.{stage}.num_gpus / num_cpus, or "
+                f"raise build.{stage}.preflight_timeout_s") from None
+        except ray.exceptions.RayError as err:  # the task's worker died (out of memory, a runtime env that failed)
+            from onegen.errors import first_line
+
+            raise UnreachableError(f"build.{stage}: its start-up check failed on the cluster ({type(err).__name__}: "
+                                   f"{first_line(err)})") from None
         if "problem" in outcome:
             raise UsageError(f"build.{stage}.model={section.model!r} (the {stage} stage's model): "
                              f"{outcome['problem']}")
@@ -140,20 +206,39 @@ def _preflight_task(labeler: Labeler, section: LabelerSection) -> dict[str, Any]
     try:
         return labeler.preflight(section)
     except Exception as err:  # noqa: BLE001 - any failure to load is the user's model setting to fix
-        return {"problem": f"{first_line(err)}"}
+        return {"problem": first_line(err)}
 
 
-def resolve_model(section: LabelerSection) -> tuple[str, str | None]:
-    """(the folder to load, its hub commit or None): a local folder as is, a hub id's snapshot (downloaded into this
-    node's cache, or found there offline). Raises FileNotFoundError with the fix (model.hub)."""
+def resolve_model(section: LabelerSection, allow_patterns: list[str] | None = None) -> tuple[str, str | None]:
+    """(the folder to load, its hub commit or None): a local folder as is, a hub id's snapshot at section.revision
+    (downloaded into this node's cache, only `allow_patterns` if given, or found there offline). Raises
+    FileNotFoundError with the fix (model.hub)."""
     from pathlib import Path
 
     from model.hub import resolve_pretrained_folder
 
     if Path(section.model).exists():
         return str(resolve_pretrained_folder(section.model)), None
-    folder = resolve_pretrained_folder(section.model, revision=section.revision)  # its errors say what to do
-    return str(folder), folder.name
+    folder = resolve_pretrained_folder(section.model, revision=section.revision, allow_patterns=allow_patterns)
+    return str(folder), folder.name  # the cache's snapshots/<commit>
+
+
+def list_weights(section: LabelerSection, folder: str, revision: str | None) -> list[str]:
+    """The model's weight files: in the folder (a local one, or a hub snapshot that has them cached), else as the
+    hub lists them at `revision` (empty when the hub cannot be asked: offline, the weights must be cached)."""
+    from pathlib import Path
+
+    names = [p.name for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
+    if names or revision is None:
+        return names
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        files = HfApi().list_repo_files(section.model, revision=revision)
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
+        return []
+    return [name for name in files if name.endswith((".safetensors", ".bin"))]
 
 
 def torch_dtype(section: LabelerSection, device: str):

@@ -352,8 +352,9 @@ def pack_members(cfg: BuildConfig, record: dict) -> None:
     record["members"], record["rows"] = [], []
     split = split_of(record["id"], cfg.build.heldout_fraction)
     captions = [{"name": name, "text": text, "origin": "source"} for name, text in sorted(record["captions"].items())]
-    captions += [{"name": name, "text": text, "origin": "generated"}  # the caption labeler's (pipelines/caption.py)
-                 for name, text in sorted(record.get("generated_captions", {}).items())]
+    generated = record.get("label_values", {}).get("caption")  # the caption labeler's (pipelines/caption.py)
+    if generated:
+        captions.append({"name": cfg.build.caption.name, "text": generated, "origin": "generated"})
     for output in record["outputs"]:
         resolution, (height, width) = output["resolution"], output["bucket"]
         modalities: set[str] = set()
@@ -362,7 +363,8 @@ def pack_members(cfg: BuildConfig, record: dict) -> None:
             sample.meta = {**sample.meta, "build": {
                 "id": record["id"], "input_id": record["input_id"], "resolution": resolution, "view": v,
                 "split": split, "params": output["params"][v], **record["meta"],
-                **({"captions": captions, "labels": record["labels"]} if record.get("labels") else {})}}
+                **({"captions": captions, "labels": record["labels"], "labelled_by": record["labelled_by"]}
+                   if record.get("labels") else {})}}
             members = sample.to_wds()
             members["__key__"] = f"{record['id']}-r{resolution}-v{v}"
             for modality, picture in sorted(output["conditions"][v].items()):

@@ -12,8 +12,9 @@ import pytest
 
 from onegen.build_config import BuildConfig
 from onegen.config import load_config
+from onegen.shards import read_entries
 from onegen.storage import Storage
-from tests.build_runs import ok, run_build, write_config
+from tests.build_runs import REPO, ok, run_build, write_config
 from tests.tiny_vlm import save_tiny_llava_next
 
 RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) ")  # Ray's own start-up lines
@@ -42,6 +43,13 @@ def bucketed_records(cfg: BuildConfig) -> list[dict]:
     return records
 
 
+def narrow(records: list[dict]) -> list[dict]:
+    """The third picture cut to 64 x 40: LLaVA-NeXT gives it fewer image tokens, so a batch pads its prompt."""
+    sample = records[2]["outputs"][-1]["samples"][0]
+    sample.image = sample.image[:, :40].copy()
+    return records
+
+
 def test_the_caption_stage_describes_each_sample_and_counts_what_it_fails_on(vlm_dir):
     from pipelines.caption import Stage, preflight
     from pipelines.process import conditions_record, pack_members
@@ -52,19 +60,35 @@ def test_the_caption_stage_describes_each_sample_and_counts_what_it_fails_on(vlm
     assert INSTRUCTION in stage.prompt and "<image>" in stage.prompt
     records = bucketed_records(cfg)
     assert len(records) == 3
+    narrow(records)
     records[1]["outputs"][-1]["samples"][0].image = np.zeros((0, 64, 3), np.uint8)  # the processor fails on it
+    calls = []
+    generate = stage.model.generate
+
+    def spy(**inputs):
+        out = generate(**inputs)
+        calls.append((tuple(inputs["input_ids"].shape), tuple(inputs["pixel_values"].shape), tuple(out.shape)))
+        return out
+
+    stage.model.generate = spy
     stage.label_records(records)
+    # The batch of three fails in the processor, then each record alone: two calls of one image, 6 new tokens each.
+    assert [(ids[0], pixels[0], out[0], out[1] - ids[1]) for ids, pixels, out in calls] == [(1, 1, 1, 6)] * 2
     # The tiny model never writes its end-of-sequence token: every caption runs into the 6-token budget.
     assert [r["labels"]["caption"] for r in records] == ["truncated", "error", "truncated"]
     assert "error" not in [r["dropped"] for r in records] and not any(r["dropped"] for r in records)
-    assert records[1]["label_errors"]["caption"] and "generated_captions" not in records[1]
-    texts = [records[i]["generated_captions"]["vlm"] for i in (0, 2)]
+    assert records[1]["label_errors"]["caption"] and "label_values" not in records[1]
+    texts = [records[i]["label_values"]["caption"] for i in (0, 2)]
     assert all(1 <= len(text.split()) <= 6 for text in texts), texts
-    again = bucketed_records(cfg)
-    stage.label_records(again[:1])  # alone, not in a batch of three (left padding): the same greedy caption
-    assert again[0]["generated_captions"]["vlm"] == texts[0]
+    calls.clear()
+    again = narrow(bucketed_records(cfg))
+    stage.label_records(again)  # one batch of three (left-padded prompts): the same greedy captions as alone
+    assert [(ids[0], pixels[0], out[0], out[1] - ids[1]) for ids, pixels, out in calls] == [(3, 3, 3, 6)]
+    assert [again[i]["label_values"]["caption"] for i in (0, 2)] == texts
+    assert [r["labels"]["caption"] for r in again] == ["truncated"] * 3
+    stage.model.generate = generate
     records[1]["outputs"][-1]["samples"][0].image = again[1]["outputs"][-1]["samples"][0].image
-    for record in records:
+    for record in records[:2]:  # (the third, narrowed, no longer matches its labels)
         conditions_record(cfg, record)
         pack_members(cfg, record)
     row = records[0]["rows"][0]
@@ -76,18 +100,44 @@ def test_the_caption_stage_describes_each_sample_and_counts_what_it_fails_on(vlm
     assert all(c["origin"] == "source" for c in records[1]["rows"][0]["captions"])  # failed: the source's only
 
 
-def test_an_eos_ends_a_caption_as_ok(vlm_dir):
+def test_the_end_of_sequence_token_ends_a_caption_as_ok(vlm_dir, tmp_path):
+    import shutil
+
     from pipelines.caption import Stage
 
     cfg = caption_cfg(vlm_dir)
+    records = bucketed_records(cfg)[:1]
+    Stage(cfg, {"revision": None}).label_records(records)
+    words = records[0]["label_values"]["caption"].split()
+    assert len(words) == 6  # the tiny model never writes its own end-of-sequence token
+    stops = tmp_path / "stops"  # the same model, whose generation config also ends at the caption's third word
+    shutil.copytree(vlm_dir, stops)
+    config = json.loads((stops / "generation_config.json").read_text())
     stage = Stage(cfg, {"revision": None})
+    config["eos_token_id"] = [config["eos_token_id"], stage.processor.tokenizer.convert_tokens_to_ids(words[2])]
+    (stops / "generation_config.json").write_text(json.dumps(config))
     records = bucketed_records(cfg)[:1]
-    stage.label_records(records)
-    first_word = records[0]["generated_captions"]["vlm"].split()[0]
-    stage.eos = {stage.processor.tokenizer.convert_tokens_to_ids(first_word)}  # its first word now ends it
-    records = bucketed_records(cfg)[:1]
-    stage.label_records(records)
+    Stage(caption_cfg(stops), {"revision": None}).label_records(records)
     assert records[0]["labels"] == {"caption": "ok"}
+    assert records[0]["label_values"]["caption"].split() == words[:words.index(words[2]) + 1]
+
+
+def test_a_model_that_cannot_run_stops_the_actor_with_one_line(vlm_dir, tmp_path):
+    import shutil
+
+    from pipelines.caption import Stage
+    from pipelines.labelers import START_FAILED
+
+    cut = tmp_path / "cut-short"
+    shutil.copytree(vlm_dir, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="^build.caption: its model .*cut-short.* could not start on node .*"
+                                           "SafetensorError") as err:
+        Stage(caption_cfg(cut), {"revision": None})
+    assert "\n" not in str(err.value) and START_FAILED.fullmatch(str(err.value))
+    with pytest.raises(RuntimeError, match="num_gpus=1 but this worker sees no GPU"):
+        Stage(caption_cfg(vlm_dir, "build.caption.num_gpus=1"), {"revision": None})
 
 
 def test_preflight_names_what_is_wrong_with_the_model(vlm_dir, tmp_path):
@@ -127,6 +177,9 @@ def test_a_build_captions_every_kept_sample(vlm_dir, tmp_path, ray_head):
     build = Build(storage, "b")
     manifest = build.manifest()
     assert manifest["totals"]["labels"] == {"caption": {"truncated": 4}} and manifest["totals"]["samples"] == 4
+    entries = read_entries(storage, "b")
+    assert [e["labelled_by"] for e in entries.values()] == [{"caption": [f"{vlm_dir} float32"]}] * 2
+    assert json.loads(storage.read_bytes("builds/b/plan.json"))["labelers"] == {"caption": {"revision": None}}
     rows = list(build.rows(as_tensors=False))
     assert len(rows) == 4
     for row in rows:
@@ -137,7 +190,9 @@ def test_a_build_captions_every_kept_sample(vlm_dir, tmp_path, ray_head):
 
 
 def test_a_missing_caption_model_fails_the_build_in_seconds_with_one_line(tmp_path, ray_head):
-    for model in ("nobody-here/no-such-vlm", str(tmp_path / "no-such-vlm")):
+    for model, fix in (("nobody-here/no-such-vlm", "`huggingface-cli download` or `git clone` of the repo) and pass "
+                                                "its local path instead"),
+                       (str(tmp_path / "no-such-vlm"), "neither a local folder nor a hub repo id")):
         config = write_config(tmp_path / "build.yaml", tmp_path, [
             {"name": "synth", "type": "synthetic", "scenes": 2, "size": 64}], resolutions=[64],
             caption={"enabled": True, "model": model, "num_cpus": 0.5})
@@ -150,17 +205,17 @@ def test_a_missing_caption_model_fails_the_build_in_seconds_with_one_line(tmp_pa
         assert "caption stage" in lines[0]
         assert elapsed < 60, elapsed
         assert not Storage(str(tmp_path / "data")).exists("builds/b/build.json")  # refused before anything
-    assert "huggingface-cli download" in lines[0] or "local" in lines[0]
+        assert fix in lines[0], lines
 
 
 def test_a_stage_no_node_can_run_fails_at_start_up_naming_its_resources(vlm_dir, tmp_path, ray_head):
     config = write_config(tmp_path / "build.yaml", tmp_path, [
         {"name": "synth", "type": "synthetic", "scenes": 2, "size": 64}], resolutions=[64],
-        caption={"enabled": True, "model": str(vlm_dir), "num_gpus": 1, "preflight_timeout_s": 3})
+        caption={"enabled": True, "model": str(vlm_dir), "num_gpus": 64, "preflight_timeout_s": 3})
     result = run_build(ray_head, config, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip() and not RAY_LOG.match(line)]
-    assert len(lines) == 1 and "build.caption" in lines[0] and "num_gpus=1" in lines[0], lines
+    assert len(lines) == 1 and "build.caption" in lines[0] and "num_gpus=64" in lines[0], lines
     assert not Storage(str(tmp_path / "data")).exists("builds/b/build.json")
 
 
@@ -175,6 +230,9 @@ def test_caption_settings_change_the_content_hash_only_when_the_stage_runs(vlm_d
     assert content_hash(on) != content_hash(caption_cfg(vlm_dir, "build.caption.instruction=Name the objects."))
     assert content_hash(on) == content_hash(caption_cfg(vlm_dir, "build.caption.batch_size=16",
                                                         "build.caption.concurrency=2"))  # how it runs: runtime
+    # A build config that never names the stage hashes as it did before the stage existed (commit 5403660).
+    small = load_config(REPO / "configs/build/synthetic_small.yaml", schema=BuildConfig)
+    assert content_hash(small) == "cae128c6955c7d2833336e28dc4e247a357bb03d5382522acd476e2b9a6d790d"
 
 
 def test_the_readme_shows_the_caption_defaults():
@@ -185,3 +243,51 @@ def test_the_readme_shows_the_caption_defaults():
 
     shown = yaml.safe_load(fenced_block("### Captions from a vision-language model", "yaml"))["build"]["caption"]
     assert CaptionSection(**shown) == CaptionSection() and set(shown) == set(CaptionSection.model_fields) - {"backend"}
+
+
+def test_a_hub_id_is_resolved_to_a_commit_that_every_actor_loads(vlm_dir, tmp_path, monkeypatch):
+    """A hub id from a local Hugging Face cache, offline: the preflight resolves it to the commit (reading only the
+    small files), the actors load that commit and name it; a cache without the weights is refused up front."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from pipelines.caption import Stage, preflight
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--onegen-test--tiny-vlm"
+    shutil.copytree(vlm_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = caption_cfg("onegen-test/tiny-vlm")
+    assert preflight(cfg.build.caption) == {"revision": commit}
+    stage = Stage(cfg, {"revision": commit})
+    assert stage.identity == f"onegen-test/tiny-vlm@{commit} float32"
+    records = stage.label_records(bucketed_records(cfg)[:1])
+    assert records[0]["labels"] == {"caption": "truncated"} and records[0]["labelled_by"] == {
+        "caption": stage.identity}
+    (repo / "snapshots" / commit / "model.safetensors").unlink()  # only the config files are cached
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        preflight(cfg.build.caption)
+
+
+def test_an_actor_start_failure_reaches_the_user_as_its_own_line():
+    from onegen.errors import UsageError
+    from pipelines.labelers import one_line_start_failures
+
+    line = "build.caption: its model 'm' could not start on node n7 (OSError: gone); check the model folder there"
+    wrapped = RuntimeError(f"The actor died because of an error raised in its creation task, \x1b[36mray::Map"
+                           f"\x1b[39m\n  Traceback ...\nRuntimeError: {line}\n\nmore")
+
+    def stream(err):
+        yield 1
+        raise err
+
+    with pytest.raises(UsageError) as caught:
+        list(one_line_start_failures(stream(wrapped)))
+    assert str(caught.value) == line
+    with pytest.raises(KeyError):  # anything else passes through as it was
+        list(one_line_start_failures(stream(KeyError("x"))))
