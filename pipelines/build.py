@@ -403,6 +403,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         claim_build(storage, cfg)
     with step("plan partitions"):
         plan, document, earlier = frozen_plan(storage, cfg, digest, labelled)
+    labelled = document.get("labelers", labelled)  # a first run that lost the race to freeze the plan: the winner's
     entries = read_entries(storage, name)
     check_plan_matches(entries, plan, storage, name)
     pending = [p for p in plan if p.shard not in entries]

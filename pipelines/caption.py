@@ -25,7 +25,7 @@ CONFIG_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]  # config
 
 def preflight(section: CaptionSection) -> dict[str, Any]:
     """Resolve the model to a folder and a hub commit, read its config and processor (small files only: the
-    weights are only listed; each actor downloads them at that commit)."""
+    weights are only listed; each actor downloads the files named here at that commit)."""
     from transformers import AutoConfig, AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -35,13 +35,14 @@ def preflight(section: CaptionSection) -> dict[str, Any]:
         raise ValueError(f"{folder} holds a {config.model_type!r} model, not an image-text-to-text one "
                          "(AutoModelForImageTextToText cannot load it); pick a vision-language chat model such as "
                          "LLaVA-NeXT")
-    if not list_weights(section, folder, revision):
+    weights = list_weights(section, folder, revision)
+    if not weights:
         raise FileNotFoundError(f"{folder} has a config but no weights (*.safetensors); download the whole folder")
     processor = AutoProcessor.from_pretrained(folder)
     if not getattr(processor, "chat_template", None):
         raise ValueError(f"{folder}: its processor has no chat template, so the instruction cannot be put to it; "
                          "pick an instruction-tuned (chat) model")
-    return {"revision": revision}
+    return {"revision": revision, "files": None if revision is None else CONFIG_FILES + weights}
 
 
 class Stage(LabelerStage):

@@ -88,7 +88,7 @@ class LabelerStage:
                 raise RuntimeError(f"build.{self.stage}.num_gpus={section.num_gpus:g} but this worker sees no GPU")
             self.device = "cuda" if section.num_gpus > 0 else "cpu"
             self.dtype = torch_dtype(section, self.device)
-            folder, _ = resolve_model(section)
+            folder, _ = resolve_model(section, resolved.get("files"))  # a hub id: only what the preflight named
             self.load(folder, self.device, self.dtype)
             self.smoke_test()
         except Exception as err:  # noqa: BLE001 - any failure to start is the model setting's or the node's
@@ -122,6 +122,8 @@ class LabelerStage:
         start = time.perf_counter()
         try:
             labels = self.label(live)
+            if len(labels) != len(live):
+                raise RuntimeError(f"{type(self).__name__}.label gave {len(labels)} labels for {len(live)} records")
         except Exception:  # find the record the model fails on: the others are labelled one by one
             labels = [self._label_one(record) for record in live]
         spent = (time.perf_counter() - start) / len(live)
@@ -224,21 +226,23 @@ def resolve_model(section: LabelerSection, allow_patterns: list[str] | None = No
 
 
 def list_weights(section: LabelerSection, folder: str, revision: str | None) -> list[str]:
-    """The model's weight files: in the folder (a local one, or a hub snapshot that has them cached), else as the
-    hub lists them at `revision` (empty when the hub cannot be asked: offline, the weights must be cached)."""
+    """The model's weight files, safetensors if there are any: in the folder (a local one, or a hub snapshot that
+    has them cached), else as the hub lists them at `revision` (empty when the hub cannot be asked: offline, the
+    weights must be cached)."""
     from pathlib import Path
 
-    names = [p.name for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
+    names = sorted(p.name for p in Path(folder).iterdir() if p.suffix == ".safetensors") or \
+        sorted(p.name for p in Path(folder).iterdir() if p.suffix == ".bin")
     if names or revision is None:
         return names
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
         files = HfApi().list_repo_files(section.model, revision=revision)
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
+    except Exception:  # noqa: BLE001 - offline, refused, no answer (httpx errors are not OSErrors): cannot tell
         return []
-    return [name for name in files if name.endswith((".safetensors", ".bin"))]
+    safetensors = [name for name in files if name.endswith(".safetensors")]
+    return safetensors or [name for name in files if name.endswith(".bin")]  # one set: not both formats
 
 
 def torch_dtype(section: LabelerSection, device: str):

@@ -55,7 +55,7 @@ def test_the_caption_stage_describes_each_sample_and_counts_what_it_fails_on(vlm
     from pipelines.process import conditions_record, pack_members
 
     cfg = caption_cfg(vlm_dir)
-    assert preflight(cfg.build.caption) == {"revision": None}
+    assert preflight(cfg.build.caption) == {"revision": None, "files": None}
     stage = Stage(cfg, {"revision": None})
     assert INSTRUCTION in stage.prompt and "<image>" in stage.prompt
     records = bucketed_records(cfg)
@@ -179,7 +179,8 @@ def test_a_build_captions_every_kept_sample(vlm_dir, tmp_path, ray_head):
     assert manifest["totals"]["labels"] == {"caption": {"truncated": 4}} and manifest["totals"]["samples"] == 4
     entries = read_entries(storage, "b")
     assert [e["labelled_by"] for e in entries.values()] == [{"caption": [f"{vlm_dir} float32"]}] * 2
-    assert json.loads(storage.read_bytes("builds/b/plan.json"))["labelers"] == {"caption": {"revision": None}}
+    assert json.loads(storage.read_bytes("builds/b/plan.json"))["labelers"] == {
+        "caption": {"revision": None, "files": None}}
     rows = list(build.rows(as_tensors=False))
     assert len(rows) == 4
     for row in rows:
@@ -263,8 +264,9 @@ def test_a_hub_id_is_resolved_to_a_commit_that_every_actor_loads(vlm_dir, tmp_pa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cfg = caption_cfg("onegen-test/tiny-vlm")
-    assert preflight(cfg.build.caption) == {"revision": commit}
-    stage = Stage(cfg, {"revision": commit})
+    resolved = preflight(cfg.build.caption)
+    assert resolved["revision"] == commit and "model.safetensors" in resolved["files"]
+    stage = Stage(cfg, resolved)
     assert stage.identity == f"onegen-test/tiny-vlm@{commit} float32"
     records = stage.label_records(bucketed_records(cfg)[:1])
     assert records[0]["labels"] == {"caption": "truncated"} and records[0]["labelled_by"] == {
