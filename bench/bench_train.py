@@ -85,20 +85,14 @@ def fixed_batch(cfg, rank: int, world_size: int):
     import torch
 
     from model.presets import PRESETS
-    from model.views import stack
     from training.components import load_text_encoder, loss_channel_mask
     from training.loop import stage_data
     from training.reader import rank_share
-    from training.samples import make_sample
 
     data = stage_data(cfg, 0)
     key, choices = data.plan.batch(data.plan.start())
     generator = torch.Generator().manual_seed(0)
-    rows = data.plan.rows
-    samples = [make_sample(data.builds[rows[c.row].build].row(rows[c.row].shard, rows[c.row].index), c,
-                           data.plan.mixture[c.item].task, generator, cfg.train.data.latents == "sample")
-               for c in rank_share(choices, rank, world_size)]
-    batch = stack(samples)
+    batch = data.batch(rank_share(choices, rank, world_size), generator, cfg.train.data.latents == "sample")
     encoder = load_text_encoder(cfg, PRESETS[cfg.model.preset]["caption_channels"], torch.device("cpu"))
     with torch.no_grad():
         states, mask = encoder.encode(batch.prompts)
@@ -235,19 +229,15 @@ def reader_rate(cfg, batches: int) -> float:
     """Samples/s of the trainer's batch assembly (one process, the global batch each step)."""
     import torch
 
-    from model.views import stack
     from training.loop import stage_data
-    from training.samples import make_sample
 
     data = stage_data(cfg, 0)
-    plan, rows = data.plan, data.plan.rows
+    plan = data.plan
     cursor, generator, samples = plan.start(), torch.Generator().manual_seed(0), 0
     start = time.perf_counter()
     for _ in range(batches):
         _, choices = plan.batch(cursor)
-        stack([make_sample(data.builds[rows[c.row].build].row(rows[c.row].shard, rows[c.row].index), c,
-                           plan.mixture[c.item].task, generator, cfg.train.data.latents == "sample")
-               for c in choices])
+        data.batch(choices, generator, cfg.train.data.latents == "sample")
         samples += len(choices)
         cursor = plan.advance(cursor)
     return samples / (time.perf_counter() - start)

@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
-
-import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-if TYPE_CHECKING:
-    import torch
-
 from model.limits import BUCKET_MULTIPLE, MAX_IMAGE_PIXELS, resolution_problem
+
+if TYPE_CHECKING:  # annotations only: the build's workers use this module without importing torch
+    import torch
 
 ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor
 

@@ -42,7 +42,8 @@ from onegen.storage import Storage
 from pipelines.earlier import EarlierBuilds, load_earlier
 from pipelines.ingest import Partition, plan_source, read_partition
 from pipelines.labelers import LABELERS, one_line_start_failures
-from pipelines.process import batch_of, check_image_tokenizer, records_of
+from pipelines.process import (AFTER_LABELERS, BEFORE_LABELERS, WEIGHT_FREE_STAGES, batch_of, check_image_tokenizer,
+                               records_of, run_stages)
 
 TAG_BUILD = "onegen.build"
 TAG_BUILD_URI = "onegen.build_uri"
@@ -259,17 +260,15 @@ def check_plan_matches(entries: dict[str, dict], plan: list[Partition], storage:
 
 # --- Ray Data stages (module level: Ray pickles them by reference) ----------------------------------------------------
 
-WEIGHT_FREE_STAGES = ("decode", "bucket", "conditions", "pack")  # "pack": its members, before the latents
-BEFORE_LABELERS = WEIGHT_FREE_STAGES[:2]  # the labelers see the bucketed pictures; their labels can become conditions
-
-
 def partition_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: str, built=None,
                     stages: tuple[str, ...] = WEIGHT_FREE_STAGES):
-    """One partition in, its records out through the weight-free `stages`, in slices of stages.batch_size (so Ray
-    Data streams them on before the partition ends). One operator, one task per partition: as separate
-    map_batches, Ray Data fused them and bundled stages.batch_size partitions into each task (the largest batch size
-    of a fused chain sets its bundle), which left 2 cores with a handful of serial tasks and huge blocks."""
+    """One partition in, its records out through the weight-free `stages` (pipelines.process), in slices of
+    stages.batch_size (so Ray Data streams them on before the partition ends). One operator, one task per
+    partition: as separate map_batches, Ray Data fused them and bundled stages.batch_size partitions into each task
+    (the largest batch size of a fused chain sets its bundle), which left 2 cores with a handful of serial tasks and
+    huge blocks."""
     size = cfg.build.stages.batch_size
+    hashes = _built_hashes(built)
     for text in batch["partition"]:
         partition = Partition.from_json(str(text))
         start = time.perf_counter()
@@ -282,30 +281,12 @@ def partition_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: st
             record["timings"]["ingest"] = spent
         records[0]["source_stats"] = source_stats
         for first in range(0, len(records), size):
-            part = records[first:first + size]
-            for stage in stages:
-                part = run_stage(stage, part, cfg, built)
-            yield batch_of(part)
+            yield batch_of(run_stages(stages, records[first:first + size], cfg, hashes))
 
 
 def records_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stages: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The weight-free stages after the labelers (conditions, pack's members), over one block of records."""
-    records = records_of(batch)
-    for stage in stages:
-        records = run_stage(stage, records, cfg)
-    return batch_of(records)
-
-
-def run_stage(stage: str, records: list[dict], cfg: BuildConfig, built=None) -> list[dict]:
-    """One weight-free stage over records in this process. `built` (decode, incremental builds): an ObjectRef of the
-    earlier builds' picture digests."""
-    from pipelines import process
-
-    if stage == "decode":
-        hashes = _built_hashes(built)
-        return process.timed_stage(stage, records, lambda record: process.decode_record(cfg, record, hashes))
-    fn = {"bucket": process.bucket_record, "conditions": process.conditions_record, "pack": process.pack_members}[stage]
-    return process.timed_stage(stage, records, lambda record: fn(cfg, record))
+    return batch_of(run_stages(stages, records_of(batch), cfg))
 
 
 _BUILT: dict[str, np.ndarray] = {}
@@ -334,9 +315,9 @@ class EncodeStage:
         self.encoder = ViewEncoder(cfg, revision=revision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.process import pack_latents, timed_stage
+        from pipelines.process import encode_and_finish
 
-        return batch_of(timed_stage("pack", self.encoder.encode_records(records_of(batch)), pack_latents))
+        return batch_of(encode_and_finish(self.encoder, records_of(batch)))
 
 
 def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str | None = None, built=None,
@@ -365,7 +346,7 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str
             ds = _actor_stage(ds, labeler.actor_class(), {"cfg": cfg, "resolved": (labelled or {})[labeler.stage]},
                               section.batch_size, section.concurrency, section.num_cpus, section.num_gpus)
         ds = ds.map_batches(records_stage, batch_size=None, num_cpus=stages.num_cpus,
-                            fn_kwargs={"cfg": cfg, "stages": WEIGHT_FREE_STAGES[len(BEFORE_LABELERS):]})
+                            fn_kwargs={"cfg": cfg, "stages": AFTER_LABELERS})
     return _actor_stage(ds, EncodeStage, {"cfg": cfg, "revision": revision}, stages.batch_size, encode.concurrency,
                         encode.num_cpus, encode.num_gpus)
 
@@ -394,11 +375,11 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     check_run_targets(cfg)  # work dir, Ray, MLflow and storage usable: refused before anything is written
     with step("load the image tokenizer", cfg.build.encode.image_tokenizer):
         revision = check_image_tokenizer(cfg)
-    labelled = check_labelers(cfg, Storage.from_config(cfg))
     started = time.perf_counter()
     storage = Storage.from_config(cfg)
     name = cfg.build_name
     digest = content_hash(cfg)
+    labelled = check_labelers(cfg, storage, digest)
     with step("claim the build name", storage.uri(build_json_path(name))):
         claim_build(storage, cfg)
     with step("plan partitions"):
@@ -459,7 +440,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     return summary
 
 
-def check_labelers(cfg: BuildConfig, storage: Storage) -> dict[str, dict]:
+def check_labelers(cfg: BuildConfig, storage: Storage, digest: str) -> dict[str, dict]:
     """The enabled labelers' preflight (pipelines/labelers.py), before the build name is claimed: a model that
     cannot load is fixed by editing the config, and the fixed config must still be free to claim the name. A rerun
     resolves the hub commits the build's first run froze in its plan (this config's plan only: another config's is
@@ -475,7 +456,7 @@ def check_labelers(cfg: BuildConfig, storage: Storage) -> dict[str, dict]:
     rel = plan_path(cfg.build_name)
     if storage.exists(rel):
         document = json.loads(storage.read_bytes(rel))
-        if document.get("content_hash") == content_hash(cfg):
+        if document.get("content_hash") == digest:
             frozen = document.get("labelers", {})
     with step("check the labelers' models", ", ".join(f"{l.stage}: {l.section(cfg).model}" for l in labelers)):
         return preflight_labelers(init_ray(cfg), cfg, frozen)
@@ -493,13 +474,14 @@ def _raise_failed(futures: list[Future]) -> None:
 
 
 def _count(summary: BuildSummary, result: tuple[dict, dict]) -> None:
+    from pipelines.shard_writer import add_label_counts
+
     entry, stats = result
     summary.inputs += entry["inputs"]
     summary.kept += entry["samples"]
     summary.rows += entry["rows"]
     summary.dropped.update(entry["dropped"])
-    for stage, counts in entry.get("labels", {}).items():
-        summary.labels.setdefault(stage, Counter()).update(counts)
+    add_label_counts(summary.labels, entry)
     summary.bytes_written += entry_bytes(entry)
     summary.seconds.update(stats["seconds"])
     if stats.get("source_stats"):  # img2dataset's counts, and its error messages counted over the shards

@@ -406,16 +406,36 @@ def pack_latents(record: dict) -> None:
                    downsample_factor=record["tokenizer"]["downsample_factor"])
 
 
-# --- the whole chain in one process (tests, the benchmark's bare loop) ---------------------------------------------
+# --- the chain: its order, once (the build's Ray operators run its parts; process_records all of it) ---------------
+
+WEIGHT_FREE_STAGES = ("decode", "bucket", "conditions", "pack")  # "pack": its members, before the latents
+BEFORE_LABELERS = WEIGHT_FREE_STAGES[:2]  # the labelers see the bucketed pictures; their labels can become conditions
+AFTER_LABELERS = WEIGHT_FREE_STAGES[2:]
+
+
+def run_stages(stages: tuple[str, ...], records: list[dict], cfg: BuildConfig,
+               built: np.ndarray | None = None) -> list[dict]:
+    """Weight-free stages over records in this process, in order. `built` (decode, incremental builds): the earlier
+    builds' picture digests."""
+    steps = {"decode": lambda record: decode_record(cfg, record, built),
+             "bucket": lambda record: bucket_record(cfg, record),
+             "conditions": lambda record: conditions_record(cfg, record),
+             "pack": lambda record: pack_members(cfg, record)}
+    for stage in stages:
+        records = timed_stage(stage, records, steps[stage])
+    return records
+
+
+def encode_and_finish(encoder: ViewEncoder, records: list[dict]) -> list[dict]:
+    """The encode stage, then the latents into the rows (pack's second half)."""
+    return timed_stage("pack", encoder.encode_records(records), pack_latents)
+
 
 def process_records(cfg: BuildConfig, records: list[dict], encoder: ViewEncoder, labelers=()) -> list[dict]:
-    """`labelers`: pipelines.labelers.LabelerStage instances (the enabled ones, in build order)."""
-    timed_stage("decode", records, lambda r: decode_record(cfg, r))
-    timed_stage("bucket", records, lambda r: bucket_record(cfg, r))
+    """The whole chain in one process (tests, the benchmark's bare loop). `labelers`:
+    pipelines.labelers.LabelerStage instances (the enabled ones, in build order)."""
+    run_stages(BEFORE_LABELERS, records, cfg)
     for labeler in labelers:
         labeler.label_records(records)
-    timed_stage("conditions", records, lambda r: conditions_record(cfg, r))
-    timed_stage("pack", records, lambda r: pack_members(cfg, r))
-    encoder.encode_records(records)
-    timed_stage("pack", records, pack_latents)
-    return records
+    run_stages(AFTER_LABELERS, records, cfg)
+    return encode_and_finish(encoder, records)

@@ -98,6 +98,12 @@ def label_counts(records: list[dict]) -> dict[str, dict[str, int]]:
     return {stage: dict(sorted(c.items())) for stage, c in sorted(counts.items())}
 
 
+def add_label_counts(total: dict[str, Counter], entry: dict[str, Any]) -> None:
+    """Add a manifest entry's label counts to `total` ({stage: Counter of outcomes})."""
+    for stage, counts in entry.get("labels", {}).items():
+        total.setdefault(stage, Counter()).update(counts)
+
+
 def shard_stats(partition: Partition, records: list[dict], source_stats: dict) -> dict[str, Any]:
     """Kept and dropped per reason (with example messages), labeler failures (with example messages) and seconds
     per stage: the shard's stats file."""
@@ -129,8 +135,7 @@ def write_manifest(storage: Storage, build: str, plan: list[Partition], entries:
     labels: dict[str, Counter] = {}
     for entry in ordered:
         dropped.update(entry["dropped"])
-        for stage, counts in entry.get("labels", {}).items():
-            labels.setdefault(stage, Counter()).update(counts)
+        add_label_counts(labels, entry)
     duplicates = duplicate_losers(ordered)
     manifest = {
         "schema": MANIFEST_SCHEMA, "build": build, "content_hash": content_hash,

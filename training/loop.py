@@ -50,6 +50,16 @@ class StageData:
     image_tokenizer: str
     notes: list[str]
 
+    def batch(self, choices: list, generator: torch.Generator, sample_latents: bool):
+        """The ViewBatch of the plan's `choices`: each row read from its shard, made a sample (its task's views and
+        prompt; latents drawn from the posterior with `generator` when `sample_latents`, else its mean), stacked."""
+        from model.views import stack
+        from training.samples import make_sample
+
+        rows = self.plan.rows
+        return stack([make_sample(self.builds[rows[c.row].build].row(rows[c.row].shard, rows[c.row].index), c,
+                                  self.plan.mixture[c.item].task, generator, sample_latents) for c in choices])
+
 
 def open_builds(cfg: TrainConfig) -> list[Build]:
     """The configured builds, final ones only (DataPlanError naming an unfinished one)."""
@@ -128,12 +138,10 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     Returns the last step's metrics."""
     import torch.distributed as dist
 
-    from model.views import stack
     from training.components import export_image_tokenizer, flow_config, load_text_encoder, loss_channel_mask
     from training.ema import EmaWeights
     from training.engine import make_engine
     from training.reader import count_step
-    from training.samples import make_sample
     from training.step import StepRunner, TextEncoding, step_generator, step_seed
     from training.weights import load_transformer
 
@@ -202,12 +210,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
         label = data.plan.label(key)
         seed = step_seed(cfg.run.seed, stage_index, step, rank)
         cpu_generator = step_generator(seed)
-        rows = data.plan.rows
-        samples = [make_sample(data.builds[rows[c.row].build].row(rows[c.row].shard, rows[c.row].index), c,
-                               data.plan.mixture[c.item].task, cpu_generator, cfg.train.data.latents == "sample")
-                   for c in rank_share(choices, rank, world_size)]
+        batch = data.batch(rank_share(choices, rank, world_size), cpu_generator, cfg.train.data.latents == "sample")
         generator = cpu_generator if device.type == "cpu" else step_generator(seed, device)
-        batch = stack(samples)
         loaded = time.perf_counter() - t0  # reading and assembling the batch: the step's wait for data
         result = runner.step(batch, generator, group)
         ema.step(engine.module)
