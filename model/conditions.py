@@ -12,10 +12,13 @@ the same inputs (and the same seeded `np.random.Generator` where there is random
                                                        drawn from ranges
     masked_image                inpaint_mask +         the image with the hole painted grey (128, 128, 128) exactly
                                 masked_image
-    depth                       depth_condition        grayscale inverse depth, near = white, sky 0 (model/depth.py)
+    depth                       depth_condition        grayscale inverse depth, near = white, sky 0 (model/depth.py);
+                                inverse_depth_         the same from a depth network's relative inverse depth
+                                condition
     semantic_map                semantic_condition     each class in its prompt colour, unprompted classes black
     instance                    instance_condition     each entity id in its colour, others black (not a task view)
-    bounding_boxes              box_condition          box outlines in the prompt colours on black
+    bounding_boxes              box_condition          box outlines in the prompt colours on black (mask_box: the
+                                                       box of an entity's mask, as every source and labeller draws)
     pose                        pose_condition         OpenPose-style COCO-17 skeleton on black
 
 Conventions shared with pipelines/record.py: images are (H, W, 3) uint8 RGB; boxes are half-open pixel boxes
@@ -36,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from model.depth import depth_map_to_uint8, depth_to_map
+from model.depth import depth_map_to_uint8, depth_to_map, inverse_depth_to_map
 from model.tasks import PALETTE
 
 MASK_FILL = (128, 128, 128)  # the release's inpainting convention: the hole is grey, not black
@@ -286,6 +289,25 @@ def depth_condition(depth: np.ndarray) -> np.ndarray:
     if depth.ndim != 2 or 0 in depth.shape:
         raise ValueError(f"depth_condition: expected a non-empty (H, W) depth array, got shape {depth.shape}.")
     return np.repeat(depth_map_to_uint8(depth_to_map(depth))[..., None], 3, axis=2)
+
+
+def inverse_depth_condition(inverse: np.ndarray) -> np.ndarray:
+    """(H, W) inverse depth of any scale (a depth labeller's relative disparity; <= 0 = sky) -> the same (H, W, 3)
+    uint8 map as `depth_condition` draws from true depth: one drawing whatever made the label."""
+    inverse = np.asarray(inverse)
+    if inverse.ndim != 2 or 0 in inverse.shape:
+        raise ValueError(f"inverse_depth_condition: expected a non-empty (H, W) array, got shape {inverse.shape}.")
+    return np.repeat(depth_map_to_uint8(inverse_depth_to_map(inverse))[..., None], 3, axis=2)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The half-open pixel box [x0, y0, x1, y1) of a (H, W) bool mask's True pixels (None when it has none): an
+    entity's `bbox_2d`, whether a renderer, the bucket resize or a segmentation labeller made its mask."""
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not rows.size:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def semantic_condition(semantic: np.ndarray, classes: Sequence[str],

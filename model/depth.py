@@ -7,6 +7,8 @@ Condition maps (what the model is trained on and generates) are relative inverse
 * `depth_to_map`: the condition map in [0, 1]: valid pixels in [0.1, 1] (near = white), invalid pixels 0. The 0.1
   floor keeps the farthest surface apart from the sky, so a generated map still says where the sky is; the
   evaluator never looks at invalid pixels, so the floor costs nothing there (the affine fit absorbs it).
+* `inverse_depth_to_map`: the same map from an inverse depth (a depth network's relative disparity, any scale);
+  `depth_to_map` is it applied to 1 / depth, so a labeller's map and the exact renderer's are drawn by one function.
 * `depth_map_to_uint8` / `depth_map_to_png8`: the 8-bit form a labeler writes (grayscale PNG).
 
 Evaluation (`score_depth`) is affine-invariant, the protocol of Marigold-style relative depth evaluation: the
@@ -49,8 +51,24 @@ def normalised_inverse_depth(depth: np.ndarray, valid: np.ndarray | None = None)
 
 def depth_to_map(depth: np.ndarray) -> np.ndarray:
     """(H, W) depth (0 = sky) -> condition map in [0, 1]: valid pixels in [MAP_FLOOR, 1] (near = white), sky 0."""
+    depth = np.asarray(depth, dtype=np.float64)
     valid = valid_depth(depth)
-    return np.where(valid, MAP_FLOOR + (1.0 - MAP_FLOOR) * normalised_inverse_depth(depth, valid), 0.0)
+    inverse = np.zeros(depth.shape, dtype=np.float64)
+    inverse[valid] = 1.0 / depth[valid]
+    return inverse_depth_to_map(inverse)
+
+
+def inverse_depth_to_map(inverse: np.ndarray) -> np.ndarray:
+    """(H, W) inverse depth of any scale (a relative-depth network's disparity; 0 or less = no surface, sky) ->
+    condition map in [0, 1]: min-max normalised over the valid (finite, > 0) pixels into [MAP_FLOOR, 1], near =
+    white, invalid pixels 0."""
+    inverse = np.asarray(inverse, dtype=np.float64)
+    valid = np.isfinite(inverse) & (inverse > 0)
+    out = np.zeros(inverse.shape, dtype=np.float64)
+    if valid.any():
+        lo, hi = inverse[valid].min(), inverse[valid].max()
+        out[valid] = MAP_FLOOR + (1.0 - MAP_FLOOR) * ((inverse[valid] - lo) / (hi - lo) if hi > lo else 1.0)
+    return out
 
 
 def depth_map_to_uint8(depth_map: np.ndarray) -> np.ndarray:

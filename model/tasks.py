@@ -50,6 +50,17 @@ PALETTE: Mapping[str, str] = MappingProxyType({
     "orchid": "#DA70D6",
 })
 
+
+def assign_class_colours(class_names: Sequence[str], rng) -> dict[str, str]:
+    """A random distinct PALETTE colour name per class, from one `rng.permutation` draw (a numpy Generator seeded
+    per sample): the One-Gen recipe of random class-to-colour assignment, shared by the synthetic world and the
+    segmentation labeller."""
+    if len(class_names) > len(PALETTE):
+        raise ValueError(f"at most {len(PALETTE)} classes can get distinct palette colours, got {len(class_names)}")
+    names = list(PALETTE)
+    order = rng.permutation(len(names))
+    return {c: names[int(order[i])] for i, c in enumerate(class_names)}
+
 # How a task's prompt is assembled (see Task.build_prompt).
 PROMPT_STYLES = ("caption", "colour_mask", "colour_box", "faceid", "subject_driven", "multiview")
 # How a task's views extend beyond its default count (see Task.target_mask).

@@ -199,6 +199,42 @@ class CaptionSection(LabelerSection):
     name: str = Field("vlm", pattern=_NAME_PATTERN, description="the caption's name in the rows (origin: generated)")
 
 
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Large-hf"  # the release's depth labeller (SPEC §6)
+DEFAULT_SEGMENTATION_MODEL = "facebook/mask2former-swin-large-coco-panoptic"
+
+
+class DepthSection(LabelerSection):
+    """The depth labeller: a transformers depth-estimation model (AutoModelForDepthEstimation: Depth Anything V2,
+    DPT, ZoeDepth, ...) estimates every picture that has no depth of its own; drawn as the depth condition map
+    (model/depth.py: inverse depth, min-max normalised per image, near = white)."""
+
+    model: str = Field(DEFAULT_DEPTH_MODEL, min_length=1, description="a depth-estimation model: hub id or local "
+                                                                      "folder")
+    output: Literal["auto", "inverse", "metric"] = Field(
+        "auto", description="what the model predicts: auto reads it from its config (Depth Anything: its "
+                            "depth_estimation_type; DPT: relative inverse depth; ZoeDepth, GLPN, Depth Pro: metric "
+                            "depth); inverse or metric for others")
+
+
+class SegmentationSection(LabelerSection):
+    """The segmentation labeller: a transformers universal-segmentation model (Mask2Former, MaskFormer, OneFormer;
+    panoptic post-processing) finds up to max_entities segments per picture that has no entities of its own; each
+    class gets a random palette colour seeded per sample, drawn as the semantic map and the box map with their
+    `<#RRGGBB name mask: label>` / `boundingbox` prompts."""
+
+    model: str = Field(DEFAULT_SEGMENTATION_MODEL, min_length=1, description="a universal-segmentation model: hub id "
+                                                                             "or local folder")
+    threshold: float = Field(0.5, ge=0, le=1, description="a segment's least class score")
+    mask_threshold: float = Field(0.5, ge=0, le=1, description="mask probability above which a pixel belongs to it")
+    overlap_threshold: float = Field(0.8, ge=0, le=1, description="least share of a mask left after overlaps")
+    max_entities: int = Field(10, ge=1, le=20, description="segments kept per picture, largest first (the paper's "
+                                                           "<= 10 entities; colours are distinct up to 20 classes)")
+    min_area: float = Field(0.001, ge=0, lt=1, description="segments smaller than this share of the picture are "
+                                                           "left out")
+    maps: list[Literal["semantic", "boxes"]] = Field(["semantic", "boxes"], min_length=1,
+                                                     description="condition maps drawn from the segments")
+
+
 class StagesSection(_Section):
     """How the weight-free stages run (Ray Data tasks): never changes output bytes."""
 
@@ -222,6 +258,8 @@ class BuildSection(_Section):
     conditions: ConditionsSection = ConditionsSection()
     encode: EncodeSection = EncodeSection()
     caption: CaptionSection = CaptionSection()
+    depth: DepthSection = DepthSection()
+    segmentation: SegmentationSection = SegmentationSection()
     stages: StagesSection = Field(StagesSection(), **_role(RUNTIME))
 
     _safe_name = field_validator("name")(check_safe_name)

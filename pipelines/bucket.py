@@ -13,7 +13,9 @@ follow the same geometry or they stop describing the picture, so `bucket_sample`
 * keypoints: continuous pixel coordinates moved by the crop offset and scaled by the resize factors (the mapping
   bilinear resizing with align_corners=False applies to pixel centres); a point that leaves the crop gets
   visibility 0 and coordinates (0, 0), as absent COCO points have;
-* entities' bbox_2d: mapped the same way, widened to whole pixels, clipped to the new image, None when nothing is left;
+* entities' bbox_2d: the box of the entity's pixels in the resized instance map (model.conditions.mask_box), so a
+  box map always equals its masks' boxes; a sample without an instance map (or an entity not in it) maps the box the
+  same way as keypoints, widened to whole pixels and clipped; None when nothing is left;
 * camera: K's principal point shifted by the crop offset, focal lengths and principal point scaled by the resize
   factors, width / height updated; the pose (c2w_opengl, w2c_opencv) is untouched, a crop does not move the camera.
 
@@ -68,6 +70,7 @@ def bucket_sample(sample: Sample, height: int, width: int) -> Sample:
     def labels(array: np.ndarray | None) -> np.ndarray | None:
         return None if array is None else _nearest_resize(array, box, height, width)
 
+    instance = labels(sample.instance)
     return Sample(
         key=sample.key,
         source=sample.source,
@@ -75,10 +78,11 @@ def bucket_sample(sample: Sample, height: int, width: int) -> Sample:
         captions=dict(sample.captions),
         depth=labels(sample.depth),
         depth_kind=sample.depth_kind,
-        instance=labels(sample.instance),
+        instance=instance,
         semantic=labels(sample.semantic),
         classes=list(sample.classes) if sample.classes is not None else None,
-        entities=_map_entities(sample.entities, left, top, scale_x, scale_y, height, width),
+        entities=_map_entities(sample.entities, left, top, scale_x, scale_y, height, width, instance,
+                               None if sample.instance is None else set(np.unique(sample.instance).tolist())),
         keypoints=_map_keypoints(sample.keypoints, box, scale_x, scale_y),
         camera=_map_camera(sample.camera, left, top, scale_x, scale_y, height, width),
         group=sample.group,
@@ -156,13 +160,20 @@ def _map_box(box: Any, left: int, top: int, scale_x: float, scale_y: float, heig
 
 
 def _map_entities(entities: list[dict[str, Any]] | None, left: int, top: int, scale_x: float, scale_y: float,
-                  height: int, width: int) -> list[dict[str, Any]] | None:
+                  height: int, width: int, instance: np.ndarray | None = None,
+                  ids: set[int] | None = None) -> list[dict[str, Any]] | None:
+    """`ids`: the entity ids of the original instance map; an entity among them takes the box of its resized mask."""
     if entities is None:
         return None
+    from model.conditions import mask_box
+
     out = []
     for entity in entities:
         entity = copy.deepcopy(entity)
-        if "bbox_2d" in entity:
+        if "bbox_2d" in entity and entity["bbox_2d"] is not None and ids and entity["id"] in ids:
+            box = mask_box(instance == entity["id"])
+            entity["bbox_2d"] = None if box is None else list(box)
+        elif "bbox_2d" in entity:
             entity["bbox_2d"] = _map_box(entity["bbox_2d"], left, top, scale_x, scale_y, height, width)
         out.append(entity)
     return out

@@ -17,32 +17,25 @@ from __future__ import annotations
 from typing import Any
 
 from onegen.build_config import CaptionSection
-from pipelines.labelers import OK, Label, LabelerStage, list_weights, resolve_model
+from pipelines.labelers import OK, Label, LabelerStage, checked_model, preflight_result
 
 EMPTY, TRUNCATED = "empty", "truncated"
-CONFIG_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]  # config, processor, tokenizer, template
 
 
 def preflight(section: CaptionSection) -> dict[str, Any]:
     """Resolve the model to a folder and a hub commit, read its config and processor (small files only: the
     weights are only listed; each actor downloads the files named here at that commit)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    folder, revision = resolve_model(section, CONFIG_FILES)  # a preflight never downloads the weights
-    config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise ValueError(f"{folder} holds a {config.model_type!r} model, not an image-text-to-text one "
-                         "(AutoModelForImageTextToText cannot load it); pick a vision-language chat model such as "
-                         "LLaVA-NeXT")
-    weights = list_weights(section, folder, revision)
-    if not weights:
-        raise FileNotFoundError(f"{folder} has a config but no weights (*.safetensors); download the whole folder")
+    folder, revision, _, weights = checked_model(section, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                                                 "AutoModelForImageTextToText",
+                                                 "a vision-language chat model such as LLaVA-NeXT")
     processor = AutoProcessor.from_pretrained(folder)
     if not getattr(processor, "chat_template", None):
         raise ValueError(f"{folder}: its processor has no chat template, so the instruction cannot be put to it; "
                          "pick an instruction-tuned (chat) model")
-    return {"revision": revision, "files": None if revision is None else CONFIG_FILES + weights}
+    return preflight_result(revision, weights)
 
 
 class Stage(LabelerStage):

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from onegen.dataset import Build, open_build, prompt_kwargs
 from onegen.shards import plan_path
 from onegen.storage import Storage
+from pipelines.shard_writer import add_label_counts
 
 LINE = 11  # pixels per text line of PIL's default font
 PROMPT_PANEL = 460  # width of the prompt text beside each row's pictures
@@ -53,6 +54,9 @@ def summarise(build: Build) -> dict[str, Any]:
                     item["split"])] += item["rows"]
             splits[item["split"]] += item["rows"]
             modalities.update({m: item["rows"] for m in item["modalities"]})
+    labels: dict[str, Counter] = {}
+    for entry in entries.values():
+        add_label_counts(labels, entry)
     planned = None
     if build.storage.exists(plan_path(build.name)):
         planned = len(json.loads(build.storage.read_bytes(plan_path(build.name)))["partitions"])
@@ -63,6 +67,7 @@ def summarise(build: Build) -> dict[str, Any]:
             "kept": inputs - sum(dropped.values()), "dropped": dict(sorted(dropped.items())),
             "duplicates": len(manifest["duplicates"]) if manifest else None,
             "splits": dict(sorted(splits.items())), "modalities": dict(sorted(modalities.items())),
+            "labels": {stage: dict(sorted(c.items())) for stage, c in sorted(labels.items())},
             "counts": [{"resolution": k[0], "bucket": list(k[1]), "views": k[2], "modalities": k[3], "split": k[4],
                         "rows": n} for k, n in sorted(counts.items())]}
 
@@ -91,6 +96,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{c['split']:<7} {c['rows']:>5}  {c['modalities']}")
     if summary["dropped"]:
         lines.append("  dropped by reason: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
+    for stage, counts in summary.get("labels", {}).items():  # a labeller's failures keep the sample: counted here
+        lines.append(f"  {stage} labels (samples): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return "\n".join(lines)
 
 

@@ -12,8 +12,11 @@ A labeler runs between `bucket` and `conditions` (its labels can become conditio
     cannot run at all (no GPU where num_gpus asks for one, weights cut short, a dtype the device lacks) stops the
     build with one line naming the stage and the node, instead of every sample being counted as an error.
   * `__call__` is pure per batch: records in, the same records out, each live one with `labels[stage]` = "ok" or a
-    failure reason and `label_values[stage]` = what the stage found. `label()` only returns `Label`s; the base
-    class writes them, so a batch that raises half-way leaves no partial labels. A label is extra, never a reason to
+    failure reason, and what the stage found written by its `apply` (`label_values[stage]` by default; the
+    picture labellers put their maps beside the pictures, for the conditions stage to draw). `label()` only returns
+    `Label`s; the base class applies them, so a batch that raises half-way leaves no partial labels. A picture
+    that already has the label from its source (the synthetic world's exact depth and masks) is not labelled again:
+    `source` is counted. A label is extra, never a reason to
     drop: a record the model fails on keeps its views, its reason is counted (manifest entries' `labels`) and its
     message kept in the shard's stats. A batch that raises is retried record by record, so one bad sample costs
     only its own label.
@@ -35,6 +38,8 @@ from pipelines.process import add_seconds, batch_of, records_of
 
 OK = "ok"
 ERROR = "error"
+SOURCE = "source"  # every picture of the sample had this label from its source: the model was not run on it
+CONFIG_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]  # config, processor, tokenizer, template
 # An actor's start failure, found again in the many-line error Ray wraps it in (one_line_start_failures).
 START_FAILED = re.compile(r"build\.[a-z_]+: its model .*? could not start on node [^\n]*")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -55,7 +60,8 @@ class Labeler:
         return import_module(self.module).preflight(section)
 
 
-LABELERS = (Labeler("caption", "pipelines.caption"),)  # build order
+LABELERS = (Labeler("caption", "pipelines.caption"), Labeler("depth", "pipelines.depth_estimation"),
+            Labeler("segmentation", "pipelines.segmentation"))  # build order
 
 
 def enabled_labelers(cfg: BuildConfig) -> list[Labeler]:
@@ -71,7 +77,9 @@ class Label:
 
 class LabelerStage:
     """The actor. Subclasses set `stage` and write `load(folder, device, dtype)`, `smoke_test()` (one tiny model
-    call) and `label(records) -> [Label]` (one per live record, never mutating them)."""
+    call) and `label(records) -> [Label]` (one per live record, never mutating them); `apply(record, value)` writes
+    a label's value where the later stages read it. `resolved`: what the stage's preflight found (its commit, the
+    files to load, anything else it read from the config)."""
 
     stage = ""
 
@@ -81,6 +89,7 @@ class LabelerStage:
         import torch
 
         self.cfg = cfg
+        self.resolved = resolved
         self.section = getattr(cfg.build, self.stage)
         section = self.section.model_copy(update={"revision": resolved.get("revision")})
         try:
@@ -109,6 +118,10 @@ class LabelerStage:
     def label(self, records: list[dict]) -> list[Label]:
         raise NotImplementedError
 
+    def apply(self, record: dict, value: Any) -> None:
+        """Write a label's value into the record (only called with a value that is not None)."""
+        record.setdefault("label_values", {})[self.stage] = value
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
         self.label_records(records)
@@ -131,7 +144,7 @@ class LabelerStage:
             record.setdefault("labels", {})[self.stage] = label.outcome
             record.setdefault("labelled_by", {})[self.stage] = self.identity
             if label.value is not None:
-                record.setdefault("label_values", {})[self.stage] = label.value
+                self.apply(record, label.value)
             if label.message:
                 record.setdefault("label_errors", {})[self.stage] = label.message
             record["timings"][self.stage] = record["timings"].get(self.stage, 0.0) + spent
@@ -223,6 +236,51 @@ def resolve_model(section: LabelerSection, allow_patterns: list[str] | None = No
         return str(resolve_pretrained_folder(section.model)), None
     folder = resolve_pretrained_folder(section.model, revision=section.revision, allow_patterns=allow_patterns)
     return str(folder), folder.name  # the cache's snapshots/<commit>
+
+
+def checked_model(section: LabelerSection, classes: dict[str, str], auto_class: str,
+                  example: str) -> tuple[str, str | None, Any, list[str]]:
+    """A preflight's common part: (folder, hub commit or None, config, weight files) of section.model, reading only
+    its small files (a hub id: CONFIG_FILES into this node's cache; the weights are only listed). Raises with the
+    fix when it is not a model `auto_class` loads (`classes`: transformers' model_type -> class table for it) or has
+    no weights."""
+    from transformers import AutoConfig
+
+    folder, revision = resolve_model(section, CONFIG_FILES)
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in classes:
+        raise ValueError(f"{folder} holds a {config.model_type!r} model, which {auto_class} cannot load; pick "
+                         f"{example}")
+    weights = list_weights(section, folder, revision)
+    if not weights:
+        raise FileNotFoundError(f"{folder} has a config but no weights (*.safetensors); download the whole folder")
+    return folder, revision, config, weights
+
+
+def preflight_result(revision: str | None, weights: list[str], **found: Any) -> dict[str, Any]:
+    """What a preflight hands the actors: the commit, the files to download at it (None: a local folder) and what
+    else it read."""
+    return {"revision": revision, "files": None if revision is None else CONFIG_FILES + weights, **found}
+
+
+def pictures(record: dict, has_label) -> Iterator[tuple[int, int, Any]]:
+    """(output index, view, Sample) of every picture of a bucketed record (every resolution, every view) that
+    `has_label(sample)` says its source did not label already."""
+    for k, output in enumerate(record["outputs"]):
+        for v, sample in enumerate(output["samples"]):
+            if not has_label(sample):
+                yield k, v, sample
+
+
+def same_size_batches(items: list, image_of, batch_size: int) -> Iterator[list]:
+    """`items` in batches of at most `batch_size` whose pictures (`image_of(item)`) share one size: a model call
+    takes one tensor, and a build's pictures come in a few bucket sizes."""
+    groups: dict[tuple[int, ...], list] = {}
+    for item in items:
+        groups.setdefault(image_of(item).shape, []).append(item)
+    for group in groups.values():
+        for first in range(0, len(group), batch_size):
+            yield group[first:first + batch_size]
 
 
 def list_weights(section: LabelerSection, folder: str, revision: str | None) -> list[str]:

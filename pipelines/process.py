@@ -150,7 +150,8 @@ def bucket_record(cfg: BuildConfig, record: dict) -> None:
 def conditions_record(cfg: BuildConfig, record: dict) -> None:
     """The weight-free conditions (canny, blur, inpaint) of every view, each kind from its own generator seeded by
     (run.seed, id, resolution, view, kind), so a rebuild is byte-identical and turning one kind off changes no other;
-    then the exact maps of the source's labels. Every map is stored under its modality (model/tasks.py's role)."""
+    then the maps of the pictures' labels, the source's exact ones or the labellers' (drawn by the same renderers).
+    Every map is stored under its modality (model/tasks.py's role)."""
     from model import conditions as render
 
     settings = cfg.build.conditions
@@ -184,16 +185,30 @@ def conditions_record(cfg: BuildConfig, record: dict) -> None:
                 params["inpaint_fraction"] = float(mask.mean())
                 clock("conditions.inpaint", start)
             start = time.perf_counter()
-            maps.update(_exact_maps(sample, settings.synthetic_maps, render))
+            maps.update(_exact_maps(sample, label_maps_wanted(cfg, record), render))
+            inverse = output.get("inverse_depth", {}).get(v)  # the depth labeller's (pipelines/depth_estimation.py)
+            if inverse is not None:
+                maps[LABEL_MODALITIES["depth"]] = render.inverse_depth_condition(inverse)
             if set(maps) - set(CONDITION_MODALITIES.values()):
                 clock("conditions.labels", start)
             output["conditions"].append(maps)
             output["params"].append(params)
             output["masks"].append(mask)
+        output.pop("inverse_depth", None)  # drawn: keep the records that travel on small
 
 
-def _exact_maps(sample: Sample, wanted: list[str], render) -> dict[str, np.ndarray]:
-    """The ground-truth condition maps a source's labels allow (the synthetic world has them all)."""
+def label_maps_wanted(cfg: BuildConfig, record: dict) -> set[str]:
+    """Which maps a record's labels are drawn as: the source's exact labels build.conditions.synthetic_maps; segments
+    the segmentation labeller found (pipelines/segmentation.py) build.segmentation.maps."""
+    wanted = set(cfg.build.conditions.synthetic_maps)
+    if record.get("labels", {}).get("segmentation") == "ok":  # pipelines.labelers.OK (that module imports this one)
+        wanted = (wanted - {"semantic", "boxes"}) | set(cfg.build.segmentation.maps)
+    return wanted
+
+
+def _exact_maps(sample: Sample, wanted: set[str], render) -> dict[str, np.ndarray]:
+    """The condition maps a picture's labels allow (the synthetic world has them all; the segmentation labeller
+    gives semantic and boxes)."""
     maps: dict[str, np.ndarray] = {}
     height, width = sample.image.shape[:2]
     colours = class_colours(sample)

@@ -235,9 +235,10 @@ def _grid_sample(h: int, w: int) -> Sample:
         key="grid", source="test", image=np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8),
         depth=np.where(ids % 5 == 0, 0, ids).astype(np.float32), depth_kind="z", instance=ids,
         semantic=(ids % 3).astype(np.int32), classes=["a", "b", "c"],
-        entities=[{"id": 1, "class": "a", "bbox_2d": [0, 0, 4, 4]},  # in the left corner
-                  {"id": 2, "class": "b", "bbox_2d": [w // 2 - 2, 0, w // 2 + 2, h]},  # straddles the centre
-                  {"id": 3, "class": "c", "bbox_2d": None}, {"id": 4, "class": "a"}],
+        # entity ids outside the instance map's: boxes without a mask, mapped geometrically
+        entities=[{"id": -1, "class": "a", "bbox_2d": [0, 0, 4, 4]},  # in the left corner
+                  {"id": -2, "class": "b", "bbox_2d": [w // 2 - 2, 0, w // 2 + 2, h]},  # straddles the centre
+                  {"id": -3, "class": "c", "bbox_2d": None}, {"id": -4, "class": "a"}],
         keypoints=keypoints,
     ).validate()
 
@@ -266,14 +267,15 @@ def test_boxes_are_mapped_clipped_and_dropped():
     sample = _grid_sample(20, 30)
     out = bucket_sample(sample, 20, 20)  # keeps columns 5..24
     boxes = {e["id"]: e.get("bbox_2d", "absent") for e in out.entities}
-    assert boxes[1] is None  # [0, 4) lies left of the crop
-    assert boxes[2] == [8, 0, 12, 20]  # [13, 17) - 5
-    assert boxes[3] is None and boxes[4] == "absent"  # no box stays no box; no field gets none added
+    assert boxes[-1] is None  # [0, 4) lies left of the crop
+    assert boxes[-2] == [8, 0, 12, 20]  # [13, 17) - 5
+    assert boxes[-3] is None and boxes[-4] == "absent"  # no box stays no box; no field gets none added
     scaled = bucket_sample(sample, 10, 10)  # crop 20 x 20 at column 5, then half size
-    assert {e["id"]: e.get("bbox_2d") for e in scaled.entities}[2] == [4, 0, 6, 10]
+    assert {e["id"]: e.get("bbox_2d") for e in scaled.entities}[-2] == [4, 0, 6, 10]
 
 
-def test_boxes_contain_their_resized_instance_pixels(synthetic_sample):
+def test_boxes_are_their_resized_instance_masks_boxes(synthetic_sample):
+    seen = 0
     for size in [(48, 64), (24, 56), (96, 128), (20, 20), (64, 24)]:
         out = bucket_sample(synthetic_sample, *size)
         for entity in out.entities:
@@ -281,10 +283,9 @@ def test_boxes_contain_their_resized_instance_pixels(synthetic_sample):
             if entity["bbox_2d"] is None:
                 assert rows.size == 0
                 continue
-            x0, y0, x1, y1 = entity["bbox_2d"]
-            assert 0 <= x0 < x1 <= size[1] and 0 <= y0 < y1 <= size[0]
-            if rows.size:
-                assert x0 <= cols.min() and cols.max() < x1 and y0 <= rows.min() and rows.max() < y1
+            seen += 1
+            assert entity["bbox_2d"] == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+    assert seen >= 5
 
 
 def test_an_image_only_sample_and_bad_sizes():

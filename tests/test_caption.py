@@ -150,7 +150,7 @@ def test_preflight_names_what_is_wrong_with_the_model(vlm_dir, tmp_path):
     not_a_vlm = tmp_path / "not-a-vlm"
     not_a_vlm.mkdir()
     (not_a_vlm / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="not an image-text-to-text"):
+    with pytest.raises(ValueError, match="which AutoModelForImageTextToText cannot load"):
         preflight(caption_cfg(not_a_vlm).build.caption)
     no_weights = tmp_path / "no-weights"
     shutil.copytree(vlm_dir, no_weights)

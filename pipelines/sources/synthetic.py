@@ -27,11 +27,12 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from model.tasks import assign_class_colours
 from onegen.storage import Storage
 from pipelines.record import Sample, as_storage, samples_to_wds_tar, storage_location
 from pipelines.sources.synthetic_camera import Camera, camera_from_spherical
 from pipelines.sources.synthetic_caption import (
-    assign_class_colours, describe_view, prompt_tags, visible_entity_ids,
+    describe_view, prompt_tags, visible_entity_ids,
 )
 from pipelines.sources.synthetic_render import ViewRender, render
 from pipelines.sources.synthetic_scene import (

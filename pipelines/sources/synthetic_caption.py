@@ -29,7 +29,7 @@ import numpy as np
 from model.tasks import colour_entry
 from pipelines.sources.synthetic_camera import Camera, sin_cos_deg
 from pipelines.sources.synthetic_scene import (
-    COLOUR_WORDS, PALETTE, POSE_PHRASES, SceneSpec,
+    COLOUR_WORDS, POSE_PHRASES, SceneSpec,
 )
 
 RELATION_MARGIN_M = 0.15
@@ -242,14 +242,6 @@ def _sunlight_sentence(spec: SceneSpec, camera: Camera) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompt fields for the semantic-map and bounding-box tasks (spec §5.1)
-
-
-def assign_class_colours(class_names: list[str], rng: np.random.Generator) -> dict[str, str]:
-    """A random distinct palette colour name per class (the One-Gen recipe: random class-to-colour assignment)."""
-    if len(class_names) > len(PALETTE):
-        raise ValueError(f"at most {len(PALETTE)} classes can get distinct palette colours, got {len(class_names)}")
-    order = rng.permutation(len(PALETTE))
-    return {c: PALETTE[int(order[i])][0] for i, c in enumerate(class_names)}
 
 
 def prompt_tags(labels: list[str], class_colours: dict[str, str], kind: str) -> str:

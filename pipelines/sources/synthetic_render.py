@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from model.conditions import mask_box
 from pipelines.sources.synthetic_camera import Camera, camera_from_spherical
 from pipelines.sources.synthetic_scene import Scene
 
@@ -272,9 +273,7 @@ def render_view(scene: Scene, camera: Camera, *, shadows: bool | None = None, cu
         if counts[eid] == 0:
             bboxes[eid] = None
             continue
-        mask = instance == eid
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        bboxes[eid] = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+        bboxes[eid] = mask_box(instance == eid)
 
     return ViewRender(camera, image, depth, instance, semantic, _keypoints(scene, camera), pixels, bboxes)
 
