@@ -228,7 +228,8 @@ class SegmentationSection(LabelerSection):
     mask_threshold: float = Field(0.5, ge=0, le=1, description="mask probability above which a pixel belongs to it")
     overlap_threshold: float = Field(0.8, ge=0, le=1, description="least share of a mask left after overlaps")
     max_entities: int = Field(10, ge=1, le=20, description="segments kept per picture, largest first (the paper's "
-                                                           "<= 10 entities; colours are distinct up to 20 classes)")
+                                                           "<= 10 entities); a sample keeps its 20 largest classes "
+                                                           "(one palette colour each)")
     min_area: float = Field(0.001, ge=0, lt=1, description="segments smaller than this share of the picture are "
                                                            "left out")
     maps: list[Literal["semantic", "boxes"]] = Field(["semantic", "boxes"], min_length=1,

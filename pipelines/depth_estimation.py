@@ -11,12 +11,14 @@ checkpoints, DPT) predicts inverse depth of unknown scale and shift, kept as is;
 (<= 0: no surface). The conditions stage draws it with model.conditions.inverse_depth_condition, the same drawing as
 exact depth (model/depth.py: min-max normalised per picture, near = white), so a map looks the same whatever made it.
 
-Outcomes counted per sample: ok; source (every picture had depth of its own); error (the model failed on it: no
-depth map, the message in the shard's stats).
+Outcomes counted per sample: ok; source (every picture had depth of its own); no_depth (the model's estimate had no
+valid pixel, or one value everywhere, on every picture: no map rather than a black or white one); error (the model
+failed on it: no depth map, the message in the shard's stats).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from pipelines.labelers import OK, SOURCE, Label, LabelerStage, checked_model, p
     same_size_batches
 
 INVERSE, METRIC = "inverse", "metric"
+NO_DEPTH = "no_depth"
 INVERSE_MODELS = {"dpt"}  # MiDaS-style relative inverse depth
 METRIC_MODELS = {"zoedepth", "glpn", "depth_pro", "prompt_depth_anything"}
 
@@ -63,6 +66,12 @@ def has_depth(sample) -> bool:
     return sample.depth is not None
 
 
+def usable(inverse: np.ndarray) -> bool:
+    """An estimate worth drawing: some valid pixel (finite, > 0), and not one value on all of them."""
+    valid = inverse[np.isfinite(inverse) & (inverse > 0)]
+    return bool(valid.size) and float(valid.max()) > float(valid.min())
+
+
 class Stage(LabelerStage):
     stage = "depth"
 
@@ -72,6 +81,9 @@ class Stage(LabelerStage):
         self.processor = AutoImageProcessor.from_pretrained(folder)
         self.model = AutoModelForDepthEstimation.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.output = self.resolved.get("output") or output_kind(self.section, self.model.config)
+        # ZoeDepth's processor pads, and must be told the pictures' own sizes to cut the padding off again.
+        post = inspect.signature(self.processor.post_process_depth_estimation).parameters
+        self.source_sizes = "source_sizes" in post
 
     def smoke_test(self) -> None:
         self.estimate([np.full((64, 64, 3), 128, dtype=np.uint8)])
@@ -87,7 +99,8 @@ class Stage(LabelerStage):
             outputs = self.model(**inputs)
         outputs.predicted_depth = outputs.predicted_depth.float()  # post-processing resizes in float32
         sizes = [image.shape[:2] for image in images]
-        results = self.processor.post_process_depth_estimation(outputs, target_sizes=sizes)
+        extra = {"source_sizes": sizes} if self.source_sizes else {}
+        results = self.processor.post_process_depth_estimation(outputs, target_sizes=sizes, **extra)
         estimates = []
         for result, size in zip(results, sizes, strict=True):
             predicted = result["predicted_depth"].float().cpu().numpy()
@@ -104,8 +117,20 @@ class Stage(LabelerStage):
         found: dict[int, dict[tuple[int, int], np.ndarray]] = {}
         for batch in same_size_batches(jobs, lambda job: job[3].image, self.section.batch_size):
             for (i, k, v, _), estimate in zip(batch, self.estimate([job[3].image for job in batch]), strict=True):
-                found.setdefault(i, {})[(k, v)] = estimate
-        return [Label(OK, value=found[i]) if i in found else Label(SOURCE) for i in range(len(records))]
+                if usable(estimate):  # an unusable one draws no map (all black, or all white)
+                    found.setdefault(i, {})[(k, v)] = estimate
+                else:
+                    found.setdefault(i, {})
+        labels = []
+        for i in range(len(records)):
+            if i not in found:
+                labels.append(Label(SOURCE))
+            elif not found[i]:
+                labels.append(Label(NO_DEPTH, message="the model's estimate has no valid (finite, > 0) pixel or "
+                                                      "one value everywhere"))
+            else:
+                labels.append(Label(OK, value=found[i]))
+        return labels
 
     def apply(self, record: dict, value: dict[tuple[int, int], np.ndarray]) -> None:
         """Each estimate beside its picture: outputs[k]["inverse_depth"][v], drawn (then dropped) by the conditions

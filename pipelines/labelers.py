@@ -119,7 +119,8 @@ class LabelerStage:
         raise NotImplementedError
 
     def apply(self, record: dict, value: Any) -> None:
-        """Write a label's value into the record (only called with a value that is not None)."""
+        """Write a label's value into the record (only called with a value that is not None). Assignments only:
+        the work belongs in `label()`, where a failure is retried and counted."""
         record.setdefault("label_values", {})[self.stage] = value
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -142,7 +143,8 @@ class LabelerStage:
         spent = (time.perf_counter() - start) / len(live)
         for record, label in zip(live, labels, strict=True):
             record.setdefault("labels", {})[self.stage] = label.outcome
-            record.setdefault("labelled_by", {})[self.stage] = self.identity
+            if label.outcome != SOURCE:  # the model did not touch a sample its source had labelled
+                record.setdefault("labelled_by", {})[self.stage] = self.identity
             if label.value is not None:
                 self.apply(record, label.value)
             if label.message:

@@ -378,7 +378,7 @@ def pack_members(cfg: BuildConfig, record: dict) -> None:
             sample.meta = {**sample.meta, "build": {
                 "id": record["id"], "input_id": record["input_id"], "resolution": resolution, "view": v,
                 "split": split, "params": output["params"][v], **record["meta"],
-                **({"captions": captions, "labels": record["labels"], "labelled_by": record["labelled_by"]}
+                **({"captions": captions, "labels": record["labels"], "labelled_by": record.get("labelled_by", {})}
                    if record.get("labels") else {})}}
             members = sample.to_wds()
             members["__key__"] = f"{record['id']}-r{resolution}-v{v}"

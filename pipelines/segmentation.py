@@ -8,14 +8,21 @@ batch of same-sized pictures through the model and the processor's `post_process
 build.segmentation.max_entities largest segments (those above min_area), and writes them as the picture's labels —
 an instance map (entity ids 1..n), a semantic map over the classes found, entities with class, score, area and the
 box of their mask (model.conditions.mask_box) — with one distinct palette colour per class, drawn per sample from a
-generator seeded by (run.seed, sample id) (model.tasks.assign_class_colours: the synthetic world's recipe). The
+generator seeded by (run.seed, sample id) (model.tasks.assign_class_colours: the synthetic world's recipe). A sample
+(all its views and resolutions) has at most 20 classes, the palette's size: beyond that the classes with the least
+area are left out, masks and entities alike, so the maps, the entities and the prompts always agree. The
 conditions stage then draws the semantic map and the box map with the same renderers as the synthetic world's exact
 labels, and the rows carry the entities the trainer writes the `<#RRGGBB name mask: label>` /
 `<#RRGGBB name boundingbox: label>` prompts from. Every picture is labelled (each view, each resolution), except one
-whose source gave it entities (outcome `source`).
+whose source gave it entities (outcome `source`); a picture where no segment passes the thresholds gets no labels and
+no map.
 
-Outcomes counted per sample: ok; no_entities (no segment passed the thresholds: no semantic or box map); source;
-error (the model failed on it, the message in the shard's stats).
+Outcomes counted per sample: ok; no_entities (no segment passed the thresholds on any picture); source; error (the
+model failed on it, the message in the shard's stats).
+
+Supported: Mask2Former, MaskFormer and OneFormer (their outputs are class and mask logits per query, which the
+panoptic post-processing turns into segments). DETR and EoMT are in transformers' universal-segmentation table too,
+but their outputs or post-processing differ: the preflight refuses them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pipelines.labelers import OK, SOURCE, Label, LabelerStage, checked_model, p
     same_size_batches
 
 NO_ENTITIES = "no_entities"
+MODEL_TYPES = ("mask2former", "maskformer", "oneformer")  # query-based panoptic models (module docstring)
 UNLABELLED = "unlabelled"  # semantic id 0: pixels outside every kept segment (drawn black)
 # COCO-panoptic's stuff names carry how they were merged ("wall-other-merged"); the prompt names the thing ("wall").
 _NAME_SUFFIXES = re.compile(r"(-(merged|other|stuff))+$")
@@ -46,9 +54,10 @@ def preflight(section: SegmentationSection) -> dict[str, Any]:
     from transformers import AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES
 
-    folder, revision, config, weights = checked_model(section, MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES,
-                                                      "AutoModelForUniversalSegmentation",
-                                                      "a panoptic segmentation model such as Mask2Former")
+    classes = {t: c for t, c in MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES.items() if t in MODEL_TYPES}
+    folder, revision, config, weights = checked_model(section, classes, "the segmentation stage (Mask2Former, "
+                                                      "MaskFormer or OneFormer)", "a panoptic Mask2Former, "
+                                                      "MaskFormer or OneFormer model")
     if not getattr(config, "id2label", None):
         raise ValueError(f"{folder}: its config names no classes (id2label), so segments could not be named")
     processor = AutoProcessor.from_pretrained(folder)
@@ -59,7 +68,8 @@ def preflight(section: SegmentationSection) -> dict[str, Any]:
 
 
 def has_entities(sample) -> bool:
-    return sample.entities is not None and sample.instance is not None
+    """The source listed the picture's entities (with or without masks): its list is kept."""
+    return sample.entities is not None
 
 
 class Stage(LabelerStage):
@@ -128,33 +138,54 @@ class Stage(LabelerStage):
             for (i, k, v, _), segments in zip(batch, self.segment([job[3].image for job in batch]), strict=True):
                 found.setdefault(i, {})[(k, v)] = segments
         labels = []
-        for i in range(len(records)):
+        for i, record in enumerate(records):
             if i not in found:
                 labels.append(Label(SOURCE))
-            elif not any(entities for _, entities in found[i].values()):
-                labels.append(Label(NO_ENTITIES, message="no segment passed build.segmentation.threshold / "
-                                                         "min_area"))
-            else:
-                labels.append(Label(OK, value=found[i]))
+                continue
+            value = self.sample_labels(record, found[i])
+            labels.append(Label(OK, value=value) if value["pictures"] else
+                          Label(NO_ENTITIES, message="no segment passed build.segmentation.threshold / min_area"))
         return labels
 
-    def apply(self, record: dict, value: dict[tuple[int, int], tuple[np.ndarray, list]]) -> None:
-        """The segments as the pictures' labels (instance, semantic, classes, entities) and one palette colour per
-        class of the sample (the same in every view and resolution), as a source with exact labels gives them."""
+    def sample_labels(self, record: dict, segments: dict[tuple[int, int], tuple[np.ndarray, list]]) -> dict:
+        """{"pictures": {(k, v): a picture's labels (instance, semantic, classes, entities)}, "prompts": the
+        sample's class colours}: at most 20 classes per sample (the largest by area), one palette colour each, the same
+        in every view and resolution, as a source with exact labels gives them. Pictures go in (output, view) order,
+        so how a batch grouped them changes nothing."""
+        from collections import Counter
+
         from model.tasks import PALETTE, assign_class_colours
         from pipelines.process import record_rng
 
-        classes: list[str] = []
-        for _, entities in value.values():
-            classes += [e["class"] for e in entities if e["class"] not in classes]
-        colours = assign_class_colours(classes[:len(PALETTE)], record_rng(self.cfg, record["id"], self.stage))
-        prompts = {"class_colours": {c: {"name": name, "hex": PALETTE[name]} for c, name in colours.items()}}
-        for (k, v), (instance, entities) in value.items():
-            sample = record["outputs"][k]["samples"][v]
+        keys = [key for key in sorted(segments) if segments[key][1]]
+        area: Counter = Counter()
+        for key in keys:
+            for entity in segments[key][1]:
+                area[entity["class"]] += entity["area"]
+        classes = sorted(area, key=lambda name: (-area[name], name))[:len(PALETTE)]
+        colours = assign_class_colours(classes, record_rng(self.cfg, record["id"], self.stage))
+        pictures_labels = {}
+        for key in keys:
+            instance, entities = segments[key]
+            left_out = [e["id"] for e in entities if e["class"] not in colours]
+            if left_out:  # classes past the palette's 20: off the masks too, so maps and entities agree
+                instance = np.where(np.isin(instance, left_out), 0, instance).astype(np.int32)
+                entities = [e for e in entities if e["class"] in colours]
+            if not entities:
+                continue
             names = [UNLABELLED, *dict.fromkeys(e["class"] for e in entities)]
-            table = np.zeros(len(entities) + 1, dtype=np.int32)  # entity id -> its class's index in `names`
+            table = np.zeros(int(instance.max()) + 1, dtype=np.int32)  # entity id -> its class's index in `names`
             for e in entities:
                 table[e["id"]] = names.index(e["class"])
-            sample.instance, sample.semantic, sample.classes = instance, table[instance], names
-            sample.entities = entities
-            sample.meta = {**sample.meta, "prompts": prompts}
+            pictures_labels[key] = {"instance": instance, "semantic": table[instance], "classes": names,
+                                    "entities": entities}
+        return {"pictures": pictures_labels,
+                "prompts": {"class_colours": {c: {"name": name, "hex": PALETTE[name]} for c, name in colours.items()}}}
+
+    def apply(self, record: dict, value: dict) -> None:
+        """The segments as the pictures' labels (sample_labels), as a source with exact labels gives them."""
+        for (k, v), fields in value["pictures"].items():
+            sample = record["outputs"][k]["samples"][v]
+            sample.instance, sample.semantic = fields["instance"], fields["semantic"]
+            sample.classes, sample.entities = fields["classes"], fields["entities"]
+            sample.meta = {**sample.meta, "prompts": value["prompts"]}

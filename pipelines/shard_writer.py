@@ -82,8 +82,9 @@ def commit_shard(storage: Storage, build: str, partition: Partition, records: li
     labels = label_counts(kept)
     if labels:  # only where labelers ran: entries of builds without them stay as they were
         entry["labels"] = labels
-        entry["labelled_by"] = {stage: sorted({r["labelled_by"][stage] for r in kept if stage in r.get("labels", {})})
-                                for stage in labels}  # which model (id@commit dtype) wrote them
+        entry["labelled_by"] = {stage: sorted({r["labelled_by"][stage] for r in kept
+                                               if stage in r.get("labelled_by", {})})
+                                for stage in labels}  # which model (id@commit dtype) wrote them ([]: the sources)
     if not storage.put_if_absent(paths.entry, _chunks(canonical_json(entry), "in_manifest_put")):
         entry = json.loads(storage.read_bytes(paths.entry))
     return entry, stats

@@ -96,6 +96,7 @@ def test_depth_labels_every_photo_with_the_models_own_estimate_and_keeps_exact_d
                 target_sizes=[sample.image.shape[:2]])[0]["predicted_depth"].numpy()
         np.testing.assert_allclose(estimate, alone, rtol=1e-4, atol=1e-5)
         assert np.ptp(estimate) > 0
+        record["estimate"] = estimate
     for record in records:
         conditions_record(cfg, record)
         pack_members(cfg, record)
@@ -103,6 +104,9 @@ def test_depth_labels_every_photo_with_the_models_own_estimate_and_keeps_exact_d
     for record in photos:
         depth_map = record["outputs"][0]["conditions"][0]["depth"]
         assert depth_map.shape == record["outputs"][0]["samples"][0].image.shape
+        assert np.array_equal(depth_map, inverse_depth_condition(record["estimate"]))  # the one drawing
+        order = np.argsort(record["estimate"], axis=None, kind="stable")
+        assert (np.diff(depth_map[..., 0].ravel()[order].astype(int)) >= 0).all()  # nearer (larger) never darker
         assert depth_map.max() == 255 and depth_map.min() == round(0.1 * 255)  # min-max normalised, near = white
         meta = json.loads(record["members"][0]["json"])["meta"]["build"]
         assert meta["labels"] == {"depth": "ok"} and meta["labelled_by"] == {"depth": f"{depth_dir} float32"}
@@ -256,7 +260,7 @@ def test_segment_names_and_the_preflight(seg_dir, depth_dir, photo_dir):
     assert [class_name(n) for n in ("wall-other-merged", "floor-wood", "sky-other-merged", "person", "tv_monitor",
                                     "grass-merged")] == ["wall", "floor wood", "sky", "person", "tv monitor", "grass"]
     assert preflight(seg_cfg(seg_dir, photo_dir).build.segmentation) == {"revision": None, "files": None}
-    with pytest.raises(ValueError, match="depth_anything.*AutoModelForUniversalSegmentation cannot load"):
+    with pytest.raises(ValueError, match="depth_anything.*the segmentation stage .* cannot load"):
         preflight(seg_cfg(depth_dir, photo_dir).build.segmentation)
 
 
@@ -312,6 +316,11 @@ def test_a_build_labels_depth_and_segments_and_inspect_shows_them(depth_dir, seg
     assert build.manifest()["totals"]["labels"] == {"depth": {"ok": 3, "source": 2},
                                                     "segmentation": {"ok": 3, "source": 2}}
     assert set(json.loads(storage.read_bytes("builds/b/plan.json"))["labelers"]) == {"depth", "segmentation"}
+    from onegen.shards import read_entries
+
+    by_shard = {e["labels"]["depth"].get("ok", 0): e["labelled_by"] for e in read_entries(storage, "b").values()}
+    assert by_shard == {3: {"depth": [f"{depth_dir} float32"], "segmentation": [f"{seg_dir} float32"]},
+                        0: {"depth": [], "segmentation": []}}  # the synthetic shard's labels are its own
     rows = list(build.rows(as_tensors=False))
     assert len(rows) == 5
     for row in rows:
@@ -335,3 +344,84 @@ def test_the_readme_shows_the_depth_and_segmentation_defaults():
     shown = yaml.safe_load(fenced_block("### Depth, semantic maps and boxes from vision models", "yaml"))["build"]
     for name, section in (("depth", DepthSection), ("segmentation", SegmentationSection)):
         assert section(**shown[name]) == section() and set(shown[name]) == set(section.model_fields), name
+
+
+def test_segment_labels_do_not_depend_on_batching_and_keep_twenty_classes(seg_dir, photo_dir):
+    """sample_labels sees a sample's pictures in (output, view) order whatever the batch did; a picture without
+    segments gets no labels; past 20 classes the smallest leave the masks and the entities together."""
+    import copy
+
+    from model.tasks import PALETTE
+    from pipelines.process import conditions_record
+    from pipelines.segmentation import Stage, preflight
+
+    cfg = seg_cfg(seg_dir, photo_dir)
+    stage = Stage(cfg, preflight(cfg.build.segmentation))
+    record = by_source(bucketed(cfg))[0][0]
+    size = record["outputs"][0]["samples"][0].image.shape[:2]
+    classes = [f"thing {c}" for c in range(25)]
+    segments = {}
+    for view in range(3):  # three pictures of one sample: 10 + 10 + 0 entities, 25 classes in all
+        instance = np.zeros(size, dtype=np.int32)
+        entities = []
+        for n in range(10 if view < 2 else 0):
+            rows = slice(n * 3, n * 3 + 2 + view)  # classes of view 1 cover more pixels
+            instance[rows, :8 + n] = n + 1
+            entities.append({"id": n + 1, "class": classes[(view * 15 + n) % 25], "score": 0.9,
+                             "area": int((instance == n + 1).sum()), "bbox_2d": list(mask_box(instance == n + 1)),
+                             "visible": True})
+        segments[(0, view)] = (instance, entities)
+    forward = stage.sample_labels(record, segments)
+    backward = stage.sample_labels(record, dict(reversed(list(segments.items()))))
+    assert forward["prompts"] == backward["prompts"] and list(forward["pictures"]) == [(0, 0), (0, 1)]
+    for key in forward["pictures"]:
+        for name in ("instance", "semantic"):
+            assert np.array_equal(forward["pictures"][key][name], backward["pictures"][key][name])
+    coloured = forward["prompts"]["class_colours"]
+    assert len(coloured) == len(PALETTE) == 20
+    assert len({v["name"] for v in coloured.values()}) == 20
+    for key, fields in forward["pictures"].items():
+        left = [e for e in segments[key][1] if e["class"] not in coloured]
+        assert all(e["class"] in coloured for e in fields["entities"])
+        assert not np.isin(fields["instance"], [e["id"] for e in left]).any()
+        assert set(np.unique(fields["instance"])) - {0} == {e["id"] for e in fields["entities"]}
+    left_out = set(classes) - set(coloured)
+    assert len(left_out) == 5  # the five with the least area
+    area = {c: sum(e["area"] for _, es in segments.values() for e in es if e["class"] == c) for c in classes}
+    assert max(area[c] for c in left_out) <= min(area[c] for c in coloured)
+    # drawn: the two pictures with segments agree with their masks, the empty one gets no semantic or box map
+    record["outputs"][0]["samples"] = [copy.copy(record["outputs"][0]["samples"][0]) for _ in range(3)]
+    record["labels"] = {"segmentation": "ok"}
+    stage.apply(record, forward)
+    conditions_record(cfg, record)
+    for view in (0, 1):
+        check_drawn_from_masks(record["outputs"][0]["samples"][view], record["outputs"][0]["conditions"][view])
+    assert not {"semantic_map", "bounding_boxes"} & set(record["outputs"][0]["conditions"][2])
+
+
+def test_unusable_depth_is_counted_and_drawn_nowhere(depth_dir, photo_dir):
+    from pipelines.depth_estimation import Stage, preflight
+    from pipelines.process import conditions_record
+
+    cfg = vision_cfg(photo_dir, "build.depth.enabled=true", f"build.depth.model={depth_dir}")
+    stage = Stage(cfg, preflight(cfg.build.depth))
+    records, synth = by_source(bucketed(cfg))
+    flat = iter([0.0, 3.0, np.nan])  # no surface, one value everywhere, not a number
+    stage.estimate = lambda images: [np.full(image.shape[:2], next(flat), np.float32) for image in images]
+    stage.label_records(records + synth)
+    assert [r["labels"]["depth"] for r in records] == ["no_depth"] * 3
+    assert all("no valid" in r["label_errors"]["depth"] for r in records)
+    assert all("depth" in r["labelled_by"] for r in records) and not any("labelled_by" in r for r in synth)
+    for record in records:
+        conditions_record(cfg, record)
+        assert "depth" not in record["outputs"][0]["conditions"][0]
+
+
+def test_segmentation_preflight_refuses_query_less_models(tmp_path, photo_dir):
+    from pipelines.segmentation import preflight
+
+    detr = tmp_path / "detr"
+    detr.mkdir()
+    (detr / "config.json").write_text(json.dumps({"model_type": "detr", "use_timm_backbone": False}))
+    with pytest.raises(ValueError, match="'detr' model.*Mask2Former, MaskFormer or OneFormer"):
+        preflight(seg_cfg(detr, photo_dir).build.segmentation)
