@@ -97,14 +97,16 @@ def run_ray(ray, cfg, labeler, resolved, blobs: list[bytes]) -> tuple[float, flo
     from pipelines.build import _actor_stage
 
     section = labeler.section(cfg)
-    ds = ray.data.from_items([{"record": blob} for blob in blobs]).materialize()  # in the object store, as the
-    start = time.perf_counter()                                                    # build's records are
+    # One record per block, as the build's partition tasks hand over small blocks: each actor call is then one
+    # output block, and the arrivals below time the actor's batches one by one.
+    ds = ray.data.from_items([{"record": blob} for blob in blobs], override_num_blocks=len(blobs)).materialize()
+    start = time.perf_counter()
     out = _actor_stage(ds, labeler.actor_class(), {"cfg": cfg, "resolved": resolved}, section.batch_size,
                        1, section.num_cpus, 0)
     arrivals = []
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         arrivals.append((time.perf_counter(), len(batch["record"])))
-    assert sum(n for _, n in arrivals) == len(blobs) and len(arrivals) > 1
+    assert sum(n for _, n in arrivals) == len(blobs) and len(arrivals) == -(-len(blobs) // section.batch_size) > 1
     rate = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
     return arrivals[0][0] - start - arrivals[0][1] / rate, rate
 
@@ -136,8 +138,9 @@ def main() -> int:
             cfg = stage_config(tmp / "photos", args.resolution, overrides[labeler.stage])
             resolved = labeler.preflight(labeler.section(cfg))
             blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in bucketed_records(cfg)]
-            run_loop(cfg, labeler, resolved, blobs[:8])  # warm: imports, first-call kernels
-            run_ray(ray, cfg, labeler, resolved, blobs[:8])
+            warm = blobs[:2 * labeler.section(cfg).batch_size]
+            run_loop(cfg, labeler, resolved, warm)  # warm: imports, first-call kernels
+            run_ray(ray, cfg, labeler, resolved, warm)
             measured = {"loop": ([], []), "ray": ([], [])}  # side: (steady pictures/s, start-up s)
             for _ in range(args.repeats):
                 for side, run in (("loop", run_loop), ("ray", lambda *a: run_ray(ray, *a))):

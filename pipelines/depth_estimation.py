@@ -29,6 +29,7 @@ from pipelines.labelers import OK, SOURCE, Label, LabelerStage, checked_model, p
 
 INVERSE, METRIC = "inverse", "metric"
 NO_DEPTH = "no_depth"
+FLAT_TOLERANCE = 1e-4  # relative range below which an estimate counts as one value
 INVERSE_MODELS = {"dpt"}  # MiDaS-style relative inverse depth
 METRIC_MODELS = {"zoedepth", "glpn", "depth_pro", "prompt_depth_anything"}
 
@@ -67,9 +68,10 @@ def has_depth(sample) -> bool:
 
 
 def usable(inverse: np.ndarray) -> bool:
-    """An estimate worth drawing: some valid pixel (finite, > 0), and not one value on all of them."""
+    """An estimate worth drawing: some valid pixel (finite, > 0), and not one value on all of them (float noise
+    around one value is one value: min-max normalisation would stretch the noise over the whole map)."""
     valid = inverse[np.isfinite(inverse) & (inverse > 0)]
-    return bool(valid.size) and float(valid.max()) > float(valid.min())
+    return bool(valid.size) and float(valid.max()) - float(valid.min()) > FLAT_TOLERANCE * float(valid.max())
 
 
 class Stage(LabelerStage):
@@ -115,12 +117,14 @@ class Stage(LabelerStage):
     def label(self, records: list[dict]) -> list[Label]:
         jobs = [(i, k, v, sample) for i, record in enumerate(records) for k, v, sample in pictures(record, has_depth)]
         found: dict[int, dict[tuple[int, int], np.ndarray]] = {}
+        unusable: dict[int, int] = {}
         for batch in same_size_batches(jobs, lambda job: job[3].image, self.section.batch_size):
             for (i, k, v, _), estimate in zip(batch, self.estimate([job[3].image for job in batch]), strict=True):
                 if usable(estimate):  # an unusable one draws no map (all black, or all white)
                     found.setdefault(i, {})[(k, v)] = estimate
                 else:
                     found.setdefault(i, {})
+                    unusable[i] = unusable.get(i, 0) + 1
         labels = []
         for i in range(len(records)):
             if i not in found:
@@ -128,8 +132,9 @@ class Stage(LabelerStage):
             elif not found[i]:
                 labels.append(Label(NO_DEPTH, message="the model's estimate has no valid (finite, > 0) pixel or "
                                                       "one value everywhere"))
-            else:
-                labels.append(Label(OK, value=found[i]))
+            else:  # a group's picture without a usable estimate gets no map: said in the shard's stats
+                labels.append(Label(OK, value=found[i], message=f"{unusable[i]} of {unusable[i] + len(found[i])} "
+                                    "pictures had no usable estimate" if i in unusable else None))
         return labels
 
     def apply(self, record: dict, value: dict[tuple[int, int], np.ndarray]) -> None:

@@ -6,13 +6,13 @@ and give each class a random colour from the prompt palette (ONEDIFFUSION_SPEC �
 listing and the segmenting (Mask2Former by default; MaskFormer and OneFormer load the same way): each actor runs a
 batch of same-sized pictures through the model and the processor's `post_process_panoptic_segmentation`, keeps the
 build.segmentation.max_entities largest segments (those above min_area), and writes them as the picture's labels —
-an instance map (entity ids 1..n), a semantic map over the classes found, entities with class, score, area and the
-box of their mask (model.conditions.mask_box) — with one distinct palette colour per class, drawn per sample from a
-generator seeded by (run.seed, sample id) (model.tasks.assign_class_colours: the synthetic world's recipe). A sample
-(all its views and resolutions) has at most 20 classes, the palette's size: beyond that the classes with the least
-area are left out, masks and entities alike, so the maps, the entities and the prompts always agree. The
-conditions stage then draws the semantic map and the box map with the same renderers as the synthetic world's exact
-labels, and the rows carry the entities the trainer writes the `<#RRGGBB name mask: label>` /
+an instance map (entity ids from 1, largest first), a semantic map over the classes found, entities with class,
+score, area and the box of their mask (model.conditions.mask_box) — with one distinct palette colour per class,
+drawn per sample from a generator seeded by (run.seed, sample id) (model.tasks.assign_class_colours: the synthetic
+world's recipe). A sample (all its views and resolutions) has at most 20 classes, the palette's size: beyond that the
+classes with the least area are left out, masks and entities alike, so the maps, the entities and the prompts always
+agree. The conditions stage then draws the semantic map and the box map with the same renderers as the synthetic
+world's exact labels, and the rows carry the entities the trainer writes the `<#RRGGBB name mask: label>` /
 `<#RRGGBB name boundingbox: label>` prompts from. Every picture is labelled (each view, each resolution), except one
 whose source gave it entities (outcome `source`); a picture where no segment passes the thresholds gets no labels and
 no map.
@@ -174,7 +174,7 @@ class Stage(LabelerStage):
             if not entities:
                 continue
             names = [UNLABELLED, *dict.fromkeys(e["class"] for e in entities)]
-            table = np.zeros(int(instance.max()) + 1, dtype=np.int32)  # entity id -> its class's index in `names`
+            table = np.zeros(max(e["id"] for e in entities) + 1, dtype=np.int32)  # entity id -> its class's index
             for e in entities:
                 table[e["id"]] = names.index(e["class"])
             pictures_labels[key] = {"instance": instance, "semantic": table[instance], "classes": names,

@@ -346,9 +346,27 @@ def test_the_readme_shows_the_depth_and_segmentation_defaults():
         assert section(**shown[name]) == section() and set(shown[name]) == set(section.model_fields), name
 
 
-def test_segment_labels_do_not_depend_on_batching_and_keep_twenty_classes(seg_dir, photo_dir):
-    """sample_labels sees a sample's pictures in (output, view) order whatever the batch did; a picture without
-    segments gets no labels; past 20 classes the smallest leave the masks and the entities together."""
+def test_segment_labels_do_not_depend_on_how_the_pictures_were_batched(seg_dir, photo_dir):
+    from pipelines.segmentation import Stage, preflight
+
+    def labelled(batch_size: int, reverse: bool) -> dict[str, list]:
+        cfg = seg_cfg(seg_dir, photo_dir, "build.resolutions=[64, 96]", f"build.segmentation.batch_size={batch_size}")
+        records, _ = by_source(bucketed(cfg))
+        Stage(cfg, preflight(cfg.build.segmentation)).label_records(records[::-1] if reverse else records)
+        return {r["id"]: [(s.meta["prompts"], s.entities, s.instance) for o in r["outputs"] for s in o["samples"]]
+                for r in records}
+
+    one, many = labelled(1, False), labelled(4, True)
+    assert sorted(one) == sorted(many) and len(one) == 3
+    for key, pictures in one.items():
+        for (prompts, entities, instance), (prompts_b, entities_b, instance_b) in zip(pictures, many[key],
+                                                                                     strict=True):
+            assert prompts == prompts_b and entities == entities_b and np.array_equal(instance, instance_b)
+
+
+def test_a_sample_keeps_its_twenty_largest_classes_masks_and_entities_alike(seg_dir, photo_dir):
+    """Past the palette's 20 colours the classes with the least area leave the masks and the entities together; a
+    picture left without segments gets no labels and no map."""
     import copy
 
     from model.tasks import PALETTE
@@ -361,34 +379,36 @@ def test_segment_labels_do_not_depend_on_batching_and_keep_twenty_classes(seg_di
     size = record["outputs"][0]["samples"][0].image.shape[:2]
     classes = [f"thing {c}" for c in range(25)]
     segments = {}
-    for view in range(3):  # three pictures of one sample: 10 + 10 + 0 entities, 25 classes in all
+    # three pictures of one sample, 25 classes: view 0 has classes 0-9 (16-34 pixels each) and two specks of
+    # classes 20, 21; view 1 classes 10-19 (24-51 pixels); view 2 only specks of classes 20-24
+    layout = {0: [(classes[n], 2, 8 + n) for n in range(10)] + [(classes[20], 1, 1), (classes[21], 1, 1)],
+              1: [(classes[10 + n], 3, 8 + n) for n in range(10)],
+              2: [(classes[20 + n], 1, 2) for n in range(5)]}
+    for view, items in layout.items():
         instance = np.zeros(size, dtype=np.int32)
         entities = []
-        for n in range(10 if view < 2 else 0):
-            rows = slice(n * 3, n * 3 + 2 + view)  # classes of view 1 cover more pixels
-            instance[rows, :8 + n] = n + 1
-            entities.append({"id": n + 1, "class": classes[(view * 15 + n) % 25], "score": 0.9,
-                             "area": int((instance == n + 1).sum()), "bbox_2d": list(mask_box(instance == n + 1)),
-                             "visible": True})
+        for n, (name, height, width) in enumerate(items):
+            instance[n * 3:n * 3 + height, :width] = n + 1
+            mask = instance == n + 1
+            entities.append({"id": n + 1, "class": name, "score": 0.9, "area": int(mask.sum()),
+                             "bbox_2d": list(mask_box(mask)), "visible": True})
         segments[(0, view)] = (instance, entities)
     forward = stage.sample_labels(record, segments)
-    backward = stage.sample_labels(record, dict(reversed(list(segments.items()))))
-    assert forward["prompts"] == backward["prompts"] and list(forward["pictures"]) == [(0, 0), (0, 1)]
-    for key in forward["pictures"]:
-        for name in ("instance", "semantic"):
-            assert np.array_equal(forward["pictures"][key][name], backward["pictures"][key][name])
+    assert list(forward["pictures"]) == [(0, 0), (0, 1)]  # view 2 lost all its segments: no labels
     coloured = forward["prompts"]["class_colours"]
+    assert set(classes) - set(coloured) == set(classes[20:])  # the five with the least area
     assert len(coloured) == len(PALETTE) == 20
     assert len({v["name"] for v in coloured.values()}) == 20
     for key, fields in forward["pictures"].items():
-        left = [e for e in segments[key][1] if e["class"] not in coloured]
         assert all(e["class"] in coloured for e in fields["entities"])
-        assert not np.isin(fields["instance"], [e["id"] for e in left]).any()
         assert set(np.unique(fields["instance"])) - {0} == {e["id"] for e in fields["entities"]}
-    left_out = set(classes) - set(coloured)
-    assert len(left_out) == 5  # the five with the least area
-    area = {c: sum(e["area"] for _, es in segments.values() for e in es if e["class"] == c) for c in classes}
-    assert max(area[c] for c in left_out) <= min(area[c] for c in coloured)
+        for entity in fields["entities"]:
+            assert np.array_equal(segments[key][0] == entity["id"], fields["instance"] == entity["id"])
+            index = fields["classes"].index(entity["class"])
+            assert (fields["semantic"][fields["instance"] == entity["id"]] == index).all()
+        assert (fields["semantic"][fields["instance"] == 0] == 0).all()
+    assert [e["id"] for e in forward["pictures"][(0, 0)]["entities"]] == list(range(1, 11))  # ids 11, 12 left out
+    assert not np.isin(forward["pictures"][(0, 0)]["instance"], [11, 12]).any()
     # drawn: the two pictures with segments agree with their masks, the empty one gets no semantic or box map
     record["outputs"][0]["samples"] = [copy.copy(record["outputs"][0]["samples"][0]) for _ in range(3)]
     record["labels"] = {"segmentation": "ok"}
@@ -406,8 +426,9 @@ def test_unusable_depth_is_counted_and_drawn_nowhere(depth_dir, photo_dir):
     cfg = vision_cfg(photo_dir, "build.depth.enabled=true", f"build.depth.model={depth_dir}")
     stage = Stage(cfg, preflight(cfg.build.depth))
     records, synth = by_source(bucketed(cfg))
-    flat = iter([0.0, 3.0, np.nan])  # no surface, one value everywhere, not a number
-    stage.estimate = lambda images: [np.full(image.shape[:2], next(flat), np.float32) for image in images]
+    # no surface, one value everywhere (but for float noise), not a number
+    flat = iter([np.zeros, lambda s: 3.0 + 1e-7 * np.random.default_rng(0).random(s), lambda s: np.full(s, np.nan)])
+    stage.estimate = lambda images: [next(flat)(image.shape[:2]).astype(np.float32) for image in images]
     stage.label_records(records + synth)
     assert [r["labels"]["depth"] for r in records] == ["no_depth"] * 3
     assert all("no valid" in r["label_errors"]["depth"] for r in records)
