@@ -51,11 +51,16 @@ def normalised_inverse_depth(depth: np.ndarray, valid: np.ndarray | None = None)
 
 def depth_to_map(depth: np.ndarray) -> np.ndarray:
     """(H, W) depth (0 = sky) -> condition map in [0, 1]: valid pixels in [MAP_FLOOR, 1] (near = white), sky 0."""
+    return inverse_depth_to_map(inverse_depth(depth))
+
+
+def inverse_depth(depth: np.ndarray) -> np.ndarray:
+    """(H, W) depth -> 1 / depth (float64) where valid (finite, > 0), 0 elsewhere (no surface)."""
     depth = np.asarray(depth, dtype=np.float64)
     valid = valid_depth(depth)
     inverse = np.zeros(depth.shape, dtype=np.float64)
     inverse[valid] = 1.0 / depth[valid]
-    return inverse_depth_to_map(inverse)
+    return inverse
 
 
 def inverse_depth_to_map(inverse: np.ndarray) -> np.ndarray:

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from model.depth import inverse_depth
 from onegen.build_config import DepthSection
-from pipelines.labelers import OK, SOURCE, Label, LabelerStage, checked_model, pictures, preflight_result, \
-    same_size_batches
+from pipelines.labelers import OK, SOURCE, Label, LabelerStage, checked_model, preflight_result, run_on_pictures
 
 INVERSE, METRIC = "inverse", "metric"
 NO_DEPTH = "no_depth"
@@ -108,33 +108,24 @@ class Stage(LabelerStage):
             predicted = result["predicted_depth"].float().cpu().numpy()
             if predicted.shape != size:
                 raise RuntimeError(f"the model's post-processing gave a {predicted.shape} map for a {size} picture")
-            if self.output == METRIC:
-                valid = np.isfinite(predicted) & (predicted > 0)
-                predicted = np.where(valid, 1.0 / np.where(valid, predicted, 1.0), 0.0)
-            estimates.append(predicted.astype(np.float32))
+            estimates.append((inverse_depth(predicted) if self.output == METRIC else predicted).astype(np.float32))
         return estimates
 
     def label(self, records: list[dict]) -> list[Label]:
-        jobs = [(i, k, v, sample) for i, record in enumerate(records) for k, v, sample in pictures(record, has_depth)]
-        found: dict[int, dict[tuple[int, int], np.ndarray]] = {}
-        unusable: dict[int, int] = {}
-        for batch in same_size_batches(jobs, lambda job: job[3].image, self.section.batch_size):
-            for (i, k, v, _), estimate in zip(batch, self.estimate([job[3].image for job in batch]), strict=True):
-                if usable(estimate):  # an unusable one draws no map (all black, or all white)
-                    found.setdefault(i, {})[(k, v)] = estimate
-                else:
-                    found.setdefault(i, {})
-                    unusable[i] = unusable.get(i, 0) + 1
+        estimates = run_on_pictures(records, has_depth, self.estimate, self.section.batch_size)
         labels = []
         for i in range(len(records)):
-            if i not in found:
+            if i not in estimates:
                 labels.append(Label(SOURCE))
-            elif not found[i]:
+                continue
+            kept = {key: e for key, e in estimates[i].items() if usable(e)}  # an unusable one: no (black/white) map
+            skipped = len(estimates[i]) - len(kept)
+            if not kept:
                 labels.append(Label(NO_DEPTH, message="the model's estimate has no valid (finite, > 0) pixel or "
                                                       "one value everywhere"))
             else:  # a group's picture without a usable estimate gets no map: said in the shard's stats
-                labels.append(Label(OK, value=found[i], message=f"{unusable[i]} of {unusable[i] + len(found[i])} "
-                                    "pictures had no usable estimate" if i in unusable else None))
+                labels.append(Label(OK, value=kept, message=f"{skipped} of {len(estimates[i])} pictures had no "
+                                    "usable estimate" if skipped else None))
         return labels
 
     def apply(self, record: dict, value: dict[tuple[int, int], np.ndarray]) -> None:

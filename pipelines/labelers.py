@@ -265,24 +265,25 @@ def preflight_result(revision: str | None, weights: list[str], **found: Any) -> 
     return {"revision": revision, "files": None if revision is None else CONFIG_FILES + weights, **found}
 
 
-def pictures(record: dict, has_label) -> Iterator[tuple[int, int, Any]]:
-    """(output index, view, Sample) of every picture of a bucketed record (every resolution, every view) that
-    `has_label(sample)` says its source did not label already."""
-    for k, output in enumerate(record["outputs"]):
-        for v, sample in enumerate(output["samples"]):
-            if not has_label(sample):
-                yield k, v, sample
-
-
-def same_size_batches(items: list, image_of, batch_size: int) -> Iterator[list]:
-    """`items` in batches of at most `batch_size` whose pictures (`image_of(item)`) share one size: a model call
-    takes one tensor, and a build's pictures come in a few bucket sizes."""
+def run_on_pictures(records: list[dict], has_label, run, batch_size: int) -> dict[int, dict[tuple[int, int], Any]]:
+    """{record index: {(output index, view): run's result}}: `run(images)` (one result per image) over every picture
+    of the bucketed records (every resolution, every view) that `has_label(sample)` says its source did not label
+    already, in batches of at most `batch_size` same-sized pictures (a model call takes one tensor, and a build's
+    pictures come in a few bucket sizes). A record missing from the result had all its pictures labelled by its
+    source."""
     groups: dict[tuple[int, ...], list] = {}
-    for item in items:
-        groups.setdefault(image_of(item).shape, []).append(item)
+    for i, record in enumerate(records):
+        for k, output in enumerate(record["outputs"]):
+            for v, sample in enumerate(output["samples"]):
+                if not has_label(sample):
+                    groups.setdefault(sample.image.shape, []).append((i, k, v, sample.image))
+    found: dict[int, dict[tuple[int, int], Any]] = {}
     for group in groups.values():
         for first in range(0, len(group), batch_size):
-            yield group[first:first + batch_size]
+            batch = group[first:first + batch_size]
+            for (i, k, v, _), result in zip(batch, run([job[3] for job in batch]), strict=True):
+                found.setdefault(i, {})[(k, v)] = result
+    return found
 
 
 def list_weights(section: LabelerSection, folder: str, revision: str | None) -> list[str]:

@@ -155,6 +155,7 @@ def conditions_record(cfg: BuildConfig, record: dict) -> None:
     from model import conditions as render
 
     settings = cfg.build.conditions
+    wanted = label_maps_wanted(cfg, record)
     for output in record["outputs"]:
         output["conditions"], output["params"], output["masks"] = [], [], []
         for v, sample in enumerate(output["samples"]):
@@ -185,7 +186,7 @@ def conditions_record(cfg: BuildConfig, record: dict) -> None:
                 params["inpaint_fraction"] = float(mask.mean())
                 clock("conditions.inpaint", start)
             start = time.perf_counter()
-            maps.update(_exact_maps(sample, label_maps_wanted(cfg, record), render))
+            maps.update(_exact_maps(sample, wanted, render))
             inverse = output.get("inverse_depth", {}).get(v)  # the depth labeller's (pipelines/depth_estimation.py)
             if inverse is not None:
                 maps[LABEL_MODALITIES["depth"]] = render.inverse_depth_condition(inverse)

@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 
 from onegen.build_config import SegmentationSection
-from pipelines.labelers import OK, SOURCE, Label, LabelerStage, checked_model, pictures, preflight_result, \
-    same_size_batches
+from pipelines.labelers import OK, SOURCE, Label, LabelerStage, checked_model, preflight_result, run_on_pictures
 
 NO_ENTITIES = "no_entities"
 MODEL_TYPES = ("mask2former", "maskformer", "oneformer")  # query-based panoptic models (module docstring)
@@ -131,12 +130,7 @@ class Stage(LabelerStage):
         return instance, entities
 
     def label(self, records: list[dict]) -> list[Label]:
-        jobs = [(i, k, v, sample) for i, record in enumerate(records)
-                for k, v, sample in pictures(record, has_entities)]
-        found: dict[int, dict[tuple[int, int], tuple[np.ndarray, list]]] = {}
-        for batch in same_size_batches(jobs, lambda job: job[3].image, self.section.batch_size):
-            for (i, k, v, _), segments in zip(batch, self.segment([job[3].image for job in batch]), strict=True):
-                found.setdefault(i, {})[(k, v)] = segments
+        found = run_on_pictures(records, has_entities, self.segment, self.section.batch_size)
         labels = []
         for i, record in enumerate(records):
             if i not in found:
