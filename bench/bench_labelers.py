@@ -4,12 +4,13 @@ loop, side by side.
     .venv/bin/python bench/bench_labelers.py [--photos 48] [--resolution 128] [--repeats 2] [--write-results]
 
 Inputs: real photographs (crops and flips of scikit-image's, bench_build.write_photo_folder), read, decoded and
-bucketed once; every stage then labels the same bucketed records. Models: tiny random-weight models of the real
-transformers classes, saved locally (tests/tiny_vlm.py: LLaVA-NeXT; tests/tiny_vision.py: Depth Anything,
-Mask2Former), so this measures the stage's own cost around a model (pickling records, the actor pool, batching,
-post-processing, drawing-ready labels), not a real model's FLOPs: on a GPU with the default 8B / large models the
-model dominates. Both sides load the model inside the timed span, use the stage's batch_size and one thread for
-torch, OpenCV and BLAS. The loop is the thinnest form: `Stage(cfg, resolved).label_records(batch)` batch after batch
+bucketed once (decoded only for the stages that see full-size pictures: pose, faces); every stage then labels the
+same records. Models: tiny random-weight models of the real transformers classes, saved locally (tests/tiny_vlm.py:
+LLaVA-NeXT; tests/tiny_vision.py: Depth Anything, Mask2Former), so for those this measures the stage's own cost
+around a model (pickling records, the actor pool, batching, post-processing, drawing-ready labels), not a real
+model's FLOPs: on a GPU with the default 8B / large models the model dominates. Pose and faces run mediapipe's real
+bundled models (CPU, offline). Both sides load the model inside the timed span, use the stage's batch_size and one
+thread for torch, OpenCV and BLAS. The loop is the thinnest form: `Stage(cfg, resolved).label_records(batch)` batch after batch
 in this process; the Ray side is the build's own operator (pipelines.build._actor_stage, one actor) over the records
 in a Ray Dataset, streamed out batch by batch. Each side's steady rate is pictures/s once the model is up (the loop:
 after the stage's constructor; Ray: from its first output batch to its last) and its start-up the time before (for
@@ -45,6 +46,8 @@ def tiny_models(folder: Path) -> dict[str, list[str]]:
     from tests.tiny_vlm import save_tiny_llava_next
 
     return {
+        "pose": ["build.pose.enabled=true"],
+        "faces": ["build.faces.enabled=true"],
         "caption": ["build.caption.enabled=true", f"build.caption.model={save_tiny_llava_next(folder / 'vlm')}",
                     "build.caption.max_new_tokens=8"],
         "depth": ["build.depth.enabled=true", f"build.depth.model={save_tiny_depth_anything(folder / 'depth')}"],
@@ -64,14 +67,15 @@ def stage_config(photos: Path, resolution: int, overrides: list[str]):
                               "build.segmentation.num_cpus=1", *overrides], BuildConfig)
 
 
-def bucketed_records(cfg) -> list[dict]:
+def stage_records(cfg, sees: str) -> list[dict]:
+    """The records a labeller that `sees` "decoded" or "bucketed" pictures receives in the build."""
     from pipelines.ingest import plan_partitions, read_partition
-    from pipelines.process import BEFORE_LABELERS, run_stages
+    from pipelines.process import run_stages
 
     records = []
     for partition in plan_partitions(cfg):
         part, _ = read_partition(cfg, partition)
-        records += run_stages(BEFORE_LABELERS, part, cfg)
+        records += run_stages(("decode",) if sees == "decoded" else ("decode", "bucket"), part, cfg)
     return [r for r in records if not r["dropped"]]
 
 
@@ -137,7 +141,7 @@ def main() -> int:
         for labeler in LABELERS:
             cfg = stage_config(tmp / "photos", args.resolution, overrides[labeler.stage])
             resolved = labeler.preflight(labeler.section(cfg))
-            blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in bucketed_records(cfg)]
+            blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in stage_records(cfg, labeler.sees)]
             warm = blobs[:2 * labeler.section(cfg).batch_size]
             run_loop(cfg, labeler, resolved, warm)  # warm: imports, first-call kernels
             run_ray(ray, cfg, labeler, resolved, warm)
@@ -156,8 +160,9 @@ def main() -> int:
         ray.shutdown()
     lines = [f"{SECTION} — {cpu_name()}, {os.cpu_count()} cores, one thread per process", "",
              f"`.venv/bin/python bench/bench_labelers.py --photos {args.photos} --resolution {args.resolution} "
-             f"--repeats {args.repeats}`: each labeller on its tiny random-weight model over the same "
-             f"{args.resolution}-px bucketed photographs; the plain loop (the stage's class called batch after batch "
+             f"--repeats {args.repeats}`: each labeller over the same photographs (caption, depth, segmentation: "
+             f"tiny random-weight models, {args.resolution}-px bucketed pictures; pose, faces: mediapipe's real "
+             "models on the full-size decoded pictures); the plain loop (the stage's class called batch after batch "
              "in one process) against the build's actor-pool operator (one actor). "
              "Steady rate once the model is up (Ray: from the first output batch to the last); start-up: the time "
              "before. Median (spread) over the repeats.", "",
@@ -166,7 +171,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|"]
     for stage, count, loop, job, ratio, loop_start, job_start in rows:
         lines.append(f"| {stage} | {count} | {loop} | {job} | {ratio:.2f} | {loop_start} | {job_start} |")
-    lines += ["", "The tiny models cost milliseconds per picture, so the steady ratio shows the stage's own overhead "
+    lines += ["", "The tiny models cost milliseconds per picture, so their steady ratio shows the stage's own overhead "
               "per picture (records pickled into and out of the object store, one more process); the Ray start-up "
               "(a worker, torch and transformers imports, the model's load and smoke test) is paid once per actor "
               "per build. With a real model both matter less.", ""]

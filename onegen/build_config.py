@@ -23,8 +23,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from model.limits import BUCKET_MULTIPLE, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, resolution_problem
-from onegen.config import (MACHINE, RUNTIME, SCHEMAS, OnegenConfig, _role, _Section, check_safe_name,
-                           image_tokenizer_factor)
+from onegen.config import (MACHINE, RUNTIME, SCHEMAS, OnegenConfig, _hashed_if_set, _role, _Section,
+                           check_safe_name, image_tokenizer_factor)
 
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"  # source names become shard names "NAME-00000": no '-' or '.' inside
 CONDITION_KINDS = ("canny", "blur", "inpaint")
@@ -72,6 +72,10 @@ class FolderSource(_Source):
     type: Literal["folder"]
     path: str = Field(min_length=1, description="local folder or s3://bucket/prefix; sidecar .txt/.json captions, "
                                                 "multiview groups as folders with cameras.json", **_role(MACHINE))
+    layout: Literal["files", "identities"] = Field(
+        "files", description="files: every image one sample (cameras.json folders: multiview groups); identities: "
+                             "every sub-folder directly under path is one person, a faceid group of its images "
+                             "(2 to 5 with a face, build.faces finds them)", **_hashed_if_set())
 
 
 class WebDatasetSource(_Source):
@@ -236,6 +240,38 @@ class SegmentationSection(LabelerSection):
                                                      description="condition maps drawn from the segments")
 
 
+class PoseSection(LabelerSection):
+    """The pose labeller: mediapipe's pose landmarker (bundled in its wheel: offline) finds the people of every
+    picture without keypoints of its own, up to max_people; their 33 landmarks become COCO-17 keypoints, drawn as the
+    OpenPose-coloured skeleton of the pose task. A picture without a person gets no pose map (counted)."""
+
+    backend: Literal["mediapipe"] = Field("mediapipe", description="mediapipe: the legacy solution's full landmark "
+                                                                   "model, offline (a person detector + ViTPose "
+                                                                   "backend through transformers may follow)")
+    model: str = Field("pose_landmark_full", min_length=1, description="the backend's model: mediapipe ships "
+                                                                       "pose_landmark_full in its wheel")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="the person detector's least score")
+    min_visibility: float = Field(0.5, ge=0, le=1, description="a landmark less visible than this is left out (COCO "
+                                                               "v = 0), else v = 2")
+    max_people: int = Field(4, ge=1, le=20, description="people looked for per picture")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (mediapipe's models are light)",
+                            **_role(RUNTIME))
+
+
+class FacesSection(LabelerSection):
+    """The face labeller: mediapipe's face detector (bundled in its wheel: offline) boxes the faces of every picture
+    (kept in its metadata); in an identity group (a folder source with layout: identities) a picture without a face
+    leaves the group (counted), and a group left with fewer than 2 faces is dropped."""
+
+    backend: Literal["mediapipe"] = Field("mediapipe", description="mediapipe's BlazeFace detector, offline")
+    model: Literal["face_detection_full_range", "face_detection_short_range"] = Field(
+        "face_detection_full_range", description="full range: faces up to ~5 m away (photographs); short range: "
+                                                 "faces within ~2 m (selfies)")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="a face's least detection score")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (mediapipe's models are light)",
+                            **_role(RUNTIME))
+
+
 class StagesSection(_Section):
     """How the weight-free stages run (Ray Data tasks): never changes output bytes."""
 
@@ -261,6 +297,8 @@ class BuildSection(_Section):
     caption: CaptionSection = CaptionSection()
     depth: DepthSection = DepthSection()
     segmentation: SegmentationSection = SegmentationSection()
+    pose: PoseSection = PoseSection()
+    faces: FacesSection = FacesSection()
     stages: StagesSection = Field(StagesSection(), **_role(RUNTIME))
 
     _safe_name = field_validator("name")(check_safe_name)
@@ -305,6 +343,10 @@ class BuildSection(_Section):
         if kernel is not None and not (1 <= kernel[0] <= kernel[1] and kernel[0] % 2 == kernel[1] % 2 == 1):
             raise ValueError(f"conditions.blur_kernel: expected odd sizes 1 <= low <= high (e.g. [7, 21]), got "
                              f"{list(kernel)}; or null for 6 sigma + 1")
+        identities = [s.name for s in self.sources if getattr(s, "layout", None) == "identities"]
+        if identities and not self.faces.enabled:
+            raise ValueError(f"sources {identities} lay out identities, whose groups keep only pictures with a face: "
+                             "enable build.faces (faces: {enabled: true})")
         spec = self.encode.image_tokenizer
         problem = tokenizer_factor_problem(spec, image_tokenizer_factor(spec))
         if problem:

@@ -46,6 +46,12 @@ def _role(role: str) -> dict[str, Any]:
     return {"json_schema_extra": {"role": role}}
 
 
+def _hashed_if_set() -> dict[str, Any]:
+    """A field added after builds and runs exist: left out of the hashes (and the recorded fields) while at its
+    default, so their hashes stay what they were and they resume."""
+    return {"json_schema_extra": {"hashed_if_set": True}}
+
+
 class ConfigError(ValueError):
     """A configuration problem; `problems` holds one line per problem, `str()` joins them. Every line is redacted
     here, once for all messages: a problem line may quote what the user typed (a key, a --set, a path), and that
@@ -562,6 +568,8 @@ def fields_by_role(cfg: BaseModel, roles: set[str], prefix: str = "", inherited:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         role = extra.get("role", inherited)
         value = getattr(cfg, name)
+        if extra.get("hashed_if_set") and value == info.default:
+            continue
         dotted = f"{prefix}{name}"
         if isinstance(value, BaseModel):
             out.update(fields_by_role(value, roles, dotted + ".", role))

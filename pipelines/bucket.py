@@ -16,6 +16,7 @@ follow the same geometry or they stop describing the picture, so `bucket_sample`
 * entities' bbox_2d: the box of the entity's pixels in the resized instance map (model.conditions.mask_box), so a
   box map always equals its masks' boxes; a sample without an instance map (or an entity not in it) maps the box the
   same way as keypoints, widened to whole pixels and clipped; None when nothing is left;
+* faces' bbox_2d: mapped as an entity's box without a mask; a face the crop cut away is left out;
 * camera: K's principal point shifted by the crop offset, focal lengths and principal point scaled by the resize
   factors, width / height updated; the pose (c2w_opengl, w2c_opencv) is untouched, a crop does not move the camera.
 
@@ -84,6 +85,7 @@ def bucket_sample(sample: Sample, height: int, width: int) -> Sample:
         entities=_map_entities(sample.entities, left, top, scale_x, scale_y, height, width, instance,
                                None if sample.instance is None else set(np.unique(sample.instance).tolist())),
         keypoints=_map_keypoints(sample.keypoints, box, scale_x, scale_y),
+        faces=_map_faces(sample.faces, left, top, scale_x, scale_y, height, width),
         camera=_map_camera(sample.camera, left, top, scale_x, scale_y, height, width),
         group=sample.group,
         meta=copy.deepcopy(sample.meta),
@@ -177,6 +179,16 @@ def _map_entities(entities: list[dict[str, Any]] | None, left: int, top: int, sc
             entity["bbox_2d"] = _map_box(entity["bbox_2d"], left, top, scale_x, scale_y, height, width)
         out.append(entity)
     return out
+
+
+def _map_faces(faces: list[dict[str, Any]] | None, left: int, top: int, scale_x: float, scale_y: float,
+               height: int, width: int) -> list[dict[str, Any]] | None:
+    """Face boxes mapped as entity boxes are; a face the crop cut away is left out."""
+    if faces is None:
+        return None
+    mapped = [{**face, "bbox_2d": _map_box(face["bbox_2d"], left, top, scale_x, scale_y, height, width)}
+              for face in faces]
+    return [face for face in mapped if face["bbox_2d"] is not None]
 
 
 def _map_camera(camera: dict[str, Any] | None, left: int, top: int, scale_x: float, scale_y: float, height: int,

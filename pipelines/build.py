@@ -42,12 +42,13 @@ from onegen.storage import Storage
 from pipelines.earlier import EarlierBuilds, load_earlier
 from pipelines.ingest import Partition, plan_source, read_partition
 from pipelines.labelers import LABELERS, one_line_start_failures
-from pipelines.process import (AFTER_LABELERS, BEFORE_LABELERS, WEIGHT_FREE_STAGES, batch_of, check_image_tokenizer,
-                               records_of, run_stages)
+from pipelines.process import (WEIGHT_FREE_STAGES, batch_of, check_image_tokenizer,
+                               records_of, run_stages, stage_chain)
 
 TAG_BUILD = "onegen.build"
 TAG_BUILD_URI = "onegen.build_uri"
-STAGES = ("ingest", "decode", "bucket", *(labeler.stage for labeler in LABELERS), "conditions", "encode", "pack")
+STAGES = ("ingest", "decode", *(labeler.stage for labeler in LABELERS if labeler.sees == "decoded"), "bucket",
+          *(labeler.stage for labeler in LABELERS if labeler.sees != "decoded"), "conditions", "encode", "pack")
 
 
 class BuildConflict(UsageError):
@@ -66,6 +67,7 @@ class BuildSummary:
     rows: int = 0
     bytes_written: int = 0
     dropped: Counter = field(default_factory=Counter)
+    left_out: Counter = field(default_factory=Counter)  # pictures taken out of identity groups, by reason
     labels: dict[str, Counter] = field(default_factory=dict)  # {labeler stage: {outcome: samples}}
     seconds: Counter = field(default_factory=Counter)  # wall time per stage, summed over records (and workers)
     source_stats: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +96,9 @@ class BuildSummary:
         if self.dropped:
             lines.append("  dropped by reason:")
             lines += [f"    {reason:<22} {n}" for reason, n in sorted(self.dropped.items())]
+        if self.left_out:  # the group is kept without them (their messages: stats/SHARD.json)
+            lines.append("  pictures left out of their groups: " +
+                         ", ".join(f"{n} {reason}" for reason, n in sorted(self.left_out.items())))
         for stage, counts in sorted(self.labels.items()):  # failures keep the sample: counted, not dropped
             lines.append(f"  {stage} labels: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
                          + (" (their messages: stats/SHARD.json)" if "error" in counts else ""))
@@ -285,7 +290,8 @@ def partition_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: st
 
 
 def records_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stages: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The weight-free stages after the labelers (conditions, pack's members), over one block of records."""
+    """Weight-free stages between or after the labelers (bucket; conditions, pack's members), over one block of
+    records."""
     return batch_of(run_stages(stages, records_of(batch), cfg))
 
 
@@ -334,19 +340,19 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str
     context.execution_options.preserve_order = True  # shards complete in plan order: the driver holds ~one at a time
     stages = cfg.build.stages
     encode = cfg.build.encode
-    labelers = enabled_labelers(cfg)
+    first, *chain = stage_chain(enabled_labelers(cfg))
     items = [{"partition": p.to_json()} for p in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(partition_stage, batch_size=1, num_cpus=stages.num_cpus,
-                        fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir), "built": built,
-                                   "stages": BEFORE_LABELERS if labelers else WEIGHT_FREE_STAGES})
-    if labelers:
-        for labeler in labelers:
-            section = labeler.section(cfg)
-            ds = _actor_stage(ds, labeler.actor_class(), {"cfg": cfg, "resolved": (labelled or {})[labeler.stage]},
+                        fn_kwargs={"cfg": cfg, "work_dir": str(cfg.run.work_dir), "built": built, "stages": first})
+    for part in chain:
+        if isinstance(part, tuple):
+            ds = ds.map_batches(records_stage, batch_size=None, num_cpus=stages.num_cpus,
+                                fn_kwargs={"cfg": cfg, "stages": part})
+        else:
+            section = part.section(cfg)
+            ds = _actor_stage(ds, part.actor_class(), {"cfg": cfg, "resolved": (labelled or {})[part.stage]},
                               section.batch_size, section.concurrency, section.num_cpus, section.num_gpus)
-        ds = ds.map_batches(records_stage, batch_size=None, num_cpus=stages.num_cpus,
-                            fn_kwargs={"cfg": cfg, "stages": AFTER_LABELERS})
     return _actor_stage(ds, EncodeStage, {"cfg": cfg, "revision": revision}, stages.batch_size, encode.concurrency,
                         encode.num_cpus, encode.num_gpus)
 
@@ -458,8 +464,34 @@ def check_labelers(cfg: BuildConfig, storage: Storage, digest: str) -> dict[str,
         document = json.loads(storage.read_bytes(rel))
         if document.get("content_hash") == digest:
             frozen = document.get("labelers", {})
+    ray = init_ray(cfg)
+    check_actor_cpus(ray, cfg, labelers)
     with step("check the labelers' models", ", ".join(f"{l.stage}: {l.section(cfg).model}" for l in labelers)):
-        return preflight_labelers(init_ray(cfg), cfg, frozen)
+        return preflight_labelers(ray, cfg, frozen)
+
+
+def check_actor_cpus(ray, cfg: BuildConfig, labelers: list) -> None:
+    """The actor pools (labellers, encoder) hold their CPUs for the whole job and the partition tasks need theirs
+    beside them; when the sum is more than the cluster has, Ray Data waits for ever with every actor idle. On the
+    local instance onegen started that is a UsageError naming the settings to lower; on a cluster a warning (an
+    autoscaler may still add nodes)."""
+    from onegen.raycluster import in_submitted_job, resolve_ray_address
+
+    encode = cfg.build.encode
+    pools = [(f"build.{l.stage}", l.section(cfg).num_cpus, l.section(cfg).concurrency) for l in labelers]
+    pools.append(("build.encode", encode.num_cpus, encode.concurrency))
+    needed = sum(cpus * n for _, cpus, n in pools) + cfg.build.stages.num_cpus
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    if needed <= have + 1e-9:
+        return
+    held = ", ".join(f"{name}: {n} x {cpus:g}" for name, cpus, n in pools)
+    message = (f"the build's actors hold {needed - cfg.build.stages.num_cpus:g} CPUs ({held}) and its tasks need "
+               f"build.stages.num_cpus={cfg.build.stages.num_cpus:g} beside them, but the Ray cluster has {have:g}")
+    if resolve_ray_address(cfg) is None and not in_submitted_job():
+        raise UsageError(f"{message}: the job would wait for ever; lower those num_cpus (fractions such as 0.5 are "
+                         "fine) or concurrency, raise ray.num_cpus (the local instance's logical CPUs), or run on a "
+                         "cluster with more CPUs")
+    print(f"warning: {message}; the build waits until the cluster has that many", flush=True)
 
 
 def entry_bytes(entry: dict) -> int:
@@ -481,6 +513,7 @@ def _count(summary: BuildSummary, result: tuple[dict, dict]) -> None:
     summary.kept += entry["samples"]
     summary.rows += entry["rows"]
     summary.dropped.update(entry["dropped"])
+    summary.left_out.update(entry.get("left_out", {}))
     add_label_counts(summary.labels, entry)
     summary.bytes_written += entry_bytes(entry)
     summary.seconds.update(stats["seconds"])
@@ -544,6 +577,7 @@ def _log_results(run, storage: Storage, summary: BuildSummary) -> None:
     metrics.update({"inputs": totals["inputs"], "kept": totals["samples"], "rows": totals["rows"],
                     "duplicates": totals["duplicates"], "shards": totals["shards"], "bytes": summary.build_bytes})
     metrics.update({f"dropped.{reason}": n for reason, n in totals["dropped"].items()})
+    metrics.update({f"left_out.{reason}": n for reason, n in totals.get("left_out", {}).items()})
     metrics.update({f"labels.{stage}.{outcome}": n for stage, counts in totals.get("labels", {}).items()
                     for outcome, n in counts.items()})
     mlflow.log_metrics({key.replace(":", "_"): float(v) for key, v in metrics.items()})

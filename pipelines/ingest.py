@@ -88,7 +88,7 @@ def plan_source(source, earlier: "EarlierBuilds | None" = None) -> list[Partitio
     elif isinstance(source, FolderSource):
         from pipelines.sources.folder import plan_folder_partitions
 
-        specs = plan_folder_partitions(source.path, source.partition_size, skip=skip)
+        specs = plan_folder_partitions(source.path, source.partition_size, skip=skip, layout=source.layout)
     elif isinstance(source, WebDatasetSource):
         from pipelines.sources.tars import plan_tar_partitions
 

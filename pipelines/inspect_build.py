@@ -45,10 +45,12 @@ def summarise(build: Build) -> dict[str, Any]:
         manifest = None
     counts: Counter = Counter()
     dropped: Counter = Counter()
+    left_out: Counter = Counter()
     splits: Counter = Counter()
     modalities: Counter = Counter()
     for entry in entries.values():
         dropped.update(entry["dropped"])
+        left_out.update(entry.get("left_out", {}))
         for item in entry["counts"]:
             counts[(item["resolution"], tuple(item["bucket"]), item["views"], ",".join(item["modalities"]),
                     item["split"])] += item["rows"]
@@ -65,6 +67,7 @@ def summarise(build: Build) -> dict[str, Any]:
             "shards": len(entries), "planned_shards": planned, "samples": sum(e["samples"] for e in entries.values()),
             "rows": sum(e["rows"] for e in entries.values()), "inputs": inputs,
             "kept": inputs - sum(dropped.values()), "dropped": dict(sorted(dropped.items())),
+            "left_out": dict(sorted(left_out.items())),
             "duplicates": len(manifest["duplicates"]) if manifest else None,
             "splits": dict(sorted(splits.items())), "modalities": dict(sorted(modalities.items())),
             "labels": {stage: dict(sorted(c.items())) for stage, c in sorted(labels.items())},
@@ -96,6 +99,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{c['split']:<7} {c['rows']:>5}  {c['modalities']}")
     if summary["dropped"]:
         lines.append("  dropped by reason: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
+    if summary.get("left_out"):
+        lines.append("  pictures left out of their groups: " +
+                     ", ".join(f"{k} {v}" for k, v in summary["left_out"].items()))
     for stage, counts in summary.get("labels", {}).items():  # a labeller's failures keep the sample: counted here
         lines.append(f"  {stage} labels (samples): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return "\n".join(lines)

@@ -1,6 +1,8 @@
-"""The build's model stages (labelers): the shape every one shares, so captions, depth, segmentation and pose copy it.
+"""The build's model stages (labelers): the shape captions, depth, segmentation, pose and faces share.
 
-A labeler runs between `bucket` and `conditions` (its labels can become condition maps) as a Ray Data actor pool:
+A labeler runs before `conditions` (its labels can become condition maps) as a Ray Data actor pool: after `bucket` on
+each resolution's pictures, or (`sees = "decoded"`: pose, faces) after `decode` on the full-size pictures, whose
+keypoints and boxes are then bucketed with them (pipelines.process.stage_chain):
 
   * preflight: before the build name is claimed or any input read, `preflight_labelers` runs one Ray task per
     enabled labeler on the stage's own resources (its num_cpus / num_gpus, so on the kind of node its actors get)
@@ -17,7 +19,8 @@ A labeler runs between `bucket` and `conditions` (its labels can become conditio
     `Label`s; the base class applies them, so a batch that raises half-way leaves no partial labels. A picture
     that already has the label from its source (the synthetic world's exact depth and masks) is not labelled again:
     `source` is counted. A label is extra, never a reason to
-    drop: a record the model fails on keeps its views, its reason is counted (manifest entries' `labels`) and its
+    drop (except a stage's own `drops`: an identity group left with too few faces): a record the model fails on keeps
+    its views, its reason is counted (manifest entries' `labels`) and its
     message kept in the shard's stats. A batch that raises is retried record by record, so one bad sample costs
     only its own label.
 """
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from onegen.build_config import BuildConfig, LabelerSection
-from pipelines.process import add_seconds, batch_of, records_of
+from pipelines.process import add_seconds, batch_of, drop, records_of
 
 OK = "ok"
 ERROR = "error"
@@ -56,11 +59,16 @@ class Labeler:
     def actor_class(self) -> type[LabelerStage]:
         return import_module(self.module).Stage
 
+    @property
+    def sees(self) -> str:
+        return self.actor_class().sees
+
     def preflight(self, section: LabelerSection) -> dict[str, Any]:
         return import_module(self.module).preflight(section)
 
 
-LABELERS = (Labeler("caption", "pipelines.caption"), Labeler("depth", "pipelines.depth_estimation"),
+LABELERS = (Labeler("faces", "pipelines.faces"), Labeler("pose", "pipelines.pose"),  # faces first: fewer pictures
+            Labeler("caption", "pipelines.caption"), Labeler("depth", "pipelines.depth_estimation"),
             Labeler("segmentation", "pipelines.segmentation"))  # build order
 
 
@@ -82,6 +90,8 @@ class LabelerStage:
     files to load, anything else it read from the config)."""
 
     stage = ""
+    drops: tuple[str, ...] = ()  # outcomes that drop the record (named by the outcome) instead of keeping it
+    sees = "bucketed"  # or "decoded": the full-size pictures before bucketing (pipelines.process.stage_chain)
 
     def __init__(self, cfg: BuildConfig, resolved: dict[str, Any]):
         import socket
@@ -97,8 +107,7 @@ class LabelerStage:
                 raise RuntimeError(f"build.{self.stage}.num_gpus={section.num_gpus:g} but this worker sees no GPU")
             self.device = "cuda" if section.num_gpus > 0 else "cpu"
             self.dtype = torch_dtype(section, self.device)
-            folder, _ = resolve_model(section, resolved.get("files"))  # a hub id: only what the preflight named
-            self.load(folder, self.device, self.dtype)
+            self.load(self.model_folder(section), self.device, self.dtype)
             self.smoke_test()
         except Exception as err:  # noqa: BLE001 - any failure to start is the model setting's or the node's
             from onegen.errors import first_line
@@ -106,7 +115,15 @@ class LabelerStage:
             raise RuntimeError(f"build.{self.stage}: its model {section.model!r} could not start on node "
                                f"{socket.gethostname()} ({type(err).__name__}: {first_line(err)}); check the model "
                                f"folder there (or download it again) and build.{self.stage}.num_gpus / dtype") from err
-        self.identity = f"{section.model}" + (f"@{section.revision}" if section.revision else "") + \
+        self.identity = self.describe(section)
+
+    def model_folder(self, section: LabelerSection) -> str:
+        """Where the weights are: a local folder, or a hub id's snapshot (only the files the preflight named)."""
+        return resolve_model(section, self.resolved.get("files"))[0]
+
+    def describe(self, section: LabelerSection) -> str:
+        """The model as `labelled_by` names it: id@commit and dtype."""
+        return f"{section.model}" + (f"@{section.revision}" if section.revision else "") + \
             f" {str(self.dtype).removeprefix('torch.')}"
 
     def load(self, folder: str, device: str, dtype) -> None:
@@ -142,6 +159,10 @@ class LabelerStage:
             labels = [self._label_one(record) for record in live]
         spent = (time.perf_counter() - start) / len(live)
         for record, label in zip(live, labels, strict=True):
+            record["timings"][self.stage] = record["timings"].get(self.stage, 0.0) + spent
+            if label.outcome in self.drops:
+                drop(record, label.outcome, label.message or label.outcome)
+                continue
             record.setdefault("labels", {})[self.stage] = label.outcome
             if label.outcome != SOURCE:  # the model did not touch a sample its source had labelled
                 record.setdefault("labelled_by", {})[self.stage] = self.identity
@@ -149,7 +170,6 @@ class LabelerStage:
                 self.apply(record, label.value)
             if label.message:
                 record.setdefault("label_errors", {})[self.stage] = label.message
-            record["timings"][self.stage] = record["timings"].get(self.stage, 0.0) + spent
         return records
 
     def _label_one(self, record: dict) -> Label:
@@ -211,6 +231,12 @@ def preflight_labelers(ray, cfg: BuildConfig, frozen: dict[str, dict] | None = N
         if "problem" in outcome:
             raise UsageError(f"build.{stage}.model={section.model!r} (the {stage} stage's model): "
                              f"{outcome['problem']}")
+        first = (frozen or {}).get(stage, {}).get("sha256")  # a bundled model (mediapipe's): no hub commit to pin
+        if first and outcome.get("sha256") != first:
+            raise UsageError(f"build.{stage}: this build's first run labelled with {section.model} sha256 "
+                             f"{first[:12]} (version {(frozen or {})[stage].get('version')}), the cluster now has "
+                             f"sha256 {str(outcome.get('sha256'))[:12]} (version {outcome.get('version')}): install "
+                             "the same version again (make install), or build under a new build.name")
         resolved[stage] = outcome
     return resolved
 

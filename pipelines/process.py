@@ -98,26 +98,76 @@ def decode_record(cfg: BuildConfig, record: dict, built: np.ndarray | None = Non
     limits = cfg.build.decode
     if not record["views"]:
         raise DropSample("no_image", "the source gave no image for this input")
-    digests = []
+    refused: dict[int, DropSample] = {}
     for v, view in enumerate(record["views"]):
         sample = view.get("sample")
         if sample is None:
-            image = decode_image(view["data"], view["name"], max_pixels=limits.max_pixels,
-                                 min_size=limits.min_size, max_aspect=limits.max_aspect)
+            try:
+                image = decode_image(view["data"], view["name"], max_pixels=limits.max_pixels,
+                                     min_size=limits.min_size, max_aspect=limits.max_aspect)
+            except DropSample as err:
+                if not is_identity(record):  # any other group needs every view (a multiview scene's cameras)
+                    raise
+                refused[v] = err
+                continue
             sample = Sample(key=f"{record['id']}-v{v}", source=record["source"], image=image,
                             captions=dict(record["captions"]), camera=_camera(view.get("camera"), image.shape),
                             group=record["group_id"], meta={})
             view.pop("data")
         sample.validate()
         view["sample"] = sample
-        digests.append(pixels_sha256(sample.image))
-    record["sha256"] = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+    if len(refused) == len(record["views"]):
+        raise next(iter(refused.values()))
+    leave_out(record, {v: (err.reason, str(err)) for v, err in refused.items()})
+    record["view_sha256"] = [pixels_sha256(view["sample"].image) for view in record["views"]]
+    record["sha256"] = group_sha256(record["view_sha256"])
     if built is not None:
         from pipelines.earlier import already_built
 
         if already_built(built, record["sha256"]):
             raise DropSample("duplicate", f"{record['input_id']}: an earlier build (build.previous) holds the same "
                                           f"pixels (sha256 {record['sha256'][:16]}...): a copy under another name")
+
+
+def group_sha256(digests: list[str]) -> str:
+    """A record's digest from its pictures' (the duplicate key): a single picture's own, else over them all."""
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+# --- identity groups (pipelines/sources/folder.py's layout: identities; pipelines/faces.py) --------------------------
+
+IDENTITY_MIN_VIEWS = 2  # model/tasks.py's faceid: a target and at least one reference
+TOO_FEW_FACES = "too_few_faces"  # the drop reason of a group left with fewer
+
+
+def is_identity(record: dict) -> bool:
+    return record["meta"].get("identity") is not None
+
+
+def leave_out(record: dict, left: dict[int, tuple[str, str]]) -> None:
+    """Take pictures out of an identity group ({view: (reason, message)}): the views (and every resolution's samples,
+    once bucketed) keep the others in order, the group's digest is taken over them again, and each picture left out
+    is listed in meta["left_out"] as {"file", "reason", "message"} (the shard's JSON; counted per reason in the
+    manifest). Raises DropSample(too_few_faces) when fewer than IDENTITY_MIN_VIEWS pictures are left."""
+    from pipelines.decode import DropSample
+
+    if not left:
+        return
+    keep = [v for v in range(len(record["views"])) if v not in left]
+    record["meta"]["left_out"] = record["meta"].get("left_out", []) + [
+        {"file": record["views"][v]["name"], "reason": reason, "message": message}
+        for v, (reason, message) in sorted(left.items())]
+    record["views"] = [record["views"][v] for v in keep]
+    for output in record.get("outputs", []):
+        output["samples"] = [output["samples"][v] for v in keep]
+    if "view_sha256" in record:
+        record["view_sha256"] = [record["view_sha256"][v] for v in keep]
+        record["sha256"] = group_sha256(record["view_sha256"])
+    if len(keep) < IDENTITY_MIN_VIEWS:
+        reasons = ", ".join(sorted({reason for reason, _ in left.values()}))
+        raise DropSample(TOO_FEW_FACES, f"identity {record['meta']['identity']!r}: {len(keep)} picture(s) left with "
+                                        f"a usable face ({len(left)} left out: {reasons}), a faceid group needs "
+                                        f"{IDENTITY_MIN_VIEWS}; add pictures where the face is clearly visible")
 
 
 def _camera(camera: dict | None, shape: tuple[int, ...]) -> dict | None:
@@ -143,6 +193,11 @@ def bucket_record(cfg: BuildConfig, record: dict) -> None:
                                   "samples": [bucket_sample(s, height, width) for s in samples]})
     for view in record["views"]:
         view.pop("sample")  # the full-size pictures are not needed any more: keep records small between stages
+    if is_identity(record):  # the group's bucket (its first picture's) may crop another picture's face away
+        cropped = {v for output in record["outputs"] for v, s in enumerate(output["samples"]) if not s.faces}
+        leave_out(record, {v: ("face_cropped", f"the group's {record['outputs'][0]['bucket']} bucket (its first "
+                                               "picture's aspect) crops this picture's face away")
+                           for v in cropped})
 
 
 # --- conditions --------------------------------------------------------------------------------------------------
@@ -202,8 +257,11 @@ def label_maps_wanted(cfg: BuildConfig, record: dict) -> set[str]:
     """Which maps a record's labels are drawn as: the source's exact labels build.conditions.synthetic_maps; segments
     the segmentation labeller found (pipelines/segmentation.py) build.segmentation.maps."""
     wanted = set(cfg.build.conditions.synthetic_maps)
-    if record.get("labels", {}).get("segmentation") == "ok":  # pipelines.labelers.OK (that module imports this one)
+    labels = record.get("labels", {})
+    if labels.get("segmentation") == "ok":  # pipelines.labelers.OK (that module imports this one)
         wanted = (wanted - {"semantic", "boxes"}) | set(cfg.build.segmentation.maps)
+    if labels.get("pose") == "ok":  # people the pose labeller found (pipelines/pose.py)
+        wanted |= {"pose"}
     return wanted
 
 
@@ -218,7 +276,7 @@ def _exact_maps(sample: Sample, wanted: set[str], render) -> dict[str, np.ndarra
     if "semantic" in wanted and sample.semantic is not None and sample.classes is not None and colours:
         maps[LABEL_MODALITIES["semantic"]] = render.semantic_condition(sample.semantic, sample.classes,
                                                                        {c: v["hex"] for c, v in colours.items()})
-    if "pose" in wanted and sample.keypoints is not None and len(sample.keypoints):
+    if "pose" in wanted and sample.keypoints is not None and (sample.keypoints[..., 2] > 0).any():
         maps[LABEL_MODALITIES["pose"]] = render.pose_condition((height, width), sample.keypoints)
     if "boxes" in wanted and sample.entities and colours:
         boxed = [e for e in visible_entities(sample) if e["class"] in colours]
@@ -425,8 +483,22 @@ def pack_latents(record: dict) -> None:
 # --- the chain: its order, once (the build's Ray operators run its parts; process_records all of it) ---------------
 
 WEIGHT_FREE_STAGES = ("decode", "bucket", "conditions", "pack")  # "pack": its members, before the latents
-BEFORE_LABELERS = WEIGHT_FREE_STAGES[:2]  # the labelers see the bucketed pictures; their labels can become conditions
-AFTER_LABELERS = WEIGHT_FREE_STAGES[2:]
+
+
+def stage_chain(labelers=()) -> list:
+    """The chain's order: runs of weight-free stages (tuples of names) with the labelers between them (in their
+    build order). A labeler that `sees` "decoded" runs after decode on the full-size pictures (pose, faces: their
+    keypoints and boxes are then bucketed with the picture, as a source's are, and the faces stage can leave a
+    picture out of its group before the group's bucket is chosen); the others after bucket, on each resolution's
+    pictures. Every labeler comes before conditions: its labels can become condition maps."""
+    chain: list = []
+    for step in [("decode",), *[l for l in labelers if l.sees == "decoded"], ("bucket",),
+                 *[l for l in labelers if l.sees != "decoded"], ("conditions", "pack")]:
+        if isinstance(step, tuple) and chain and isinstance(chain[-1], tuple):
+            chain[-1] += step
+        else:
+            chain.append(step)
+    return chain
 
 
 def run_stages(stages: tuple[str, ...], records: list[dict], cfg: BuildConfig,
@@ -450,8 +522,9 @@ def encode_and_finish(encoder: ViewEncoder, records: list[dict]) -> list[dict]:
 def process_records(cfg: BuildConfig, records: list[dict], encoder: ViewEncoder, labelers=()) -> list[dict]:
     """The whole chain in one process (tests, the benchmark's bare loop). `labelers`:
     pipelines.labelers.LabelerStage instances (the enabled ones, in build order)."""
-    run_stages(BEFORE_LABELERS, records, cfg)
-    for labeler in labelers:
-        labeler.label_records(records)
-    run_stages(AFTER_LABELERS, records, cfg)
+    for step in stage_chain(labelers):
+        if isinstance(step, tuple):
+            run_stages(step, records, cfg)
+        else:
+            step.label_records(records)
     return encode_and_finish(encoder, records)

@@ -14,6 +14,8 @@ Fields and conventions:
 * ``instance``: (H, W) int32, 0 = background; ``semantic``: (H, W) int32 indices into ``classes``.
 * ``entities``: list of dicts, each at least {"id": int, "class": str}; sources add colour, size, 3D centre, bbox_2d.
 * ``keypoints``: (P, 17, 3) float32 COCO-17 (x, y, visibility 0/1/2), pixel coordinates.
+* ``faces``: list of {"bbox_2d": [x0, y0, x1, y1) whole pixels, "score": float}, most confident first (the face
+  labeller's, pipelines/faces.py); None: not looked for, []: none found.
 * ``camera``: {"K": 3x3, "c2w_opengl": 4x4, "w2c_opencv": 4x4 (float64 arrays), "width", "height", "azimuth",
   "elevation" (degrees), "distance" (metres), ...}; see pipelines/sources/synthetic_camera.py for the conventions.
 * ``group``: samples that belong together (the views of one multiview scene) share a group id.
@@ -72,6 +74,7 @@ class Sample:
     classes: list[str] | None = None
     entities: list[dict[str, Any]] | None = None
     keypoints: np.ndarray | None = None
+    faces: list[dict[str, Any]] | None = None
     camera: dict[str, Any] | None = None
     group: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -144,6 +147,11 @@ class Sample:
             if k.size and not np.isin(k[..., 2], (0.0, 1.0, 2.0)).all():
                 fail("keypoints", "visibility (last column) must be 0, 1 or 2 (COCO)")
 
+        if self.faces is not None:
+            if not isinstance(self.faces, list) or not all(_is_face(f, w, h) for f in self.faces):
+                fail("faces", f"must be a list of {{'bbox_2d': [x0, y0, x1, y1] whole pixels inside the {w}x{h} "
+                              f"image with x0 < x1, y0 < y1, 'score': number}}, got {self.faces!r}")
+
         if self.camera is not None:
             if not isinstance(self.camera, dict):
                 fail("camera", "must be a dict")
@@ -206,6 +214,8 @@ class Sample:
         if self.keypoints is not None:
             doc["keypoints"] = self.keypoints.astype(np.float64).tolist()
             doc["num_people"] = int(self.keypoints.shape[0])
+        if self.faces is not None:
+            doc["faces"] = self.faces
         if self.camera is not None:
             doc["camera"] = {k: (np.asarray(v).tolist() if k in _CAMERA_ARRAYS else v) for k, v in self.camera.items()}
         if self.group is not None:
@@ -260,6 +270,7 @@ class Sample:
             classes=doc.get("classes"),
             entities=doc.get("entities"),
             keypoints=keypoints,
+            faces=doc.get("faces"),
             camera=camera,
             group=doc.get("group"),
             meta=doc.get("meta", {}),
@@ -270,7 +281,7 @@ class Sample:
     def differences(self, other: Sample) -> list[str]:
         """Names of the fields in which two samples differ (arrays compared bit for bit, dtype included)."""
         out = []
-        for name in ("key", "source", "captions", "depth_kind", "classes", "entities", "group", "meta"):
+        for name in ("key", "source", "captions", "depth_kind", "classes", "entities", "faces", "group", "meta"):
             if _jsonable(getattr(self, name)) != _jsonable(getattr(other, name)):
                 out.append(name)
         for name in ("image", "depth", "instance", "semantic", "keypoints"):
@@ -421,6 +432,15 @@ def samples_from_wds_tar(data: bytes) -> list[Sample]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _is_face(face: Any, width: int, height: int) -> bool:
+    if not isinstance(face, dict) or not isinstance(face.get("score"), (int, float)):
+        return False
+    box = face.get("bbox_2d")
+    if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int) for v in box):
+        return False
+    return 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height
 
 
 def _describe(x: Any) -> str:

@@ -79,6 +79,9 @@ def commit_shard(storage: Storage, build: str, partition: Partition, records: li
         "dropped_input_ids": [[r["input_id"], r["dropped"]] for r in records if r["dropped"]],
         "content_hash": content_hash, "shard_schema_version": SHARD_SCHEMA_VERSION, "code_version": code_version,
     }
+    left_out = left_out_counts(kept)
+    if left_out:  # pictures taken out of identity groups (pipelines.process.leave_out), by reason
+        entry["left_out"] = left_out
     labels = label_counts(kept)
     if labels:  # only where labelers ran: entries of builds without them stay as they were
         entry["labels"] = labels
@@ -99,6 +102,11 @@ def label_counts(records: list[dict]) -> dict[str, dict[str, int]]:
     return {stage: dict(sorted(c.items())) for stage, c in sorted(counts.items())}
 
 
+def left_out_counts(records: list[dict]) -> dict[str, int]:
+    """{reason: pictures} left out of the kept records' groups (meta["left_out"])."""
+    return dict(sorted(Counter(item["reason"] for r in records for item in r["meta"].get("left_out", [])).items()))
+
+
 def add_label_counts(total: dict[str, Counter], entry: dict[str, Any]) -> None:
     """Add a manifest entry's label counts to `total` ({stage: Counter of outcomes})."""
     for stage, counts in entry.get("labels", {}).items():
@@ -115,6 +123,9 @@ def shard_stats(partition: Partition, records: list[dict], source_stats: dict) -
     for record in records:
         if record["dropped"] and len(examples.setdefault(record["dropped"], [])) < 5:
             examples[record["dropped"]].append(f"{record['input_id']}: {record['error']}")
+        for item in [] if record["dropped"] else record["meta"].get("left_out", []):
+            if len(examples.setdefault(f"left_out.{item['reason']}", [])) < 5:
+                examples[f"left_out.{item['reason']}"].append(f"{item['file']}: {item['message']}")
         for stage, message in record.get("label_errors", {}).items():
             key = f"{stage}.{record['labels'][stage]}"
             if len(examples.setdefault(key, [])) < 5:
@@ -133,9 +144,11 @@ def write_manifest(storage: Storage, build: str, plan: list[Partition], entries:
         return None
     ordered = [entries[p.shard] for p in plan]
     dropped: Counter = Counter()
+    left_out: Counter = Counter()
     labels: dict[str, Counter] = {}
     for entry in ordered:
         dropped.update(entry["dropped"])
+        left_out.update(entry.get("left_out", {}))
         add_label_counts(labels, entry)
     duplicates = duplicate_losers(ordered)
     manifest = {
@@ -149,6 +162,8 @@ def write_manifest(storage: Storage, build: str, plan: list[Partition], entries:
                    "duplicates": len(duplicates), "dropped": dict(sorted(dropped.items()))},
         "duplicates": duplicates,
     }
+    if left_out:
+        manifest["totals"]["left_out"] = dict(sorted(left_out.items()))
     if labels:
         manifest["totals"]["labels"] = {stage: dict(sorted(c.items())) for stage, c in sorted(labels.items())}
     storage.put_if_absent(manifest_path(build), canonical_json(manifest))

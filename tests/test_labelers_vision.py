@@ -49,12 +49,12 @@ def vision_cfg(photos, *overrides: str) -> BuildConfig:
 def bucketed(cfg: BuildConfig) -> list[dict]:
     """Every partition's records, decoded and bucketed: what a labeller actor receives."""
     from pipelines.ingest import plan_partitions, read_partition
-    from pipelines.process import BEFORE_LABELERS, run_stages
+    from pipelines.process import run_stages
 
     records = []
     for partition in plan_partitions(cfg):
         part, _ = read_partition(cfg, partition)
-        records += run_stages(BEFORE_LABELERS, part, cfg)
+        records += run_stages(("decode", "bucket"), part, cfg)
     return records
 
 

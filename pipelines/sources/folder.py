@@ -26,21 +26,29 @@ not_an_image). Other files are ignored, except:
 
   A cameras.json that breaks these rules makes the group a record dropped as `bad_cameras`, with an error naming the
   file, the frame and what is wrong: one bad scene never stops the build.
+* Identity groups (`layout: identities`, for ID customization): every sub-folder directly under the root is ONE
+  input, a person: the images under it (recursively, sorted by path) are the views of one group, whose rows the
+  trainer's faceid task reads (view 0 the target, the others references); cameras.json and sidecars there are not
+  read. A picture that cannot be decoded leaves its group instead of dropping it; the face stage (build.faces, which
+  this layout needs) boxes each view's faces and leaves out a picture without one or past the faceid task's 5; a
+  group left with fewer than 2 is dropped (`too_few_faces`; pipelines.process.leave_out, pipelines/faces.py). Images
+  directly under the root are single samples, as in the default layout.
 
 Plan. Partitions are consecutive chunks of `partition_size` inputs in sorted order (a single image is named by its
 path, a group by its folder). A spec is JSON holding everything the reader needs: {"first": index of its first input
 in the source, "entries": [...]}, an entry being {"path", "size", "version", "sidecars": [{"path", "size",
-"version"}]} for an image or {"group": folder, "cameras": {...}, "files": [{...}, ...]} for a group (its image files).
+"version"}]} for an image, {"group": folder, "cameras": {...}, "files": [{...}, ...]} for a group (its image files)
+or {"identity": folder, "files": [...]} for a person.
 Sizes and versions (`Storage.stat`: local mtime_ns, S3 LastModified) come from one recursive listing, so the plan is
 the same for an unchanged folder and changes when a file is added, removed or rewritten (the build then refuses to
 mix the two in one build).
 
 Records (pipelines/ingest.py): exactly one per entry, in entry order: {"index", "input_id", "group_id", "views":
-[{"data", "name", "camera"}], "captions", "meta": {"path", "root", "sidecar"?}, "dropped", "error"}. input_id is
-f"{uri}#{size}:{version}" for an image, f"{folder uri}#{digest}" for a group (the digest covers every id of its
-cameras.json and image files). A file that cannot be read (vanished or changed since the plan, no permission) makes its
-record `unreadable` with the reason; an S3 store that cannot be reached at all raises instead, so the partition fails
-and is retried rather than committed as all-dropped.
+[{"data", "name", "camera"}], "captions", "meta": {"path", "root", "sidecar"?, "identity"?}, "dropped", "error"}.
+input_id is f"{uri}#{size}:{version}" for an image, f"{folder uri}#{digest}" for a group or a person (the digest
+covers every id of its cameras.json and image files). A file that cannot be read (vanished or changed since the
+plan, no permission) makes its record `unreadable` with the reason; an S3 store that cannot be reached at all
+raises instead, so the partition fails and is retried rather than committed as all-dropped.
 """
 
 from __future__ import annotations
@@ -66,11 +74,12 @@ _FORMAT_HINT = "see the cameras.json format in pipelines/sources/folder.py"
 
 # --- plan ---------------------------------------------------------------------------------------------------------
 
-def plan_folder_partitions(root: str, partition_size: int, skip: Callable[[str], bool] | None = None) -> list[dict]:
-    """The folder's inputs (see the module docstring) cut into consecutive partitions of `partition_size`, as
-    JSON-serialisable specs for `read_folder_partition`; inputs whose input_id `skip` names are left out first (an
-    incremental build). Raises FileNotFoundError when the root lists no files and ValueError when none of them is
-    an image input (a wrong path, not an empty source, in both cases)."""
+def plan_folder_partitions(root: str, partition_size: int, skip: Callable[[str], bool] | None = None,
+                           layout: str = "files") -> list[dict]:
+    """The folder's inputs (see the module docstring; `layout` "files" or "identities") cut into consecutive
+    partitions of `partition_size`, as JSON-serialisable specs for `read_folder_partition`; inputs whose input_id
+    `skip` names are left out first (an incremental build). Raises FileNotFoundError when the root lists no files and
+    ValueError when none of them is an image input (a wrong path, not an empty source, in both cases)."""
     if int(partition_size) < 1:
         raise ValueError(f"partition_size must be at least 1 input, got {partition_size}")
     storage = Storage(root)
@@ -78,12 +87,19 @@ def plan_folder_partitions(root: str, partition_size: int, skip: Callable[[str],
     if not files:
         raise FileNotFoundError(f"{storage.root_uri}: no files there; check the folder source's path (a local folder "
                                 "or s3://bucket/prefix)")
-    groups = {posixpath.dirname(rel) for rel in files if posixpath.basename(rel) == CAMERAS_FILE}
+    identities = layout == "identities"
+    groups = set() if identities else {posixpath.dirname(rel) for rel in files
+                                       if posixpath.basename(rel) == CAMERAS_FILE}
     inputs: dict[str, dict[str, Any]] = {}
     members: dict[str, list[dict[str, Any]]] = {}
     for rel in files:  # sorted
         group = _outermost_group(rel, groups)
-        if group is not None:
+        if identities and "/" in rel:
+            person = rel.split("/", 1)[0]
+            if _is_image(rel):
+                inputs.setdefault(person, {"identity": person, "files": members.setdefault(person, [])})
+                members[person].append(_file(rel, files))
+        elif group is not None:
             if group not in inputs:
                 inputs[group] = {"group": group, "cameras": _file(posixpath.join(group, CAMERAS_FILE), files),
                                  "files": members.setdefault(group, [])}
@@ -95,7 +111,8 @@ def plan_folder_partitions(root: str, partition_size: int, skip: Callable[[str],
                                                              if stem + ext in files]}
     if not inputs:
         raise ValueError(f"{storage.root_uri}: {len(files)} files but no images ({', '.join(IMAGE_EXTENSIONS)}) and no "
-                         f"{CAMERAS_FILE} groups; check the folder source's path")
+                         f"{'identity folders' if identities else CAMERAS_FILE + ' groups'}; check the folder "
+                         "source's path")
     entries = [inputs[name] for name in sorted(inputs)]
     if skip is not None:
         entries = [entry for entry in entries if not skip(entry_input_id(storage, entry))]
@@ -106,11 +123,15 @@ def plan_folder_partitions(root: str, partition_size: int, skip: Callable[[str],
 def entry_input_id(storage: Storage, entry: dict) -> str:
     """The input_id of a planned entry: f"{uri}#{size}:{version}" for an image, f"{folder uri}#{digest}" for a group
     (the digest covers the path, size and version of its cameras.json and every image file)."""
-    if "group" not in entry:
+    if "identity" in entry:
+        folder, files = entry["identity"], entry["files"]
+    elif "group" in entry:
+        folder, files = entry["group"], [entry["cameras"], *entry["files"]]
+    else:
         return f"{storage.uri(entry['path'])}#{entry['size']}:{entry['version']}"
-    ids = [f"{f['path']}#{f['size']}:{f['version']}" for f in [entry["cameras"], *entry["files"]]]
+    ids = [f"{f['path']}#{f['size']}:{f['version']}" for f in files]
     digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-    return f"{storage.uri(entry['group']) if entry['group'] else storage.root_uri}#{digest}"
+    return f"{storage.uri(folder) if folder else storage.root_uri}#{digest}"
 
 
 def listed_versions(storage: Storage) -> dict[str, tuple[int, str]]:
@@ -167,7 +188,8 @@ def read_folder_partition(root: str, spec: dict) -> list[dict]:
     """One record per entry of `spec` (from `plan_folder_partitions` on the same root), in entry order. Never raises
     for one bad input (it becomes a dropped record); raises only when the store itself cannot be reached."""
     storage = Storage(root)
-    return [_read_group(storage, index, entry) if "group" in entry else _read_image(storage, index, entry)
+    readers = {"group": _read_group, "identity": _read_identity}
+    return [next((read for key, read in readers.items() if key in entry), _read_image)(storage, index, entry)
             for index, entry in enumerate(spec["entries"])]
 
 
@@ -262,6 +284,20 @@ def _read_group(storage: Storage, index: int, entry: dict) -> dict[str, Any]:
     record.update(views=views, captions=captions)
     if extras:
         record["meta"]["sidecar"] = extras
+    return record
+
+
+def _read_identity(storage: Storage, index: int, entry: dict) -> dict[str, Any]:
+    """A person's pictures as one group record (meta["identity"]: the folder's name)."""
+    person = entry["identity"]
+    record = _record(index, entry_input_id(storage, entry), person,
+                     {"path": person, "root": storage.root_uri, "identity": person})
+    try:
+        record["views"] = [{"data": read_planned(storage, f), "name": storage.uri(f["path"]), "camera": None}
+                           for f in entry["files"]]
+    except DropSample as refused:
+        record.update(dropped=refused.reason, error=str(refused),
+                      views=[{"name": storage.uri(f["path"]), "camera": None} for f in entry["files"]])
     return record
 
 

@@ -451,6 +451,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
 
     import diffusers
+    import sentencepiece
     import transformers
 
     self_test_flash_attn_shim()
@@ -487,7 +488,8 @@ def main(argv=None) -> int:
         "weights_fingerprint": np.array(fingerprint),
         "scheduler_source": np.array(scheduler_source),
         "versions": np.array(f"torch {torch.__version__}; diffusers {diffusers.__version__}; "
-                             f"transformers {transformers.__version__}; numpy {np.__version__}"),
+                             f"transformers {transformers.__version__}; numpy {np.__version__}; "
+                             f"sentencepiece {sentencepiece.__version__}"),  # it trains the tiny T5 tokenizer
         "height": np.array(tiny.HEIGHT), "width": np.array(tiny.WIDTH),
         "num_inference_steps": np.array(tiny.NUM_STEPS), "guidance_scale": np.array(tiny.GUIDANCE_SCALE),
         "t2i_prompt": np.array(tiny.T2I_PROMPT), "depth_prompt": np.array(tiny.DEPTH_PROMPT),
