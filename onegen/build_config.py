@@ -240,7 +240,21 @@ class SegmentationSection(LabelerSection):
                                                      description="condition maps drawn from the segments")
 
 
-class PoseSection(LabelerSection):
+class _BundledModelSection(LabelerSection):
+    """A labeller on a model shipped inside a package (mediapipe's): no hub revision, no torch dtype, light on CPU."""
+
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (mediapipe's models are light)",
+                            **_role(RUNTIME))
+
+    @model_validator(mode="after")
+    def _no_hub_settings(self) -> "_BundledModelSection":
+        if self.revision is not None or self.dtype != "auto":
+            raise ValueError("mediapipe's bundled models have no hub revision and run in float32: leave revision and "
+                             "dtype out")
+        return self
+
+
+class PoseSection(_BundledModelSection):
     """The pose labeller: mediapipe's pose landmarker (bundled in its wheel: offline) finds the people of every
     picture without keypoints of its own, up to max_people; their 33 landmarks become COCO-17 keypoints, drawn as the
     OpenPose-coloured skeleton of the pose task. A picture without a person gets no pose map (counted)."""
@@ -254,22 +268,18 @@ class PoseSection(LabelerSection):
     min_visibility: float = Field(0.5, ge=0, le=1, description="a landmark less visible than this is left out (COCO "
                                                                "v = 0), else v = 2")
     max_people: int = Field(4, ge=1, le=20, description="people looked for per picture")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (mediapipe's models are light)",
-                            **_role(RUNTIME))
 
 
-class FacesSection(LabelerSection):
+class FacesSection(_BundledModelSection):
     """The face labeller: mediapipe's face detector (bundled in its wheel: offline) boxes the faces of every picture
-    (kept in its metadata); in an identity group (a folder source with layout: identities) a picture without a face
-    leaves the group (counted), and a group left with fewer than 2 faces is dropped."""
+    (kept in its metadata); in an identity group (a folder source with layout: identities) a picture without exactly
+    one face leaves the group (counted), and a group left with fewer than 2 pictures is dropped."""
 
     backend: Literal["mediapipe"] = Field("mediapipe", description="mediapipe's BlazeFace detector, offline")
     model: Literal["face_detection_full_range", "face_detection_short_range"] = Field(
         "face_detection_full_range", description="full range: faces up to ~5 m away (photographs); short range: "
                                                  "faces within ~2 m (selfies)")
     min_confidence: float = Field(0.5, ge=0, le=1, description="a face's least detection score")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor (mediapipe's models are light)",
-                            **_role(RUNTIME))
 
 
 class StagesSection(_Section):

@@ -181,6 +181,17 @@ def _map_entities(entities: list[dict[str, Any]] | None, left: int, top: int, sc
     return out
 
 
+def kept_share(box: Any, image_hw: tuple[int, int], bucket_hw: tuple[int, int]) -> float:
+    """The share of a box's area [x0, y0, x1, y1) in an image of `image_hw` that the centre crop to `bucket_hw`
+    keeps (the faces stage's check that a group's bucket leaves a picture's face whole)."""
+    top, left, crop_h, crop_w = center_crop_box(*image_hw, *bucket_hw)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    inside_w = max(0.0, min(x1, left + crop_w) - max(x0, left))
+    inside_h = max(0.0, min(y1, top + crop_h) - max(y0, top))
+    area = (x1 - x0) * (y1 - y0)
+    return inside_w * inside_h / area if area > 0 else 0.0
+
+
 def _map_faces(faces: list[dict[str, Any]] | None, left: int, top: int, scale_x: float, scale_y: float,
                height: int, width: int) -> list[dict[str, Any]] | None:
     """Face boxes mapped as entity boxes are; a face the crop cut away is left out."""

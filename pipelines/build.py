@@ -289,10 +289,11 @@ def partition_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, work_dir: st
             yield batch_of(run_stages(stages, records[first:first + size], cfg, hashes))
 
 
-def records_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stages: tuple[str, ...]) -> dict[str, np.ndarray]:
+def records_stage(batch: dict[str, np.ndarray], cfg: BuildConfig, stages: tuple[str, ...],
+                  built=None) -> dict[str, np.ndarray]:
     """Weight-free stages between or after the labelers (bucket; conditions, pack's members), over one block of
-    records."""
-    return batch_of(run_stages(stages, records_of(batch), cfg))
+    records; `built` as for partition_stage (bucket checks identity groups against the earlier builds)."""
+    return batch_of(run_stages(stages, records_of(batch), cfg, _built_hashes(built)))
 
 
 _BUILT: dict[str, np.ndarray] = {}
@@ -348,7 +349,7 @@ def build_dataset(ray, cfg: BuildConfig, pending: list[Partition], revision: str
     for part in chain:
         if isinstance(part, tuple):
             ds = ds.map_batches(records_stage, batch_size=None, num_cpus=stages.num_cpus,
-                                fn_kwargs={"cfg": cfg, "stages": part})
+                                fn_kwargs={"cfg": cfg, "stages": part, "built": built})
         else:
             section = part.section(cfg)
             ds = _actor_stage(ds, part.actor_class(), {"cfg": cfg, "resolved": (labelled or {})[part.stage]},

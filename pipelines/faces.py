@@ -9,15 +9,18 @@ resolution); the shard's WebDataset JSON carries them per view and resolution.
 
 Identity groups (a folder source with `layout: identities`, pipelines/sources/folder.py): the release's ID data are
 sets of pictures of one person with the face found in each. A picture in which no face passes
-build.faces.min_confidence leaves its group (`no_face`), and so do the pictures with a face past the faceid task's
-5 views (a target and 4 references; `beyond_max_views`): pipelines.process.leave_out lists them in the group's
-metadata and the manifest counts them per reason. A group left with fewer than 2 pictures, which the faceid task
-cannot use, is dropped as `too_few_faces`; one the detector failed on as `error_faces` (an unchecked group would
-pass pictures without a face as references). This happens before bucketing, so the group's bucket is chosen from a
-picture it keeps (the bucket stage then leaves out a picture whose face the group's crop cuts away).
+build.faces.min_confidence leaves its group (`no_face`), and so does one with several faces (`several_faces`: which
+is the person is not known) and one whose face the group's bucket would crop (`face_cropped`: less than
+FACE_KEPT of its face inside the centre crop to the group's bucket at some resolution; the bucket follows the
+group's first picture, so that one is checked against its own); after those, the pictures past the faceid task's 5
+views (a target and 4 references, in file order; `beyond_max_views`). pipelines.process.leave_out lists them in the
+group's metadata and the manifest counts them per reason. A group left with fewer than 2 pictures, which the faceid
+task cannot use, is dropped as `too_few_pictures`; one the detector failed on as `error_faces` (an unchecked group
+would pass pictures without a face as references). All this happens before bucketing, on the full-size pictures.
 
 Outcomes counted per sample: ok (a face in some view); no_face (none in any view: the sample is kept, its faces
-empty); source (every view had faces from its source); error. Dropped (identity groups): too_few_faces, error_faces.
+empty); source (every view had faces from its source); error. Dropped (identity groups): too_few_pictures,
+error_faces.
 """
 
 from __future__ import annotations
@@ -27,15 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from model.tasks import get_task
 from onegen.build_config import FacesSection
 from pipelines.labelers import OK, SOURCE, Label
 from pipelines.mediapipe_models import MediapipeStage, mediapipe_preflight
-from pipelines.process import IDENTITY_MIN_VIEWS, TOO_FEW_FACES, is_identity, leave_out
+from pipelines.process import TOO_FEW_PICTURES, identity_views, is_identity, leave_out, too_few_message
 
 NO_FACE = "no_face"
 FACES_ERROR = "error_faces"  # a drop reason: an identity group the detector failed on
-MAX_VIEWS = get_task("faceid").max_views  # a target and its references
+FACE_KEPT = 0.75  # the least share of a picture's face its group's bucket must keep
 MODELS = {"face_detection_full_range": 1, "face_detection_short_range": 0}  # -> the solution's model_selection
 
 
@@ -58,7 +60,8 @@ def face_box(xmin: float, ymin: float, width: float, height: float, image_w: int
 
 class Stage(MediapipeStage):
     stage = "faces"
-    drops = (TOO_FEW_FACES, FACES_ERROR)
+    models = tuple(MODELS)
+    drops = (TOO_FEW_PICTURES, FACES_ERROR)
 
     def load(self, folder: str, device: str, dtype) -> None:
         from pipelines.mediapipe_models import import_mediapipe
@@ -102,17 +105,43 @@ class Stage(MediapipeStage):
             found = any(faces.values())
             return Label(OK if found else NO_FACE, value={"faces": faces, "left": {}},
                          message=None if found else "no face found (build.faces.min_confidence)")
-        with_face = [v for v in range(len(samples)) if faces[v]]
-        left = {v: (NO_FACE, "no face found (build.faces.min_confidence)") for v in faces if not faces[v]}
-        left.update({v: ("beyond_max_views", f"the faceid task takes {MAX_VIEWS} pictures of a person (a target "
-                                             f"and {MAX_VIEWS - 1} references): the first {MAX_VIEWS} with a face, "
-                                             "in file order, are kept") for v in with_face[MAX_VIEWS:]})
-        if len(with_face) < IDENTITY_MIN_VIEWS:
-            return Label(TOO_FEW_FACES, message=f"identity {record['meta']['identity']!r}: {len(with_face)} of "
-                                                f"{len(samples)} pictures show a face, a faceid group needs "
-                                                f"{IDENTITY_MIN_VIEWS}; add pictures where the face is clearly "
-                                                "visible")
+        left = self.left_out(samples, faces)
+        kept = len(samples) - len(left)
+        if kept < identity_views()[0]:
+            reasons = [{"reason": reason} for reason, _ in left.values()]
+            message = too_few_message({"meta": {**record["meta"], "left_out": record["meta"].get("left_out", [])
+                                                + reasons}}, kept)
+            return Label(TOO_FEW_PICTURES, message=message)
         return Label(OK, value={"faces": faces, "left": left})
+
+    def left_out(self, samples: list, faces: dict[int, list]) -> dict[int, tuple[str, str]]:
+        """{view: (reason, message)} of an identity group's pictures that leave it (module docstring)."""
+        from pipelines.bucket import bucket_for, kept_share
+
+        most = identity_views()[1]
+        left: dict[int, tuple[str, str]] = {}
+        kept: list[int] = []
+        for v, sample in enumerate(samples):
+            if not faces[v]:
+                left[v] = (NO_FACE, "no face found (build.faces.min_confidence)")
+            elif len(faces[v]) > 1:
+                left[v] = ("several_faces", f"{len(faces[v])} faces found: which is the person is not known")
+            elif len(kept) == most:
+                left[v] = ("beyond_max_views", f"the faceid task takes {most} pictures of a person (a target and "
+                                               f"{most - 1} references): the first {most} usable ones are kept")
+            else:
+                shape = sample.image.shape[:2]
+                first = samples[kept[0]].image.shape[:2] if kept else shape  # the group's bucket follows it
+                shares = {r: kept_share(faces[v][0]["bbox_2d"], shape, bucket_for(first, r))
+                          for r in self.cfg.build.resolutions}
+                worst = min(shares, key=shares.get)
+                if shares[worst] < FACE_KEPT:
+                    left[v] = ("face_cropped", f"at resolution {worst} the group's bucket "
+                                               f"{bucket_for(first, worst)} (its first picture's aspect) keeps "
+                                               f"{shares[worst]:.0%} of this picture's face")
+                else:
+                    kept.append(v)
+        return left
 
     def apply(self, record: dict, value: dict) -> None:
         """The boxes as the pictures' faces; an identity group keeps only the pictures with one (at most

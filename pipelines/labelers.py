@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from onegen.build_config import BuildConfig, LabelerSection
+from pipelines.decode import DropSample
 from pipelines.process import add_seconds, batch_of, drop, records_of
 
 OK = "ok"
@@ -91,6 +92,7 @@ class LabelerStage:
 
     stage = ""
     drops: tuple[str, ...] = ()  # outcomes that drop the record (named by the outcome) instead of keeping it
+    start_fix = "check the model folder there (or download it again) and build.{stage}.num_gpus / dtype"
     sees = "bucketed"  # or "decoded": the full-size pictures before bucketing (pipelines.process.stage_chain)
 
     def __init__(self, cfg: BuildConfig, resolved: dict[str, Any]):
@@ -113,8 +115,8 @@ class LabelerStage:
             from onegen.errors import first_line
 
             raise RuntimeError(f"build.{self.stage}: its model {section.model!r} could not start on node "
-                               f"{socket.gethostname()} ({type(err).__name__}: {first_line(err)}); check the model "
-                               f"folder there (or download it again) and build.{self.stage}.num_gpus / dtype") from err
+                               f"{socket.gethostname()} ({type(err).__name__}: {first_line(err)}); "
+                               f"{self.start_fix.format(stage=self.stage)}") from err
         self.identity = self.describe(section)
 
     def model_folder(self, section: LabelerSection) -> str:
@@ -167,7 +169,11 @@ class LabelerStage:
             if label.outcome != SOURCE:  # the model did not touch a sample its source had labelled
                 record.setdefault("labelled_by", {})[self.stage] = self.identity
             if label.value is not None:
-                self.apply(record, label.value)
+                try:
+                    self.apply(record, label.value)
+                except DropSample as refused:  # e.g. a group left too small: that record only, not the batch
+                    drop(record, refused.reason, str(refused))
+                    continue
             if label.message:
                 record.setdefault("label_errors", {})[self.stage] = label.message
         return records

@@ -74,6 +74,7 @@ def _inside_share(box: tuple, other: tuple) -> float:
 
 class Stage(MediapipeStage):
     stage = "pose"
+    models = MODELS
 
     def load(self, folder: str, device: str, dtype) -> None:
         from pipelines.mediapipe_models import import_mediapipe

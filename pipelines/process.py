@@ -92,7 +92,8 @@ def record_rng(cfg: BuildConfig, record_id: str, *salt: object) -> np.random.Gen
 
 def decode_record(cfg: BuildConfig, record: dict, built: np.ndarray | None = None) -> None:
     """Decode every view; `built` (an incremental build: pipelines.earlier's sorted digests of the earlier builds'
-    pictures) drops a picture they already hold as `duplicate`."""
+    pictures) drops a picture they already hold as `duplicate` (an identity group: once its pictures are final, in
+    bucket_record). A picture of an identity group that cannot be read or decoded leaves the group instead."""
     from pipelines.decode import DropSample, decode_image, pixels_sha256
 
     limits = cfg.build.decode
@@ -103,6 +104,8 @@ def decode_record(cfg: BuildConfig, record: dict, built: np.ndarray | None = Non
         sample = view.get("sample")
         if sample is None:
             try:
+                if "refused" in view:  # the source could not read it (pipelines/sources/folder.py)
+                    raise DropSample(*view["refused"])
                 image = decode_image(view["data"], view["name"], max_pixels=limits.max_pixels,
                                      min_size=limits.min_size, max_aspect=limits.max_aspect)
             except DropSample as err:
@@ -121,12 +124,18 @@ def decode_record(cfg: BuildConfig, record: dict, built: np.ndarray | None = Non
     leave_out(record, {v: (err.reason, str(err)) for v, err in refused.items()})
     record["view_sha256"] = [pixels_sha256(view["sample"].image) for view in record["views"]]
     record["sha256"] = group_sha256(record["view_sha256"])
-    if built is not None:
-        from pipelines.earlier import already_built
+    if not is_identity(record):
+        drop_if_built(record, built)
 
-        if already_built(built, record["sha256"]):
-            raise DropSample("duplicate", f"{record['input_id']}: an earlier build (build.previous) holds the same "
-                                          f"pixels (sha256 {record['sha256'][:16]}...): a copy under another name")
+
+def drop_if_built(record: dict, built: np.ndarray | None) -> None:
+    """DropSample("duplicate") when an earlier build (build.previous) holds the record's pixels."""
+    from pipelines.decode import DropSample
+    from pipelines.earlier import already_built
+
+    if built is not None and already_built(built, record["sha256"]):
+        raise DropSample("duplicate", f"{record['input_id']}: an earlier build (build.previous) holds the same "
+                                      f"pixels (sha256 {record['sha256'][:16]}...): a copy under another name")
 
 
 def group_sha256(digests: list[str]) -> str:
@@ -136,8 +145,15 @@ def group_sha256(digests: list[str]) -> str:
 
 # --- identity groups (pipelines/sources/folder.py's layout: identities; pipelines/faces.py) --------------------------
 
-IDENTITY_MIN_VIEWS = 2  # model/tasks.py's faceid: a target and at least one reference
-TOO_FEW_FACES = "too_few_faces"  # the drop reason of a group left with fewer
+TOO_FEW_PICTURES = "too_few_pictures"  # the drop reason of an identity group left with fewer than faceid needs
+
+
+def identity_views() -> tuple[int, int]:
+    """(least, most) pictures of an identity group: model/tasks.py's faceid (a target and 1 to 4 references)."""
+    from model.tasks import get_task
+
+    task = get_task("faceid")
+    return task.min_views, task.max_views
 
 
 def is_identity(record: dict) -> bool:
@@ -145,10 +161,10 @@ def is_identity(record: dict) -> bool:
 
 
 def leave_out(record: dict, left: dict[int, tuple[str, str]]) -> None:
-    """Take pictures out of an identity group ({view: (reason, message)}): the views (and every resolution's samples,
-    once bucketed) keep the others in order, the group's digest is taken over them again, and each picture left out
-    is listed in meta["left_out"] as {"file", "reason", "message"} (the shard's JSON; counted per reason in the
-    manifest). Raises DropSample(too_few_faces) when fewer than IDENTITY_MIN_VIEWS pictures are left."""
+    """Take pictures out of an identity group ({view: (reason, message)}) before bucketing: the views keep the
+    others in order, the group's digest is taken over them again, and each picture left out is listed in
+    meta["left_out"] as {"file", "reason", "message"} (the shard's JSON; counted per reason in the manifest).
+    Raises too_few_message's DropSample when fewer pictures are left than the faceid task needs."""
     from pipelines.decode import DropSample
 
     if not left:
@@ -158,16 +174,25 @@ def leave_out(record: dict, left: dict[int, tuple[str, str]]) -> None:
         {"file": record["views"][v]["name"], "reason": reason, "message": message}
         for v, (reason, message) in sorted(left.items())]
     record["views"] = [record["views"][v] for v in keep]
-    for output in record.get("outputs", []):
-        output["samples"] = [output["samples"][v] for v in keep]
     if "view_sha256" in record:
         record["view_sha256"] = [record["view_sha256"][v] for v in keep]
         record["sha256"] = group_sha256(record["view_sha256"])
-    if len(keep) < IDENTITY_MIN_VIEWS:
-        reasons = ", ".join(sorted({reason for reason, _ in left.values()}))
-        raise DropSample(TOO_FEW_FACES, f"identity {record['meta']['identity']!r}: {len(keep)} picture(s) left with "
-                                        f"a usable face ({len(left)} left out: {reasons}), a faceid group needs "
-                                        f"{IDENTITY_MIN_VIEWS}; add pictures where the face is clearly visible")
+    if len(keep) < identity_views()[0]:
+        raise DropSample(TOO_FEW_PICTURES, too_few_message(record, len(keep)))
+
+
+def too_few_message(record: dict, kept: int) -> str:
+    """Why an identity group has too few pictures: what left its group, by reason, and the fix for each."""
+    from collections import Counter
+
+    fixes = {"no_face": "pictures where the face is clearly visible", "several_faces": "pictures of this person "
+             "alone", "face_cropped": "pictures of the first one's shape (the group's bucket follows it)"}
+    reasons = Counter(item["reason"] for item in record["meta"].get("left_out", []))
+    wanted = sorted({fixes.get(reason, "pictures that decode (see their messages in the shard's stats)")
+                     for reason in reasons})
+    return (f"identity {record['meta']['identity']!r}: {kept} picture(s) kept, the faceid task needs "
+            f"{identity_views()[0]} (left out: {', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))}); add "
+            + (" or ".join(wanted) or "pictures"))
 
 
 def _camera(camera: dict | None, shape: tuple[int, ...]) -> dict | None:
@@ -182,9 +207,13 @@ def _camera(camera: dict | None, shape: tuple[int, ...]) -> dict | None:
 
 # --- bucket ------------------------------------------------------------------------------------------------------
 
-def bucket_record(cfg: BuildConfig, record: dict) -> None:
+def bucket_record(cfg: BuildConfig, record: dict, built: np.ndarray | None = None) -> None:
+    """Every resolution's bucket; an identity group's pictures are final here (the faces stage ran), so its
+    duplicate check against the earlier builds (`built`) is made now."""
     from pipelines.bucket import bucket_for, bucket_sample
 
+    if is_identity(record):
+        drop_if_built(record, built)
     samples = [view["sample"] for view in record["views"]]
     record["outputs"] = []
     for resolution in cfg.build.resolutions:
@@ -193,11 +222,6 @@ def bucket_record(cfg: BuildConfig, record: dict) -> None:
                                   "samples": [bucket_sample(s, height, width) for s in samples]})
     for view in record["views"]:
         view.pop("sample")  # the full-size pictures are not needed any more: keep records small between stages
-    if is_identity(record):  # the group's bucket (its first picture's) may crop another picture's face away
-        cropped = {v for output in record["outputs"] for v, s in enumerate(output["samples"]) if not s.faces}
-        leave_out(record, {v: ("face_cropped", f"the group's {record['outputs'][0]['bucket']} bucket (its first "
-                                               "picture's aspect) crops this picture's face away")
-                           for v in cropped})
 
 
 # --- conditions --------------------------------------------------------------------------------------------------
@@ -424,7 +448,10 @@ def pack_members(cfg: BuildConfig, record: dict) -> None:
     through another task (records are ~10 MB once they hold float latents; every hop between Ray workers copies
     them several times)."""
     record["members"], record["rows"] = [], []
-    split = split_of(record["id"], cfg.build.heldout_fraction)
+    # A person keeps one split whatever pictures their folder holds (its input id, hence its sample id, changes
+    # with them): build after build, the same person never lands in train and heldout.
+    split = split_of(f"{record['source']}/identity/{record['meta']['identity']}" if is_identity(record)
+                     else record["id"], cfg.build.heldout_fraction)
     captions = [{"name": name, "text": text, "origin": "source"} for name, text in sorted(record["captions"].items())]
     generated = record.get("label_values", {}).get("caption")  # the caption labeler's (pipelines/caption.py)
     if generated:
@@ -506,7 +533,7 @@ def run_stages(stages: tuple[str, ...], records: list[dict], cfg: BuildConfig,
     """Weight-free stages over records in this process, in order. `built` (decode, incremental builds): the earlier
     builds' picture digests."""
     steps = {"decode": lambda record: decode_record(cfg, record, built),
-             "bucket": lambda record: bucket_record(cfg, record),
+             "bucket": lambda record: bucket_record(cfg, record, built),
              "conditions": lambda record: conditions_record(cfg, record),
              "pack": lambda record: pack_members(cfg, record)}
     for stage in stages:

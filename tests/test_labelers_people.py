@@ -191,7 +191,8 @@ def test_an_identity_folder_becomes_faceid_groups_of_the_pictures_with_a_face(id
     records = processed(people_cfg(folder("ids", identities, "identities"), pose=False))
     assert sorted(records) == ["cameraman", "collins", "cup"]
     collins, cup = records["collins"], records["cup"]
-    assert cup["dropped"] == "too_few_faces" and "1 of 2 pictures" in cup["error"]
+    assert cup["dropped"] == "too_few_pictures" and "1 picture(s) kept" in cup["error"]
+    assert "1 no_face" in cup["error"] and "where the face is clearly visible" in cup["error"]
     assert collins["group_id"] == "collins" and collins["meta"]["identity"] == "collins"
     assert [v["name"].rsplit("/", 1)[-1] for v in collins["views"]] == ["1_photo.png", "2_mirror.png", "3_crop.png"]
     [cat] = collins["meta"]["left_out"]
@@ -222,8 +223,8 @@ def _full_size(folder, stems):
 
 
 def test_a_bad_or_face_cropped_picture_leaves_its_group_and_a_sixth_face_is_beyond_the_task(tmp_path):
-    """One person with a corrupt file, a wide picture whose face the group's (portrait) bucket crops away, and seven
-    more pictures with her face: the group keeps the first five with a face, in file order."""
+    """One person with a corrupt file, a wide picture whose face the group's (portrait) bucket would crop away, and
+    seven more pictures with her face: the group keeps the first five usable ones, in file order."""
     from skimage import data
 
     from pipelines.shard_writer import left_out_counts
@@ -237,18 +238,54 @@ def test_a_bad_or_face_cropped_picture_leaves_its_group_and_a_sixth_face_is_beyo
     Image.fromarray(wide).save(person / "2_wide.png")
     for i in range(7):
         Image.fromarray(np.ascontiguousarray(astronaut[8 * i:, 96 - 4 * i:416 + 4 * i])).save(person / f"3_{i}.png")
+    pair = np.concatenate([astronaut[:, 96:416], astronaut[:, 96:416][:, ::-1]], axis=1)  # two faces: whose?
+    Image.fromarray(np.ascontiguousarray(pair)).save(person / "4_pair.png")
     record = processed(people_cfg(folder("ids", tmp_path / "people", "identities"), pose=False))["collins"]
     assert not record["dropped"]
     kept = [v["name"].rsplit("/", 1)[-1] for v in record["views"]]
     reasons = {item["file"].rsplit("/", 1)[-1]: item["reason"] for item in record["meta"]["left_out"]}
     assert reasons["1_broken.png"] == "not_an_image" and reasons["2_wide.png"] == "face_cropped"
-    assert [name for name, reason in reasons.items() if reason == "beyond_max_views"] == ["3_3.png", "3_4.png",
-                                                                                          "3_5.png", "3_6.png"]
-    assert kept == ["0_portrait.png", "3_0.png", "3_1.png", "3_2.png"]  # 5 with a face, then the crop took one
-    assert left_out_counts([record]) == {"beyond_max_views": 4, "face_cropped": 1, "not_an_image": 1}
-    for output in record["outputs"]:
-        assert len(output["samples"]) == 4 and all(s.faces for s in output["samples"])
-    assert [row["num_views"] for row in record["rows"]] == [4, 4]
+    assert reasons["4_pair.png"] == "several_faces"
+    assert [name for name, reason in reasons.items() if reason == "beyond_max_views"] == ["3_4.png", "3_5.png",
+                                                                                          "3_6.png"]
+    assert kept == ["0_portrait.png", "3_0.png", "3_1.png", "3_2.png", "3_3.png"]
+    assert left_out_counts([record]) == {"beyond_max_views": 3, "face_cropped": 1, "not_an_image": 1,
+                                         "several_faces": 1}
+    for output in record["outputs"]:  # every kept face is whole in the group's bucket
+        assert len(output["samples"]) == 5
+        assert all(len(s.faces) == 1 and s.faces[0]["score"] >= 0.5 for s in output["samples"])
+    assert [row["num_views"] for row in record["rows"]] == [5, 5]
+
+
+def test_an_identity_group_an_earlier_build_holds_is_a_duplicate_and_a_vanished_picture_leaves_it(identities,
+                                                                                                   tmp_path):
+    """The duplicate check of an identity group uses the pictures it keeps (the ones an earlier build stored); a
+    picture that vanished after the plan leaves its group, it does not drop the person."""
+    import shutil
+
+    from pipelines.decode import DropSample
+    from pipelines.earlier import hash_keys
+    from pipelines.process import bucket_record
+
+    root = tmp_path / "people"
+    shutil.copytree(identities, root)
+    cfg = people_cfg(folder("ids", root, "identities"), pose=False)
+    from pipelines.ingest import plan_partitions, read_partition
+    from pipelines.labelers import enabled_labelers
+    from pipelines.process import run_stages
+
+    [partition] = plan_partitions(cfg)
+    (root / "collins" / "2_mirror.png").unlink()  # after the plan, before the read
+    records, _ = read_partition(cfg, partition)
+    run_stages(("decode",), records, cfg)
+    [faces] = [labeler.actor_class()(cfg, labeler.preflight(labeler.section(cfg))) for labeler in enabled_labelers(cfg)]
+    faces.label_records(records)
+    collins = next(r for r in records if r["meta"]["identity"] == "collins")
+    assert [item["reason"] for item in collins["meta"]["left_out"]] == ["unreadable", "no_face"]
+    assert len(collins["views"]) == 2 and not collins["dropped"]
+    built = np.sort(hash_keys([collins["sha256"]]))
+    with pytest.raises(DropSample, match="an earlier build"):
+        bucket_record(cfg, collins, built)
 
 
 def test_a_face_detector_failure_drops_an_identity_group_but_keeps_a_photo(identities, photos, monkeypatch):
@@ -319,7 +356,7 @@ def test_a_build_with_identity_groups_survives_a_kill_and_inspect_shows_the_labe
     result = ok(run_build(ray_head, config))
     assert "faces labels: 1 no_face, 4 ok" in result.stdout
     assert "pictures left out of their groups: 1 no_face" in result.stdout
-    assert "pose labels: 1 no_person, 4 ok" in result.stdout and "too_few_faces" in result.stdout
+    assert "pose labels: 1 no_person, 4 ok" in result.stdout and "too_few_pictures" in result.stdout
     storage = Storage(str(tmp_path / "data"))
     assert manifest_view(storage) == manifest_view(Storage(str(tmp_path / "ref" / "data")))
     build = open_build("b", storage_root=str(tmp_path / "data"))
@@ -398,3 +435,15 @@ def test_a_rerun_refuses_another_mediapipe_than_the_first_run_labelled_with(phot
     with pytest.raises(UsageError, match=r"build.pose: this build's first run labelled with pose_landmark_full "
                                          r"sha256 000000000000 \(version 0.10.9\)"):
         preflight_labelers(LocalRay, cfg, moved)
+
+
+def test_a_node_with_another_mediapipe_model_refuses_to_start(photos):
+    from pipelines import pose
+
+    cfg = people_cfg(folder("photos", photos))
+    resolved = pose.preflight(cfg.build.pose)
+    with pytest.raises(RuntimeError, match=r"build.pose: its model 'pose_landmark_full' could not start on node .*"
+                                           r"install the same version on every node.*make install"):
+        pose.Stage(cfg, {**resolved, "sha256": "0" * 64})
+    with pytest.raises(Exception, match="no hub revision"):
+        people_cfg(folder("photos", photos)).build.pose.model_validate({"enabled": True, "dtype": "bfloat16"})

@@ -29,10 +29,11 @@ not_an_image). Other files are ignored, except:
 * Identity groups (`layout: identities`, for ID customization): every sub-folder directly under the root is ONE
   input, a person: the images under it (recursively, sorted by path) are the views of one group, whose rows the
   trainer's faceid task reads (view 0 the target, the others references); cameras.json and sidecars there are not
-  read. A picture that cannot be decoded leaves its group instead of dropping it; the face stage (build.faces, which
-  this layout needs) boxes each view's faces and leaves out a picture without one or past the faceid task's 5; a
-  group left with fewer than 2 is dropped (`too_few_faces`; pipelines.process.leave_out, pipelines/faces.py). Images
-  directly under the root are single samples, as in the default layout.
+  read. A picture that cannot be read or decoded leaves its group instead of dropping it; the face stage
+  (build.faces, which this layout needs) boxes each view's faces and leaves out a picture without exactly one face,
+  one whose face the group's bucket would crop, and those past the faceid task's 5; a group left with fewer than 2
+  is dropped (`too_few_pictures`; pipelines.process.leave_out, pipelines/faces.py). Images directly under the root
+  are single samples, as in the default layout.
 
 Plan. Partitions are consecutive chunks of `partition_size` inputs in sorted order (a single image is named by its
 path, a group by its folder). A spec is JSON holding everything the reader needs: {"first": index of its first input
@@ -288,16 +289,18 @@ def _read_group(storage: Storage, index: int, entry: dict) -> dict[str, Any]:
 
 
 def _read_identity(storage: Storage, index: int, entry: dict) -> dict[str, Any]:
-    """A person's pictures as one group record (meta["identity"]: the folder's name)."""
+    """A person's pictures as one group record (meta["identity"]: the folder's name); a picture that cannot be read
+    is a view with its refusal (the decode stage leaves it out of the group)."""
     person = entry["identity"]
     record = _record(index, entry_input_id(storage, entry), person,
                      {"path": person, "root": storage.root_uri, "identity": person})
-    try:
-        record["views"] = [{"data": read_planned(storage, f), "name": storage.uri(f["path"]), "camera": None}
-                           for f in entry["files"]]
-    except DropSample as refused:
-        record.update(dropped=refused.reason, error=str(refused),
-                      views=[{"name": storage.uri(f["path"]), "camera": None} for f in entry["files"]])
+    for planned in entry["files"]:
+        view = {"name": storage.uri(planned["path"]), "camera": None}
+        try:
+            view["data"] = read_planned(storage, planned)
+        except DropSample as refused:
+            view["refused"] = (refused.reason, str(refused))
+        record["views"].append(view)
     return record
 
 
