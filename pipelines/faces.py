@@ -144,8 +144,7 @@ class Stage(MediapipeStage):
         return left
 
     def apply(self, record: dict, value: dict) -> None:
-        """The boxes as the pictures' faces; an identity group keeps only the pictures with one (at most
-        MAX_VIEWS)."""
+        """The boxes as the pictures' faces; an identity group keeps the pictures left_out() did not name."""
         for v, faces in value["faces"].items():
             record["views"][v]["sample"].faces = faces
         leave_out(record, value["left"])

@@ -19,8 +19,8 @@ keypoints and boxes are then bucketed with them (pipelines.process.stage_chain):
     `Label`s; the base class applies them, so a batch that raises half-way leaves no partial labels. A picture
     that already has the label from its source (the synthetic world's exact depth and masks) is not labelled again:
     `source` is counted. A label is extra, never a reason to
-    drop (except a stage's own `drops`: an identity group left with too few faces): a record the model fails on keeps
-    its views, its reason is counted (manifest entries' `labels`) and its
+    drop (except a stage's own `drops`: an identity group left with too few pictures): a record the model fails on
+    keeps its views, its reason is counted (manifest entries' `labels`) and its
     message kept in the shard's stats. A batch that raises is retried record by record, so one bad sample costs
     only its own label.
 """

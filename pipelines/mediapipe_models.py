@@ -59,7 +59,7 @@ def model_digest(name: str, choices: tuple[str, ...]) -> str:
 
 
 def mediapipe_preflight(section: LabelerSection, choices: tuple[str, ...]) -> dict[str, Any]:
-    """What a mediapipe stage's actors need: the package version and the model file's digest (labelled_by names
+    """What a mediapipe stage's actors need: the package version and the model files' digest (labelled_by names
     both, so two builds' labels can be told apart)."""
     if section.num_gpus > 0:
         raise ValueError("mediapipe's bundled models run on the CPU in Python: set num_gpus: 0")
