@@ -22,18 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_name, "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench_env import PIN_ENV  # first: thread pins and the repository on sys.path
 
-from bench.results_file import cpu_name, replace_section  # noqa: E402
+from bench.results_file import cpu_name, replace_section
 
 SECTION = "## Data build (CPU)"
-
-PIN_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
 def pin_threads() -> None:

@@ -10,12 +10,12 @@ LLaVA-NeXT; tests/tiny_vision.py: Depth Anything, Mask2Former), so for those thi
 around a model (pickling records, the actor pool, batching, post-processing, drawing-ready labels), not a real
 model's FLOPs: on a GPU with the default 8B / large models the model dominates. Pose and faces run mediapipe's real
 bundled models (CPU, offline). Both sides load the model inside the timed span, use the stage's batch_size and one
-thread for torch, OpenCV and BLAS. The loop is the thinnest form: `Stage(cfg, resolved).label_records(batch)` batch after batch
-in this process; the Ray side is the build's own operator (pipelines.build._actor_stage, one actor) over the records
-in a Ray Dataset, streamed out batch by batch. Each side's steady rate is pictures/s once the model is up (the loop:
-after the stage's constructor; Ray: from its first output batch to its last) and its start-up the time before (for
-Ray: a worker process, its imports and the model's load and smoke test, paid once per actor per build). Reported:
-both rates, their ratio, both start-ups; median (spread) over repeats."""
+thread for torch, OpenCV and BLAS. The loop is the thinnest form: `Stage(cfg, resolved).label_records(batch)`
+batch after batch in this process; the Ray side is the build's own operator (pipelines.build._actor_stage, one
+actor) over the records in a Ray Dataset, streamed out batch by batch. Each side's steady rate is pictures/s once
+the model is up (the loop: after the stage's constructor; Ray: from its first output batch to its last) and its
+start-up the time before (for Ray: a worker process, its imports and the model's load and smoke test, paid once per
+actor per build). Reported: both rates, their ratio, both start-ups; median (spread) over repeats."""
 
 from __future__ import annotations
 
@@ -27,15 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_name, "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench_env import PIN_ENV  # first: thread pins and the repository on sys.path
 
-from bench.bench_build import pin_threads, spread, write_photo_folder  # noqa: E402
-from bench.results_file import cpu_name, replace_section  # noqa: E402
+from bench.bench_build import pin_threads, spread, write_photo_folder
+from bench.results_file import cpu_name, replace_section
 
 SECTION = "## Labellers (CPU)"
 
@@ -133,8 +128,7 @@ def main() -> int:
     write_photo_folder(tmp / "photos", args.photos)
     overrides = tiny_models(tmp / "models")
     ray.init(num_cpus=2, object_store_memory=512 * 1024 ** 2, include_dashboard=False,
-             runtime_env={"env_vars": {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                              "OPENBLAS_NUM_THREADS")}})
+             runtime_env={"env_vars": PIN_ENV})
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = []
     try:

@@ -108,10 +108,7 @@ class Stage(MediapipeStage):
         left = self.left_out(samples, faces)
         kept = len(samples) - len(left)
         if kept < identity_views()[0]:
-            reasons = [{"reason": reason} for reason, _ in left.values()]
-            message = too_few_message({"meta": {**record["meta"], "left_out": record["meta"].get("left_out", [])
-                                                + reasons}}, kept)
-            return Label(TOO_FEW_PICTURES, message=message)
+            return Label(TOO_FEW_PICTURES, message=too_few_message(record, [r for r, _ in left.values()], kept))
         return Label(OK, value={"faces": faces, "left": left})
 
     def left_out(self, samples: list, faces: dict[int, list]) -> dict[int, tuple[str, str]]:

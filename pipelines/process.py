@@ -178,16 +178,17 @@ def leave_out(record: dict, left: dict[int, tuple[str, str]]) -> None:
         record["view_sha256"] = [record["view_sha256"][v] for v in keep]
         record["sha256"] = group_sha256(record["view_sha256"])
     if len(keep) < identity_views()[0]:
-        raise DropSample(TOO_FEW_PICTURES, too_few_message(record, len(keep)))
+        raise DropSample(TOO_FEW_PICTURES, too_few_message(record, [], len(keep)))
 
 
-def too_few_message(record: dict, kept: int) -> str:
-    """Why an identity group has too few pictures: what left its group, by reason, and the fix for each."""
+def too_few_message(record: dict, leaving: list[str], kept: int) -> str:
+    """Why an identity group has too few pictures: what left it (meta["left_out"], and the reasons of the pictures
+    `leaving` it now), by reason, and the fix for each."""
     from collections import Counter
 
     fixes = {"no_face": "pictures where the face is clearly visible", "several_faces": "pictures of this person "
              "alone", "face_cropped": "pictures of the first one's shape (the group's bucket follows it)"}
-    reasons = Counter(item["reason"] for item in record["meta"].get("left_out", []))
+    reasons = Counter([item["reason"] for item in record["meta"].get("left_out", [])] + leaving)
     wanted = sorted({fixes.get(reason, "pictures that decode (see their messages in the shard's stats)")
                      for reason in reasons})
     return (f"identity {record['meta']['identity']!r}: {kept} picture(s) kept, the faceid task needs "
