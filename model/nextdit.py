@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -306,13 +307,17 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), self.adaLN_modulation(cond), group_size))
 
 
-class NextDiT(ModelMixin, ConfigMixin):
+class NextDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """OneDiffusion's Next-DiT denoiser; constructor fields are the release's transformer/config.json fields.
 
     Defaults are the official class's code defaults (the released config overrides most of them; use
     `NextDiT.from_preset("onediffusion-2.8b")` for the released architecture). Release-only metadata fields
     (EMA/JAX, see RELEASE_ONLY_FIELDS) are accepted and ignored. `attn_impl` ("auto" | "flex" | "math") is a
     runtime choice, not part of the saved config; it can be changed later by assigning `model.attn_impl`.
+
+    A diffusers model: `from_pretrained` / `save_pretrained` are ModelMixin's (with the checks below), and
+    PeftAdapterMixin gives LoRA through peft (`add_adapter(LoraConfig(target_modules=["wq", "wk", "wv", "wo"]))`,
+    `load_lora_adapter`, `fuse_lora`, ...; model.lora). Adapters add modules, never rename the base's parameters.
     """
 
     config_name = CONFIG_NAME
@@ -598,6 +603,12 @@ class NextDiT(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ save / load
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """ConfigMixin's, without the release's EMA/JAX bookkeeping fields (diffusers would log each as unexpected)."""
+        config_dict = {k: v for k, v in config_dict.items() if k not in RELEASE_ONLY_FIELDS}
+        return super().extract_init_dict(config_dict, **kwargs)
+
     def save_pretrained(
         self, save_directory, max_shard_size: int | str = "10GB", is_main_process: bool = True, **kwargs
     ) -> None:
@@ -628,9 +639,10 @@ class NextDiT(ModelMixin, ConfigMixin):
     ) -> "NextDiT":
         """Load a local folder or a hub repo (e.g. "lehduong/OneDiffusion", subfolder="transformer").
 
-        Reads config.json (release-only fields are ignored) and the safetensors weights (single file or sharded
-        with an index) with a strict key/shape check; pickle checkpoints are refused. Parameters keep the file's
-        values and are cast to `torch_dtype` (default float32).
+        diffusers' ModelMixin.from_pretrained reads config.json (release-only fields are ignored) and the
+        safetensors weights (single file or sharded with an index), after a strict key/shape check here from the
+        files' headers (diffusers only warns about unexpected keys; this names every misfit); pickle checkpoints are
+        refused. Parameters keep the file's values and are cast to `torch_dtype` (default float32).
         """
         folder = _resolve_model_folder(
             pretrained_model_name_or_path, subfolder, revision, cache_dir, local_files_only, token
@@ -647,13 +659,13 @@ class NextDiT(ModelMixin, ConfigMixin):
         config = {k: v for k, v in config.items() if not k.startswith("_")}
 
         with torch.device("meta"):
-            model = cls(**config, attn_impl=attn_impl)
-        state_dict = _load_safetensors_folder(folder, device)
-        _check_state_dict(model, state_dict, folder)
-        model.load_state_dict(state_dict, strict=True, assign=True)
+            expected = {name: tuple(t.shape) for name, t in cls(**config, attn_impl=attn_impl).state_dict().items()}
+        _check_state_dict(expected, _safetensors_shapes(folder), folder)
+        with named_load_errors(folder, "NextDiT weights"):
+            model = super().from_pretrained(folder, torch_dtype=torch_dtype or torch.float32, use_safetensors=True,
+                                            low_cpu_mem_usage=True, attn_impl=attn_impl)
         # nn.Module.to: diffusers' ModelMixin.to warns about fp32 modules on every dtype cast, and there are none.
-        nn.Module.to(model, dtype=torch_dtype or torch.float32)
-        return model
+        return nn.Module.to(model, device=device) if torch.device(device).type != "cpu" else model
 
 
 def _ignore_release_only_fields(fields: dict) -> None:
@@ -698,42 +710,55 @@ def _resolve_model_folder(name_or_path, subfolder, revision, cache_dir, local_fi
     return snapshot / subfolder if subfolder else snapshot
 
 
-def _load_safetensors_folder(folder: Path, device) -> dict[str, torch.Tensor]:
-    """All tensors of the folder's single safetensors file or of the shards named by its index; an unreadable file
-    raises a ValueError naming it."""
-    from safetensors.torch import load_file as load_tensors
-
-    def load_file(path: Path, device: str) -> dict[str, torch.Tensor]:
-        with named_load_errors(path, "NextDiT weights"):
-            return load_tensors(path, device=device)
-
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors weights: the single file, or the shards its index names (in name order)."""
     single = folder / WEIGHTS_NAME
     index = folder / WEIGHTS_INDEX_NAME
     if single.is_file():
-        return load_file(single, device=str(device))
+        return [single]
     if index.is_file():
         weight_map = read_json_file(index, "the safetensors index")["weight_map"]
-        state_dict: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state_dict.update(load_file(folder / shard, device=str(device)))
-        return state_dict
-    candidates = sorted(folder.glob("*.safetensors"))
-    if len(candidates) == 1:
-        return load_file(candidates[0], device=str(device))
+        return [folder / shard for shard in sorted(set(weight_map.values()))]
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
     hint = f"; found pickle checkpoints {pickles}, never loaded (convert them to safetensors)" if pickles else ""
+    hint += f"; found {others}: rename a single one to {WEIGHTS_NAME}" if others else ""
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {folder}{hint}")
 
 
-def _check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source) -> None:
-    """Raise a ValueError naming every missing, unexpected or mis-shaped key."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+def weights_sha256(folder: Path) -> str:
+    """sha256 of the folder's weight files' bytes in name order (for one file, what `sha256sum` prints): the
+    identity of a LoRA adapter's base (model.lora)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in weight_files(folder):
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the weight files' headers (no tensor is read); an unreadable file raises a
+    ValueError naming it."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(folder):
+        with named_load_errors(path, "NextDiT weights"), safe_open(path, framework="pt") as file:
+            shapes.update({name: tuple(file.get_slice(name).get_shape()) for name in file.keys()})
+    return shapes
+
+
+def _check_state_dict(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source) -> None:
+    """Raise a ValueError naming every missing, unexpected or mis-shaped key (expected, found: name -> shape)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     mis_shaped = sorted(
-        f"{name}: file {tuple(state_dict[name].shape)} vs model {expected[name]}"
-        for name in set(expected) & set(state_dict)
-        if tuple(state_dict[name].shape) != expected[name]
+        f"{name}: file {found[name]} vs model {expected[name]}"
+        for name in set(expected) & set(found)
+        if found[name] != expected[name]
     )
     if missing or unexpected or mis_shaped:
         problems = []

@@ -1,6 +1,8 @@
 """The MLflow pyfunc of a OneDiffusion pipeline (INTERFACES §4), logged as "model from code": MLflow copies this file
 into the model and runs it to load, with `model/` beside it (code_paths), so a registered version loads wherever
-MLflow and torch are installed, without onegen.
+MLflow and torch are installed, without onegen. A LoRA version holds its adapter and base.json: the base is loaded
+from its URI at the recorded commit or version (checked against its sha256), then the adapter applied (diffusers'
+PeftAdapterMixin.load_lora_adapter).
 
 Request (one row per request; a pandas DataFrame, or a list of dicts):
     task      a task of model/tasks.py (text2image, depth2image, multiview, ...)
@@ -37,7 +39,11 @@ class OneDiffusionModel(PythonModel):
     def load_context(self, context) -> None:
         from model.pipeline import OneDiffusionPipeline
 
-        self.pipe = OneDiffusionPipeline.from_pretrained(context.artifacts["pipeline"])
+        adapter = context.artifacts.get("adapter")
+        if adapter is None:
+            self.pipe = OneDiffusionPipeline.from_pretrained(context.artifacts["pipeline"])
+        else:
+            self.pipe = load_base_with_adapter(adapter)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -68,6 +74,35 @@ class OneDiffusionModel(PythonModel):
             raise bad_request(f"{task.name}: {err}") from None
         arrays = [] if result.depth is None else [_npy(np.asarray(depth)) for depth in result.depth]
         return {"images": [_png(image) for image in result.images], "arrays": arrays}
+
+
+def load_base_with_adapter(adapter: str):
+    """The base pipeline base.json names (a hub id at its commit, a folder, or a registered version of this
+    tracking server), refused if its transformer weights are not the ones the adapter was trained on, with the
+    adapter loaded."""
+    import json
+    from pathlib import Path
+
+    from model.lora import LORA_WEIGHTS_NAME
+    from model.nextdit import weights_sha256
+    from model.pipeline import OneDiffusionPipeline
+
+    base = json.loads((Path(adapter) / "base.json").read_text())
+    uri, revision = base["uri"], base.get("revision")
+    if uri.startswith("models:/"):
+        name = uri[len("models:/"):].split("@")[0].split("/")[0]
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{revision}")) / "artifacts" / "pipeline"
+        pipe = OneDiffusionPipeline.from_pretrained(folder)
+    else:
+        pinned = {} if Path(uri).is_dir() or revision is None else {"revision": revision}  # a hub id's commit
+        pipe = OneDiffusionPipeline.from_pretrained(uri, **pinned)
+    found = weights_sha256(Path(pipe.transformer.config["_name_or_path"]))
+    if found != base["sha256"]:
+        raise MlflowException(f"the LoRA adapter was trained on {uri} with transformer weights sha256 "
+                              f"{base['sha256'][:12]}..., but {uri} now holds {found[:12]}...; serve the adapter with "
+                              "its own base")
+    pipe.transformer.load_lora_adapter(adapter, prefix="transformer", weight_name=LORA_WEIGHTS_NAME)
+    return pipe
 
 
 def _missing(value) -> bool:

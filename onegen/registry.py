@@ -1,7 +1,8 @@
-"""Trained pipelines in MLflow's model registry (INTERFACES §3, §4): a pipeline folder logged as a pyfunc
-(onegen/pyfunc_model.py, with the signature and input example fixed here), registered under
-`tracking.registered_model` with an alias and lineage tags; and `models:/NAME@ALIAS` / `models:/NAME/VERSION`
-resolved to one version and its pipeline folder, for `--init`.
+"""Trained pipelines in MLflow's model registry (INTERFACES §3, §4): a pipeline folder (or a LoRA run's adapter folder
+with its base.json: the pyfunc loads the base and applies the adapter) logged as a pyfunc (onegen/pyfunc_model.py,
+with the signature and input example fixed here), registered under `tracking.registered_model` with an alias and
+lineage tags; and `models:/NAME@ALIAS` / `models:/NAME/VERSION` resolved to one version and its pipeline folder, for
+`--init`.
 
     version = log_pipeline_model(folder, name="onegen", tracking_uri=uri, tags={...})   # in an active run
     version = resolve_version(tracking_uri, "models:/onegen@candidate")                  # "3": aliases move
@@ -21,6 +22,7 @@ from pathlib import Path
 REGISTRY_SCHEME = "models:/"
 MODEL_ARTIFACT = "model"
 PIPELINE_ARTIFACT = "pipeline"
+ADAPTER_ARTIFACT = "adapter"  # a LoRA version: pytorch_lora_weights.safetensors, adapter_config.json, base.json
 CANDIDATE_ALIAS = "candidate"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))/?$")
 CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
@@ -59,11 +61,11 @@ def signature():
 
 
 def log_pipeline_model(pipeline: str | Path, *, name: str, tracking_uri: str, alias: str = CANDIDATE_ALIAS,
-                       tags: dict[str, str] | None = None) -> str:
-    """Log the pipeline folder as the active run's `model` artifact (a pyfunc) and register it as a new version of
-    `name` with `alias` and `tags`; returns the version. Saved, then logged as artifacts: `mlflow.pyfunc.log_model`
-    would load the whole pipeline on this process to check the input example (tens of GB at 2.8B), where the
-    registered model needs only the files."""
+                       tags: dict[str, str] | None = None, artifact: str = PIPELINE_ARTIFACT) -> str:
+    """Log the pipeline folder (artifact=ADAPTER_ARTIFACT: an adapter folder with its base.json) as the active run's
+    `model` artifact (a pyfunc) and register it as a new version of `name` with `alias` and `tags`; returns the
+    version. Saved, then logged as artifacts: `mlflow.pyfunc.log_model` would load the whole pipeline on this process
+    to check the input example (tens of GB at 2.8B), where the registered model needs only the files."""
     import mlflow
 
     run = mlflow.active_run()
@@ -73,7 +75,7 @@ def log_pipeline_model(pipeline: str | Path, *, name: str, tracking_uri: str, al
         # the request is a dict of columns checked by the signature below, not by predict's type hints
         warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
         folder = Path(scratch) / MODEL_ARTIFACT
-        mlflow.pyfunc.save_model(str(folder), python_model=str(CODE), artifacts={PIPELINE_ARTIFACT: str(pipeline)},
+        mlflow.pyfunc.save_model(str(folder), python_model=str(CODE), artifacts={artifact: str(pipeline)},
                                  code_paths=[str(MODEL_PACKAGE)], signature=signature(), input_example=INPUT_EXAMPLE,
                                  pip_requirements=PIP_REQUIREMENTS)
         mlflow.log_artifacts(str(folder), MODEL_ARTIFACT)
@@ -137,10 +139,12 @@ def version_pipeline(tracking_uri: str, name: str, version: str, cache: str | Pa
             shutil.rmtree(scratch, ignore_errors=True)
     folder = target / "artifacts" / PIPELINE_ARTIFACT
     if not folder.is_dir():
-        raise FileNotFoundError(f"models:/{name}/{version}: no artifacts/{PIPELINE_ARTIFACT}/ in the model (not a "
-                                "pipeline logged by onegen train)")
+        adapter = (target / "artifacts" / ADAPTER_ARTIFACT).is_dir()
+        raise FileNotFoundError(f"models:/{name}/{version}: " + (
+            "a LoRA adapter, not a pipeline: start from its base (named in its tag onegen.parent_model)" if adapter
+            else f"no artifacts/{PIPELINE_ARTIFACT}/ in the model (not a pipeline logged by onegen train)"))
     return folder
 
 
-__all__ = ["CANDIDATE_ALIAS", "INPUT_EXAMPLE", "is_model_uri", "log_pipeline_model", "parse_model_uri",
-           "resolve_version", "signature", "version_pipeline"]
+__all__ = ["ADAPTER_ARTIFACT", "CANDIDATE_ALIAS", "INPUT_EXAMPLE", "is_model_uri", "log_pipeline_model",
+           "parse_model_uri", "resolve_version", "signature", "version_pipeline"]

@@ -26,10 +26,30 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from model.limits import resolution_problem
-from onegen.config import (RUNTIME, SCHEMAS, ModelSection, OnegenConfig, TrackingSection, _role, _Section,
-                           check_safe_name)
+from onegen.config import (RUNTIME, SCHEMAS, ModelSection, OnegenConfig, TrackingSection, _hashed_if_set, _role,
+                           _Section, check_safe_name)
 
 TINY_T5 = "tiny-t5"  # a seeded random T5 built locally (model.tokenizers.build_tiny_t5): no download, tests and CPU
+
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "wk_y", "wv_y", "w1", "w2", "w3")  # = model.lora.LORA_TARGETS (a test pins it)
+
+
+class LoraSection(_Section):
+    """LoRA fine-tuning of model.init (peft's LoraConfig on every block): the base weights frozen, only the adapter
+    trained and checkpointed (INTERFACES §3: adapter/ + base.json, no pipeline/), no EMA."""
+
+    rank: int = Field(16, gt=0, le=1024, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[Literal[LORA_TARGETS]] = Field(
+        ["wq", "wk", "wv", "wo"], min_length=1, description="the Linear layers adapted in every block: the "
+        "attention projections wq wk wv wo, the text keys/values wk_y wv_y, the feed-forward w1 w2 w3")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return sorted(set(value), key=LORA_TARGETS.index)
 
 
 class TrainModelSection(ModelSection):
@@ -43,6 +63,8 @@ class TrainModelSection(ModelSection):
                                      "run.work_dir/models, d_model = the preset's caption_channels); null: "
                                      f"model.init's own text encoder when model.init is set, else {TINY_T5!r}")
     text_max_length: int = Field(300, gt=0, le=512, description="prompt tokens (the release truncates at 300)")
+    lora: LoraSection | None = Field(None, description="LoRA fine-tuning of model.init (configs/train/"
+                                     "finetune_lora.yaml); null: every weight trains", **_hashed_if_set())
 
     @field_validator("init", "text_encoder")
     @classmethod
@@ -266,6 +288,12 @@ class TrainConfig(OnegenConfig):
     def cross_field_problems(self) -> list[tuple[str, str]]:
         problems = super().cross_field_problems()
         train = self.train
+        if self.model.lora is not None and self.model.init is None:
+            problems.append(("model.lora", "LoRA adapts existing weights: give them with --init PATH_OR_HUB_ID (or "
+                                           "model.init), or set model.lora to null to train every weight"))
+        if self.model.lora is not None and train.zero_stage == 3:
+            problems.append(("train.zero_stage", "3 partitions every weight, but a LoRA run trains a small adapter "
+                                                 "of a frozen base that every rank holds whole: use 2"))
         if train.global_batch_size % train.num_workers:
             problems.append(("train.global_batch_size",
                              f"{train.global_batch_size} does not split evenly over train.num_workers="

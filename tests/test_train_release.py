@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from train_runs import (check_ema_follows_the_decay, ema_weights, in_fresh_process, raw_weights,
-                        safetensors_weights, single_process_stage, single_process_stage_counting_recomputes,
-                        train_overrides)
+from train_runs import (check_ema_follows_the_decay, ema_weights, in_fresh_process, make_release_folder,
+                        raw_weights, safetensors_weights, single_process_stage,
+                        single_process_stage_counting_recomputes, train_overrides)
 
 ZERO3 = ("train.zero_stage=3", "train.zero3_persistence_threshold=0", "train.stages[0].steps=3",
          "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.global_batch_size=2")
@@ -61,26 +61,6 @@ def test_a_resumed_run_continues_the_average_exactly(zero3, tmp_path):
     assert resumed["losses"] == zero3["result"]["losses"][2:]
     for name, value in ema_weights(tmp_path / "checkpoint_000003").items():
         torch.testing.assert_close(value, ema_weights(zero3["checkpoints"] / "checkpoint_000003")[name], rtol=0, atol=0)
-
-
-def make_release_folder(folder: Path, *, seed: int = 99, vae: bool = False, **preset_overrides) -> Path:
-    """A release-layout folder: a perturbed `nextdit-tiny` transformer, the pixel tokenizer (vae: a tiny
-    AutoencoderKL), a tiny T5 (d_model = the transformer's caption width), the release's scheduler."""
-    from model.nextdit import NextDiT
-    from model.pipeline import OneDiffusionPipeline
-    from model.tokenizers import PixelTokenizer, T5TextEncoder, VAETokenizer, build_tiny_t5
-    from release_reference.tiny_release import tiny_vae
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = NextDiT.from_preset("nextdit-tiny", **preset_overrides)
-        with torch.no_grad():
-            for parameter in transformer.parameters():
-                parameter.add_(0.05 * torch.randn_like(parameter))
-    t5 = build_tiny_t5(folder.parent / f"{folder.name}-t5", d_model=transformer.config.caption_channels, seed=seed)
-    tokenizer = VAETokenizer(tiny_vae(), sample=False) if vae else PixelTokenizer()
-    OneDiffusionPipeline(transformer, tokenizer, T5TextEncoder.from_pretrained(t5)).save_pretrained(folder)
-    return folder
 
 
 def test_init_starts_from_the_release_folders_weights_and_its_text_encoder(synthetic_build, tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/train/tiny.yaml"
+FINETUNE_LORA = REPO / "configs/train/finetune_lora.yaml"
 TRAIN_TIMEOUT_S = 420
 
 
@@ -32,9 +33,10 @@ def in_fresh_process(fn, *args, timeout: float = TRAIN_TIMEOUT_S):
         return pool.submit(fn, *args).result(timeout=timeout)
 
 
-def single_process_stage(overrides: list[str], restore: str | None = None, save_to: str | None = None) -> dict:
-    """configs/train/tiny.yaml's first stage on one process (no Ray): {"losses": [(step, task label, loss)],
-    "checkpoints": [step, ...]}; with save_to, each checkpoint folder is copied to save_to/checkpoint_STEP."""
+def single_process_stage(overrides: list[str], restore: str | None = None, save_to: str | None = None,
+                         config: Path = TINY) -> dict:
+    """The config's (configs/train/tiny.yaml) first stage on one process (no Ray): {"losses": [(step, task label,
+    loss)], "checkpoints": [step, ...]}; with save_to, each checkpoint folder is copied to save_to/checkpoint_STEP."""
     import shutil
 
     import torch
@@ -44,7 +46,7 @@ def single_process_stage(overrides: list[str], restore: str | None = None, save_
     from training.engine import init_distributed
     from training.loop import run_stage
 
-    cfg = load_config(TINY, ["train.num_workers=1", *overrides], TrainConfig)
+    cfg = load_config(config, ["train.num_workers=1", *overrides], TrainConfig)
     init_distributed()
     losses, checkpoints = [], []
 
@@ -79,6 +81,26 @@ def single_process_stage_counting_recomputes(overrides: list[str]) -> dict:
         checkpointing.checkpoint = original
 
 
+def make_release_folder(folder: Path, *, seed: int = 99, vae: bool = False, **preset_overrides) -> Path:
+    """A release-layout folder: a perturbed `nextdit-tiny` transformer, the pixel tokenizer (vae: a tiny
+    AutoencoderKL), a tiny T5 (d_model = the transformer's caption width), the release's scheduler."""
+    from model.nextdit import NextDiT
+    from model.pipeline import OneDiffusionPipeline
+    from model.tokenizers import PixelTokenizer, T5TextEncoder, VAETokenizer, build_tiny_t5
+    from release_reference.tiny_release import tiny_vae
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = NextDiT.from_preset("nextdit-tiny", **preset_overrides)
+        with torch.no_grad():
+            for parameter in transformer.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    t5 = build_tiny_t5(folder.parent / f"{folder.name}-t5", d_model=transformer.config.caption_channels, seed=seed)
+    tokenizer = VAETokenizer(tiny_vae(), sample=False) if vae else PixelTokenizer()
+    OneDiffusionPipeline(transformer, tokenizer, T5TextEncoder.from_pretrained(t5)).save_pretrained(folder)
+    return folder
+
+
 def train_command(*overrides: str, config: Path = TINY, stages: list[Path] | None = None) -> list[str]:
     """`python -m training.launch --config CONFIG`, or with `stages` `--stages FILE ...`, and --set items."""
     cmd = [sys.executable, "-m", "training.launch", *(["--stages", *map(str, stages)] if stages else
@@ -89,10 +111,10 @@ def train_command(*overrides: str, config: Path = TINY, stages: list[Path] | Non
 
 
 def run_train(ray_head, *overrides: str, timeout: float = TRAIN_TIMEOUT_S, extra_args: list[str] | None = None,
-              stages: list[Path] | None = None) -> subprocess.CompletedProcess:
+              stages: list[Path] | None = None, config: Path = TINY) -> subprocess.CompletedProcess:
     env = dict(ray_head["env"], RAY_ADDRESS=ray_head["gcs"])
-    return subprocess.run(train_command(*overrides, stages=stages) + list(extra_args or ()), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(train_command(*overrides, config=config, stages=stages) + list(extra_args or ()), cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ class EmaWeights:
         if self.ema is None:
             if self.masters:  # the other ranks' part of assembling each partitioned master
                 for param in module.parameters():
-                    self._full_master(param, deepspeed)
+                    self.full_master(param, deepspeed)
             return
         self.ema.optimization_step += 1
         keep = 1 - self.ema.get_decay(self.ema.optimization_step)
@@ -66,10 +66,11 @@ class EmaWeights:
                                                                                strict=True)], keep)
             return
         for param, shadow in zip(module.parameters(), shadows, strict=True):  # one full master at a time
-            shadow.lerp_(self._full_master(param, deepspeed).to(shadow), keep)
+            shadow.lerp_(self.full_master(param, deepspeed).to(shadow), keep)
 
     @staticmethod
-    def _full_master(param: torch.nn.Parameter, deepspeed) -> torch.Tensor:
+    def full_master(param: torch.nn.Parameter, deepspeed) -> torch.Tensor:
+        """The parameter's full float32 master weight (a collective under ZeRO-3 and bf16: every rank calls it)."""
         full = deepspeed.utils.safe_get_full_fp32_param(param)
         if full is not None:
             return full

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from onegen import errors
 from onegen.config import ConfigError, content_hash
@@ -34,13 +35,15 @@ class TrainSummary:
     loss: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    lora: bool = False
 
     def table(self) -> str:
+        weights = f"  adapter:    {self.checkpoint}/adapter   (LoRA, diffusers' pytorch_lora_weights.safetensors; " \
+                  "its base in base.json)" if self.lora else \
+                  f"  pipeline:   {self.checkpoint}/pipeline   (the EMA weights, release layout)"
         lines = [f"run {self.run}, stage {self.stage}: {self.steps} steps",
                  f"  final loss: {self.loss:.4f}" if self.loss is not None else "  final loss: (no step run)",
-                 f"  checkpoint: {self.checkpoint}",
-                 *([f"  pipeline:   {self.checkpoint}/pipeline   (the EMA weights, release layout)"]
-                   if self.checkpoint else []),
+                 f"  checkpoint: {self.checkpoint}", *([weights] if self.checkpoint else []),
                  f"  mlflow:     {self.mlflow[0]}",
                  *[f"              {line}" for line in self.mlflow[1:]], f"  seconds:    {self.seconds:.0f}"]
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
@@ -181,7 +184,8 @@ def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, parent_id: 
             if final is not None and final[1]["step"] >= stage.steps:
                 summaries.append(TrainSummary(cfg.run.name, stage.name, stage.steps, final[0],
                                               [f"run {final[1].get('mlflow_run_id')}"],
-                                              notes=["already trained: nothing to do (a new run.name trains again)"]))
+                                              notes=["already trained: nothing to do (a new run.name trains again)"],
+                                              lora=cfg.model.lora is not None))
             else:
                 stage_data = data if index == 0 else _plan_stage(cfg, index)
                 if stage_data.image_tokenizer != data.image_tokenizer:
@@ -201,18 +205,21 @@ def _fit_stages(cfg: TrainConfig, data, latest: list, sources: dict, parent_id: 
 
 def register_candidate(cfg: TrainConfig, run_id: str, final: tuple[str, dict], digests: list[dict],
                        sources: dict) -> str:
-    """Log the last stage's final pipeline/ (the EMA weights) as the job run's pyfunc model and register it under
-    tracking.registered_model with the alias `candidate` and lineage tags; once per final checkpoint (a rerun of a
-    finished job finds its version and sets the alias again, in case the job died between the two; a job grown by
-    a stage registers its new final pipeline). Returns the summary line."""
+    """Log the last stage's final pipeline/ (the EMA weights; a LoRA run: its adapter/ with base.json) as the job
+    run's pyfunc model and register it under tracking.registered_model with the alias `candidate` and lineage tags;
+    once per final checkpoint (a rerun of a finished job finds its version and sets the alias again, in case the job
+    died between the two; a job grown by a stage registers its new final pipeline). Returns the summary line."""
     import json
+    import shutil
+    import tempfile
 
     from mlflow import MlflowClient
     from ray.train import Checkpoint
 
-    from onegen.registry import CANDIDATE_ALIAS, is_model_uri, log_pipeline_model, parse_model_uri
+    from onegen.registry import (ADAPTER_ARTIFACT, CANDIDATE_ALIAS, PIPELINE_ARTIFACT, is_model_uri,
+                                 log_pipeline_model, parse_model_uri)
     from onegen.tracking import tracking_uri
-    from training.loop import PIPELINE_DIR
+    from training.loop import ADAPTER_DIR, BASE_FILE, PIPELINE_DIR
 
     name = cfg.tracking.registered_model
     client = MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg))
@@ -228,10 +235,24 @@ def register_candidate(cfg: TrainConfig, run_id: str, final: tuple[str, dict], d
     tags = {"onegen.run": cfg.run.name, "onegen.builds": json.dumps(digests), "onegen.content_hash": content_hash(cfg),
             "onegen.parent_model": init or f"none (model.preset {cfg.model.preset}, seed {cfg.run.seed})",
             "onegen.stages": ",".join(stage.name for stage in cfg.train.stages), "onegen.checkpoint": final[0]}
+    if cfg.model.lora is not None:
+        base = final[1]["base"]
+        tags.update({"onegen.kind": "lora", "onegen.base_sha256": base["sha256"],
+                     "onegen.lora": json.dumps(cfg.model.lora.model_dump(mode="json"))})
+        with errors.step("register the trained adapter", input=f"{final[0]}/{ADAPTER_DIR} as {name}"), \
+                tempfile.TemporaryDirectory(prefix="onegen-adapter-") as scratch:
+            folder = Path(scratch) / ADAPTER_ARTIFACT  # adapter/ and its base.json: what the pyfunc loads
+            with Checkpoint(_storage_path(f"{final[0]}/{ADAPTER_DIR}")).as_directory() as adapter:
+                shutil.copytree(adapter, folder)
+            (folder / BASE_FILE).write_text(json.dumps(base, indent=1) + "\n")  # = the checkpoint's base.json
+            version = log_pipeline_model(folder, name=name, tracking_uri=tracking_uri(cfg), alias=CANDIDATE_ALIAS,
+                                         tags=tags, artifact=ADAPTER_ARTIFACT)
+        return f"registered: models:/{name}/{version} (alias {CANDIDATE_ALIAS}; a LoRA adapter on " \
+            f"{tags['onegen.parent_model']})"
     with errors.step("register the trained pipeline", input=f"{final[0]}/{PIPELINE_DIR} as {name}"):
         with Checkpoint(_storage_path(f"{final[0]}/{PIPELINE_DIR}")).as_directory() as folder:  # pipeline/ only
             version = log_pipeline_model(folder, name=name, tracking_uri=tracking_uri(cfg), alias=CANDIDATE_ALIAS,
-                                         tags=tags)
+                                         tags=tags, artifact=PIPELINE_ARTIFACT)
     return f"registered: models:/{name}/{version} (alias {CANDIDATE_ALIAS}; load it with " \
            f"mlflow.pyfunc.load_model('models:/{name}@{CANDIDATE_ALIAS}'))"
 
@@ -287,7 +308,7 @@ def _fit(cfg: TrainConfig, index: int, data, latest, sources: dict, parent,
             notes.append(log_realised_mixture(stage, data.plan, final[1]["mixture"]))
         where = run_location(tracking_uri(cfg), active.info.experiment_id, active.info.run_id)
     return TrainSummary(cfg.run.name, stage.name, stage.steps, checkpoint, where, metrics.get("loss"),
-                        time.perf_counter() - started, notes), final
+                        time.perf_counter() - started, notes, lora=cfg.model.lora is not None), final
 
 
 def log_realised_mixture(stage, plan, counts: dict) -> str:

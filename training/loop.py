@@ -9,6 +9,11 @@ Checkpoint folder (INTERFACES §3), what `save` receives every `checkpoint_every
                    and the stage's), world size, the EMA's step count, the weights the stage started from, the
                    realised mixture so far (steps by task, samples by source, bucket and frame count)
 
+A LoRA run (model.lora) trains only the adapter of a frozen base and checkpoints only that: ds/ without the frozen
+parameters (the adapter and its optimizer state), adapter/ (diffusers' pytorch_lora_weights.safetensors + peft's
+adapter_config.json: model/lora.py) and base.json (the base's URI, pinned commit and sha256) instead of pipeline/;
+no EMA. A resume loads the same base (refused if its sha256 changed) and the adapter from ds/.
+
 Resuming loads both and continues at the next step: the plan's batch and every random draw of a step are functions of
 (seed, stage, step, rank), so the losses after a resume equal an uninterrupted run's, step for step.
 """
@@ -34,6 +39,8 @@ from training.reader import Cursor, DataPlan, DataPlanError, index_rows, rank_sh
 STATE_FILE = "state.json"
 STATE_SCHEMA = "onegen.train_state/3"
 PIPELINE_DIR = "pipeline"
+ADAPTER_DIR = "adapter"
+BASE_FILE = "base.json"
 DS_TAG = "ds"
 RNG_SCHEME = "per step and rank: SeedSequence([run.seed, stage index, step, rank]) (training.step.step_seed)"
 
@@ -102,8 +109,10 @@ def read_state(folder: str | Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text())
 
 
-def check_resumable(state: dict, cfg: TrainConfig, digests: list[dict], world_size: int) -> None:
-    """Refuse a checkpoint this run cannot continue exactly (digests: the builds' manifest digests)."""
+def check_resumable(state: dict, cfg: TrainConfig, digests: list[dict], world_size: int,
+                    base: dict | None = None) -> None:
+    """Refuse a checkpoint this run cannot continue exactly (digests: the builds' manifest digests; base: a LoRA
+    run's base identity now, training.weights.base_identity)."""
     if state.get("schema") != STATE_SCHEMA:
         raise ResumeError(f"run {cfg.run.name}: its checkpoints are {state.get('schema')}, this trainer writes "
                           f"{STATE_SCHEMA} (another data cursor before it); start a new run.name")
@@ -115,6 +124,10 @@ def check_resumable(state: dict, cfg: TrainConfig, digests: list[dict], world_si
     if state.get("builds") != digests:
         raise ResumeError(f"run {cfg.run.name}: its checkpoints were trained on other data ({state.get('builds')}); "
                           "train on the same builds or start a new run.name")
+    if state.get("base") and base is not None and state["base"]["sha256"] != base["sha256"]:
+        raise ResumeError(f"run {cfg.run.name}: its adapter was trained on base weights with sha256 "
+                          f"{state['base']['sha256'][:12]}..., model.init={cfg.model.init} now has "
+                          f"{base['sha256'][:12]}...; restore those weights or start a new run.name")
     if state.get("world_size") != world_size:
         raise ResumeError(f"run {cfg.run.name}: checkpoint written by {state.get('world_size')} ranks, resumed on "
                           f"{world_size}; ZeRO optimizer shards follow the rank count, so resume with "
@@ -133,7 +146,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     log(metrics, step): per-step metrics (called on rank 0 only); sources: the commits the driver pinned hub ids
     to (training.weights.check_model_sources); previous: where a later stage's starting weights are, downloaded
     from previous_uri (the previous stage's final checkpoint): its pipeline/ (the EMA), or with stage.start_from
-    "model" the checkpoint folder (its ds/ consolidated); None on a resume;
+    "model" the checkpoint folder (its ds/ consolidated), or in a LoRA run its adapter/; None on a resume;
     log_image(image, artifact_path): where rank 0's sample grids go (training/sample_grid.py; None: no grids).
     Returns the last step's metrics."""
     import torch.distributed as dist
@@ -143,7 +156,7 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     from training.engine import make_engine
     from training.reader import count_step
     from training.step import StepRunner, TextEncoding, step_generator, step_seed
-    from training.weights import load_transformer
+    from training.weights import base_identity, load_transformer
 
     stage = cfg.train.stages[stage_index]
     data = stage_data(cfg, stage_index)
@@ -157,22 +170,27 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     patch = int(model.config.patch_size[-1])
     text_encoder = load_text_encoder(cfg, model.config.caption_channels, device, sources)
     bf16 = cfg.train.precision == "bf16"
-    ema = EmaWeights(model, cfg.train.ema, keep=rank == 0, masters=cfg.train.zero_stage == 3 or bf16).to(device)
+    masters = cfg.train.zero_stage == 3 or bf16
+    lora = cfg.model.lora is not None
+    ema = None if lora else EmaWeights(model, cfg.train.ema, keep=rank == 0, masters=masters).to(device)
+    base = base_identity(cfg, sources) if lora and rank == 0 else None
     image_tokenizer = export_image_tokenizer(data.image_tokenizer) if rank == 0 else None
     engine = make_engine(model, cfg.train, total_steps=stage.steps, per_rank_batch=per_rank)
     runner = StepRunner(engine, TextEncoding.from_encoder(text_encoder, device), flow_config(cfg.train.flow),
                         channel_mask=loss_channel_mask(data.image_tokenizer), device=device,
                         model_dtype=torch.bfloat16 if bf16 else None)
     group = process_group if process_group is not None else (dist.group.WORLD if dist.is_initialized() else None)
-    grids = _SampleGrids(cfg, stage, data, image_tokenizer, text_encoder, ema, device, log_image) \
+    weights = (lambda: engine.module) if lora else ema.transformer  # what the sample grids sample with
+    grids = _SampleGrids(cfg, stage, data, image_tokenizer, text_encoder, weights, device, log_image) \
         if rank == 0 and log_image is not None else None
 
     step, cursor, counts = 0, data.plan.start(), {}
     if restore is not None:
         state = read_state(restore)
-        check_resumable(state, cfg, data.digests, world_size)
-        engine.load_checkpoint(restore, tag=DS_TAG)
-        ema.restore(Path(restore) / PIPELINE_DIR, state["ema"])
+        check_resumable(state, cfg, data.digests, world_size, base)
+        engine.load_checkpoint(restore, tag=DS_TAG, load_module_strict=not lora)  # LoRA: no frozen base in ds/
+        if ema is not None:
+            ema.restore(Path(restore) / PIPELINE_DIR, state["ema"])
         step, cursor, counts = int(state["step"]), Cursor.from_dict(state["cursor"]), state["mixture"]
         if rank == 0:
             say(f"[{stage.name}] resumed from {restore} at step {step}")
@@ -180,7 +198,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     def checkpoint(metrics: dict) -> None:
         folder = tempfile.mkdtemp(prefix=f"onegen-ckpt-{rank}-")
         try:
-            engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step})
+            engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step}, exclude_frozen_parameters=lora)
+            adapter = adapter_tensors(engine.module, masters) if lora else None  # every rank: may be a collective
             if rank == 0:
                 state = {"schema": STATE_SCHEMA, "run": cfg.run.name, "stage": stage.name, "stage_index": stage_index,
                          "step": step, "steps": stage.steps, "cursor": cursor.to_dict(),
@@ -188,13 +207,17 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                          "content_hash": cfg.stage_content_hash(stage_index),
                          "builds": data.digests, "mlflow_run_id": mlflow_run_id,
                          "mlflow_parent_run_id": mlflow_parent_run_id, "world_size": world_size,
-                         "ema": ema.state(), "mixture": counts,
+                         "ema": ema.state() if ema is not None else None, "mixture": counts, "base": base,
                          "start": {"stage": cfg.train.stages[stage_index - 1].name, "weights": stage.start_from,
                                    "uri": previous_uri} if previous_uri else None,
                          "init": {"uri": cfg.model.init, "revision": sources.get("init")},
                          "text_encoder": {"uri": cfg.model.text_encoder_source,
                                           "revision": sources.get("text_encoder")}}
-                ema.export(Path(folder) / PIPELINE_DIR, image_tokenizer, text_encoder)
+                if lora:
+                    save_adapter(engine.module, Path(folder) / ADAPTER_DIR, tensors=adapter)
+                    (Path(folder) / BASE_FILE).write_text(json.dumps(base, indent=1) + "\n")
+                else:
+                    ema.export(Path(folder) / PIPELINE_DIR, image_tokenizer, text_encoder)
                 # last: a folder without it is no checkpoint (training.launch.latest_checkpoint's fallback scan)
                 (Path(folder) / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
             save(folder, metrics, step)
@@ -214,7 +237,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
         generator = cpu_generator if device.type == "cpu" else step_generator(seed, device)
         loaded = time.perf_counter() - t0  # reading and assembling the batch: the step's wait for data
         result = runner.step(batch, generator, group)
-        ema.step(engine.module)
+        if ema is not None:
+            ema.step(engine.module)
         seconds = time.perf_counter() - t0
         step += 1
         counts = count_step(counts, data.plan, key, choices)
@@ -224,7 +248,9 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
         metrics = {"train/loss": result["loss"], f"train/loss/{label}": result["loss"], "train/lr": result["lr"],
                    "train/grad_norm": result["grad_norm"], "train/step_seconds": seconds,
                    "train/samples_per_s": cfg.train.global_batch_size / seconds, "train/tokens_per_s": tokens / seconds,
-                   "train/ema_decay": ema.decay(), "train/data_wait_fraction": loaded / seconds}
+                   "train/data_wait_fraction": loaded / seconds}
+        if ema is not None:
+            metrics["train/ema_decay"] = ema.decay()
         if rank == 0:
             log(metrics, step)
             if step % 10 == 0 or step == stage.steps:
@@ -239,30 +265,65 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     return metrics
 
 
-class _SampleGrids:
-    """Rank 0's sample grids of a stage: one fixed example per drawn task, sampled with the EMA's own tensors."""
+def adapter_tensors(module: torch.nn.Module, masters: bool) -> dict[str, torch.Tensor]:
+    """The trained (adapter) parameters by name: the module's own, or with `masters` (bf16) the optimizer's float32
+    masters, each assembled by deepspeed.utils.safe_get_full_fp32_param (a collective: every rank calls this)."""
+    from training.ema import EmaWeights
 
-    def __init__(self, cfg: TrainConfig, stage, data: StageData, image_tokenizer, text_encoder, ema, device,
-                 log_image: Callable[[object, str], None]):
+    trained = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
+    if not masters:
+        return {name: param.detach() for name, param in trained}
+    import deepspeed
+
+    return {name: EmaWeights.full_master(param, deepspeed) for name, param in trained}
+
+
+def save_adapter(module: torch.nn.Module, target: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the adapter folder (model.lora.save_adapter) into a scratch folder renamed into place."""
+    import os
+
+    from model.lora import save_adapter as write_adapter
+
+    scratch = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        write_adapter(module, scratch, tensors=tensors)
+        os.rename(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+class _SampleGrids:
+    """Rank 0's sample grids of a stage: one fixed example per drawn task, sampled with `weights()`: the EMA's own
+    tensors, or in a LoRA run the training module itself (in eval mode while it samples: no adapter dropout)."""
+
+    def __init__(self, cfg: TrainConfig, stage, data: StageData, image_tokenizer, text_encoder,
+                 weights: Callable[[], torch.nn.Module], device, log_image: Callable[[object, str], None]):
         from training.sample_grid import pick_examples
 
         self.cfg, self.stage, self.log_image = cfg, stage, log_image
-        self.parts = (image_tokenizer, text_encoder, ema, device)
+        self.parts = (image_tokenizer, text_encoder, weights, device)
         self.examples = pick_examples(data.plan, data.builds, image_tokenizer)
 
     def log(self, step: int) -> None:
         from model.pipeline import OneDiffusionPipeline
         from training.sample_grid import artifact_path, sample_grid
 
-        image_tokenizer, text_encoder, ema, device = self.parts
+        image_tokenizer, text_encoder, weights, device = self.parts
         started = time.perf_counter()
-        pipe = OneDiffusionPipeline(ema.transformer(), image_tokenizer, text_encoder).to(device)
+        transformer = weights()
+        training = transformer.training
+        pipe = OneDiffusionPipeline(transformer.eval(), image_tokenizer, text_encoder).to(device)
         samples = self.cfg.train.samples
-        with torch.random.fork_rng(devices=[]):  # sampling draws nothing from the training stream
-            for example in self.examples:
-                image = sample_grid(pipe, example, steps=samples.steps, guidance_scale=samples.guidance_scale,
-                                    seed=self.cfg.run.seed)
-                self.log_image(image, artifact_path(self.stage.name, step, example.label))
+        try:
+            with torch.random.fork_rng(devices=[]):  # sampling draws nothing from the training stream
+                for example in self.examples:
+                    image = sample_grid(pipe, example, steps=samples.steps, guidance_scale=samples.guidance_scale,
+                                        seed=self.cfg.run.seed)
+                    self.log_image(image, artifact_path(self.stage.name, step, example.label))
+        finally:
+            transformer.train(training)
         say(f"[{self.stage.name}] step {step}: {len(self.examples)} sample grids in "
             f"{time.perf_counter() - started:.1f} s (MLflow artifacts samples/{self.stage.name}/step_{step:06d}/)")
 
@@ -299,7 +360,8 @@ def train_worker(config: dict) -> None:
     # the previous stage's final weights, wherever storage.root is (a local folder as is, S3 downloaded): only its
     # pipeline/ (and ds/ for start_from=model), and only when this stage starts (a resume restores its own weights)
     stage = cfg.train.stages[config["stage"]]
-    previous = ray.train.Checkpoint(previous_uri if stage.start_from == "model" else f"{previous_uri}/{PIPELINE_DIR}") \
+    start = ADAPTER_DIR if cfg.model.lora is not None else None if stage.start_from == "model" else PIPELINE_DIR
+    previous = ray.train.Checkpoint(f"{previous_uri}/{start}" if start else previous_uri) \
         if previous_uri and checkpoint is None else None
     try:
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as folder, \
@@ -324,6 +386,6 @@ def _ignore(metrics: dict, step: int) -> None:
     pass
 
 
-__all__ = ["DS_TAG", "PIPELINE_DIR", "ResumeError", "STATE_FILE", "StageData", "check_resumable", "open_builds",
-           "read_state",
-           "run_stage", "stage_data", "train_worker"]
+__all__ = ["ADAPTER_DIR", "BASE_FILE", "DS_TAG", "PIPELINE_DIR", "ResumeError", "STATE_FILE", "StageData",
+           "adapter_tensors", "check_resumable", "open_builds", "read_state", "run_stage", "save_adapter",
+           "stage_data", "train_worker"]

@@ -1,8 +1,10 @@
 """Where a run's weights come from, checked on the driver before a worker starts: the transformer (the preset's seeded
-initialisation, or `model.init`, a release-layout folder or hub id: full fine-tuning) and the frozen T5.
+initialisation, or `model.init`, a release-layout folder or hub id: full fine-tuning, or with `model.lora` the frozen
+base of a LoRA adapter) and the frozen T5.
 
     sources = check_model_sources(cfg)       # driver: one-line ConfigError on a misfit; pins hub ids to a commit
-    model = load_transformer(cfg, sources)   # every rank: the same weights
+    model = load_transformer(cfg, sources)   # every rank: the same weights (and the same fresh adapter)
+    base = base_identity(cfg, sources)       # a LoRA run's base.json: URI, pinned commit/version, sha256
 
 Only configs are read on the driver (a hub id downloads `transformer/config.json` and `text_encoder/config.json`, not
 the weights): a misfit fails in seconds, and the workers load the very commit the driver checked, each node into its
@@ -145,11 +147,18 @@ def load_transformer(cfg: TrainConfig, sources: dict, previous: str | None = Non
     """A stage's starting NextDiT, the same on every rank: with `previous`, the previous stage's final EMA weights
     (previous = its pipeline/ folder) or, start_from="model", its trained weights (previous = its checkpoint folder,
     consolidated from ds/); else `model.init`'s weights (float32), or the preset's initialisation seeded by
-    run.seed."""
+    run.seed. With model.lora: model.init's weights, frozen, with a LoRA adapter (peft), fresh or, with `previous`,
+    the previous stage's (previous = its adapter/ folder)."""
     import torch
 
     from model.nextdit import NextDiT
 
+    if cfg.model.lora is not None:
+        model = add_lora(NextDiT.from_pretrained(init_transformer_folder(cfg, sources),
+                                                 attn_impl=cfg.model.attn_impl), cfg)
+        if previous is not None:
+            load_adapter_weights(model, previous)
+        return model
     if previous is not None:
         from training.loop import DS_TAG, PIPELINE_DIR
 
@@ -165,10 +174,58 @@ def load_transformer(cfg: TrainConfig, sources: dict, previous: str | None = Non
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.run.seed)
             return NextDiT.from_preset(cfg.model.preset, attn_impl=cfg.model.attn_impl)
+    return NextDiT.from_pretrained(init_transformer_folder(cfg, sources), attn_impl=cfg.model.attn_impl)
+
+
+def init_transformer_folder(cfg: TrainConfig, sources: dict) -> Path:
+    """The local NextDiT folder of model.init (its transformer/, or the folder itself), at the pinned commit."""
     from onegen.tracking import tracking_uri
 
-    folder = pinned_folder(cfg.model.init, sources.get("init"), TRANSFORMER_FILES, tracking_uri(cfg))
-    return NextDiT.from_pretrained(_subfolder(folder, "transformer"), attn_impl=cfg.model.attn_impl)
+    return _subfolder(pinned_folder(cfg.model.init, sources.get("init"), TRANSFORMER_FILES, tracking_uri(cfg)),
+                      "transformer")
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Freeze every base weight and add model.lora's adapter (peft; lora_B starts at zero, so the adapted model
+    starts as the base). lora_A's random start is seeded by run.seed: every rank, and a rerun, the same."""
+    import torch
+
+    from model.lora import lora_config
+
+    lora = cfg.model.lora
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model.add_adapter(lora_config(lora.rank, lora.alpha, lora.dropout, lora.target_modules))
+    return model
+
+
+def load_adapter_weights(model, folder: str | Path) -> None:
+    """Set the model's adapter to the one saved in `folder` (pytorch_lora_weights.safetensors, diffusers' keys);
+    a file that does not fit the configured adapter (another rank or targets) raises a ValueError naming the keys."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from model.lora import ADAPTER_NAME, LORA_WEIGHTS_NAME
+
+    path = Path(folder) / LORA_WEIGHTS_NAME
+    state = {name.removeprefix("transformer."): value for name, value in load_file(path).items()}
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    missing = sorted(name for name in result.missing_keys if "lora_" in name)
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: the adapter does not fit model.lora (missing {missing[:4]}, unexpected "
+                         f"{sorted(result.unexpected_keys)[:4]}); continue with the model.lora it was trained with")
+
+
+def base_identity(cfg: TrainConfig, sources: dict) -> dict:
+    """What a LoRA run's base.json records of its base model: model.init's URI, the commit or registered version it
+    was pinned to, and the sha256 of its transformer weights (the weight files' bytes in name order: for one file,
+    what `sha256sum` prints), so an adapter is never applied to, or resumed on, other weights unnoticed."""
+    from model.nextdit import weight_files, weights_sha256
+
+    folder = init_transformer_folder(cfg, sources)
+    return {"uri": cfg.model.init, "revision": sources.get("init"), "sha256": weights_sha256(folder),
+            "files": [path.name for path in weight_files(folder)], "preset": cfg.model.preset}
 
 
 def text_encoder_folder(cfg: TrainConfig, sources: dict) -> Path:
@@ -179,5 +236,6 @@ def text_encoder_folder(cfg: TrainConfig, sources: dict) -> Path:
                          tracking_uri(cfg))
 
 
-__all__ = ["check_model_sources", "init_tokenizer_problem", "load_transformer", "pinned_folder", "resumed_sources",
-           "text_encoder_folder", "transformer_config_problem"]
+__all__ = ["add_lora", "base_identity", "check_model_sources", "init_tokenizer_problem", "init_transformer_folder",
+           "load_adapter_weights", "load_transformer", "pinned_folder", "resumed_sources", "text_encoder_folder",
+           "transformer_config_problem"]

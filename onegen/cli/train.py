@@ -1,6 +1,7 @@
 """`onegen train`: Ray Train + DeepSpeed training of the NextDiT on a build's latents.
 
     onegen train --config configs/train/NAME.yaml [--init PATH_OR_HUB_ID] [--set key=value ...]
+    onegen train --config configs/train/finetune_lora.yaml --init PATH_OR_HUB_ID     (LoRA: model.lora)
     onegen train --stages configs/train/stage1.yaml configs/train/stage2.yaml ...   (their stages, chained)
                                                                             (= python -m training.launch ...)
 """
@@ -19,9 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stage configs trained one after the other, each from the previous one's EMA weights: "
                              "their train.stages concatenated, every other key set once (instead of --config)")
     parser.add_argument("--init", metavar="PATH_OR_HUB_ID_OR_MODEL_URI",
-                        help="start from these weights (full fine-tuning): a release-layout folder, hub id or "
-                             "registered model, e.g. lehduong/OneDiffusion, a checkpoint's pipeline/, "
-                             "models:/onegen@candidate or models:/onegen/3 (= --set model.init=...)")
+                        help="start from these weights (full fine-tuning; with model.lora set, as in "
+                             "configs/train/finetune_lora.yaml, the frozen base of a LoRA adapter): a release-layout "
+                             "folder, hub id or registered model, e.g. lehduong/OneDiffusion, a checkpoint's "
+                             "pipeline/, models:/onegen@candidate or models:/onegen/3 (= --set model.init=...)")
 
 
 def run(args: argparse.Namespace) -> int:
