@@ -29,7 +29,7 @@ CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"
 # what the pyfunc needs where it is served (pinned by the environment it is served from: constraints.txt)
 PIP_REQUIREMENTS = ["mlflow", "torch", "transformers", "diffusers", "safetensors", "sentencepiece", "numpy",
-                    "pandas", "pillow", "huggingface_hub"]
+                    "pandas", "pillow", "huggingface_hub", "peft"]  # peft: a LoRA version's adapter
 INPUT_EXAMPLE = {"task": "text2image", "prompt": "a red cube on a wooden table", "steps": 2, "cfg": 1.0, "seed": 0,
                  "height": 64, "width": 64}
 

@@ -54,6 +54,7 @@ def lora_overrides(build: dict, release: Path, work: Path, *extra: str) -> list[
     """configs/train/finetune_lora.yaml on this CPU: the tiny preset of the release folder, fp32, one process."""
     return [f"storage.root={work / 'data'}", f"run.work_dir={work}", f"train.data.builds[0].uri={build['uri']}",
             f"model.init={release}", "model.preset=nextdit-tiny", "model.lora.rank=4", "model.lora.alpha=4",
+            "model.lora.dropout=0.1",  # peft's dropout draws from torch's global generator: the resume covers it
             "train.precision=fp32", "train.use_gpu=false", "train.cpus_per_worker=1",
             "train.stages[0].resolution=64", f"train.stages[0].steps={STEPS}", f"train.checkpoint_every={EVERY}",
             "train.optimizer.lr=1e-2", "train.optimizer.warmup_steps=0", "train.samples.every=0", *extra]
@@ -199,17 +200,56 @@ def test_a_killed_lora_run_resumes_with_the_same_losses(lora_run, tmp_path):
             assert torch.equal(again.get_tensor(key), first.get_tensor(key)), key
 
 
-def test_a_resume_on_other_base_weights_is_refused(lora_run, tmp_path):
+def test_a_resume_on_other_base_weights_is_refused_by_the_command_and_the_worker(ray_head, lora_run, tmp_path):
+    """The same model.init folder (so the same config) holding other weights: `onegen train` refuses the run's
+    checkpoint in one line before any worker starts, and a worker handed it refuses too."""
+    import shutil
+
+    from train_runs import run_train
+
+    work = tmp_path / "work"
+    runs = work / "data/runs/finetune_lora/lora"
+    runs.mkdir(parents=True)
+    shutil.copytree(lora_run["checkpoints"] / f"checkpoint_{EVERY:06d}", runs / f"checkpoint_{EVERY:06d}")
+    overrides = [*lora_run["overrides"], f"run.work_dir={work}", f"storage.root={work / 'data'}"]
     weights = lora_run["release"] / "transformer/diffusion_pytorch_model.safetensors"
     original = weights.read_bytes()
     other = make_release_folder(tmp_path / "other", seed=7)
     weights.write_bytes((other / "transformer/diffusion_pytorch_model.safetensors").read_bytes())
-    try:  # the same model.init (so the same config), other weights in it
+    try:
+        result = run_train(ray_head, *overrides, config=FINETUNE_LORA)
+        assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+        assert "base weights with sha256" in result.stderr and "Traceback" not in result.stderr
+        assert "train stage" not in result.stdout + result.stderr  # refused before the worker group
         with pytest.raises(ValueError, match="base weights with sha256"):
-            in_fresh_process(single_process_stage, [*lora_run["overrides"], f"run.work_dir={tmp_path / 'work'}"],
-                             str(lora_run["checkpoints"] / f"checkpoint_{EVERY:06d}"), None, FINETUNE_LORA)
+            in_fresh_process(single_process_stage, overrides, str(runs / f"checkpoint_{EVERY:06d}"), None,
+                             FINETUNE_LORA)
     finally:
         weights.write_bytes(original)
+
+
+def test_a_later_stages_model_loads_the_previous_stages_adapter_on_the_same_frozen_base(lora_run):
+    """training.weights.load_transformer with `previous` (what a LoRA run's later stage gets: the previous stage's
+    adapter/ folder)."""
+    from safetensors.torch import load_file
+
+    from model.lora import LORA_WEIGHTS_NAME, adapter_state_dict
+    from onegen.config import load_config
+    from onegen.train_config import TrainConfig
+    from train_runs import safetensors_weights
+    from training.weights import load_transformer
+
+    cfg = load_config(FINETUNE_LORA, ["train.num_workers=1", *lora_run["overrides"]], TrainConfig)
+    adapter = lora_run["checkpoints"] / f"checkpoint_{STEPS:06d}/adapter"
+    model = load_transformer(cfg, {}, previous=str(adapter))
+    saved = load_file(adapter / LORA_WEIGHTS_NAME)
+    loaded = adapter_state_dict(model)
+    assert sorted(f"transformer.{name}" for name in loaded) == sorted(saved)
+    assert all(torch.equal(loaded[name], saved[f"transformer.{name}"]) for name in loaded)
+    assert not all(torch.equal(value, torch.zeros_like(value)) for name, value in loaded.items() if "lora_B" in name)
+    base = {name.replace(".base_layer", ""): p for name, p in model.named_parameters() if not p.requires_grad}
+    release = safetensors_weights(lora_run["release"] / "transformer")
+    assert set(base) == set(release) and all(torch.equal(base[name], release[name]) for name in release)
 
 
 LORA_ANSWER = r"""
@@ -261,3 +301,23 @@ def test_the_command_fine_tunes_through_ray_and_registers_the_adapter_with_its_b
     assert answer.returncode == 0, answer.stderr[-3000:]
     found = json.loads(answer.stdout.strip().splitlines()[-1])
     assert found["shape"] == [64, 64, 3] and found["differs"] > 0  # the adapter changes what the model draws
+
+
+def test_under_bf16_the_adapter_file_holds_the_float32_masters(lora_run, tmp_path):
+    """DeepSpeed's bf16 module holds rounded copies of the adapter; the exported file holds the optimizer's float32
+    masters (what the consolidated DeepSpeed checkpoint holds), the frozen base in bf16 never enters it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    overrides = [*lora_run["overrides"], "train.precision=bf16", "train.stages[0].steps=2", "train.checkpoint_every=2",
+                 f"run.work_dir={tmp_path / 'work'}"]
+    in_fresh_process(single_process_stage, overrides, None, str(tmp_path / "ckpt"), FINETUNE_LORA)
+    checkpoint = tmp_path / "ckpt/checkpoint_000002"
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
+    saved = load_file(checkpoint / "adapter/pytorch_lora_weights.safetensors")
+    assert len(saved) == len(masters) == 16
+    for name, value in saved.items():
+        master = masters[name.removeprefix("transformer.").replace(".lora_A.", ".lora_A.default.")
+                         .replace(".lora_B.", ".lora_B.default.")]
+        assert value.dtype == torch.float32 and torch.equal(value, master.float()), name
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values())  # not bf16 roundings

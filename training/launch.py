@@ -120,10 +120,18 @@ def run_train(cfg: TrainConfig) -> list[TrainSummary]:
         with errors.step("build the tiny T5", input=f"run.work_dir={cfg.run.work_dir}"):
             tiny_t5_folder(cfg, PRESETS[cfg.model.preset]["caption_channels"])
     latest = [latest_checkpoint(cfg, stage.name) for stage in cfg.train.stages]
+    base = None
+    if cfg.model.lora is not None and any(latest) and Path(cfg.model.init).is_dir():
+        # a local base can change under the run (a hub commit or a registered version cannot): its adapters (a
+        # stage to resume, or a finished one a later stage starts from) were trained on the weights base.json names
+        from training.weights import base_identity
+
+        with errors.step("check the LoRA base against the run's checkpoints", input=f"model.init={cfg.model.init}"):
+            base = base_identity(cfg, sources)
     for found in latest:
         if found is not None:
             try:
-                check_resumable(found[1], cfg, data.digests, cfg.train.num_workers)
+                check_resumable(found[1], cfg, data.digests, cfg.train.num_workers, base)
             except ResumeError as err:
                 raise _as_config_error(err) from None
     first = next((found[1] for found in latest if found is not None), None)

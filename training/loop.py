@@ -42,7 +42,9 @@ PIPELINE_DIR = "pipeline"
 ADAPTER_DIR = "adapter"
 BASE_FILE = "base.json"
 DS_TAG = "ds"
-RNG_SCHEME = "per step and rank: SeedSequence([run.seed, stage index, step, rank]) (training.step.step_seed)"
+RNG_SCHEME = "per step and rank: SeedSequence([run.seed, stage index, step, rank]) (training.step.step_seed); " \
+             "torch's global generators: SeedSequence([run.seed, stage index, step, rank, 1])"
+GLOBAL_RNG_STREAM = 1
 
 
 class ResumeError(ValueError):
@@ -232,6 +234,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
         key, choices = data.plan.batch(cursor)
         label = data.plan.label(key)
         seed = step_seed(cfg.run.seed, stage_index, step, rank)
+        # torch's global generators (peft's LoRA dropout draws there): per step, resumable, independent of the step's
+        torch.manual_seed(step_seed(cfg.run.seed, stage_index, step, rank, stream=GLOBAL_RNG_STREAM))
         cpu_generator = step_generator(seed)
         batch = data.batch(rank_share(choices, rank, world_size), cpu_generator, cfg.train.data.latents == "sample")
         generator = cpu_generator if device.type == "cpu" else step_generator(seed, device)

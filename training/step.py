@@ -21,10 +21,12 @@ from model.flow import FlowConfig, flow_matching_loss
 from model.views import Batch
 
 
-def step_seed(seed: int, stage: int, step: int, rank: int) -> int:
+def step_seed(seed: int, stage: int, step: int, rank: int, stream: int = 0) -> int:
     """The seed of one rank's random draws at one step (noise, σ, dropout, posterior samples). Derived, not carried:
-    a resumed run draws exactly what the uninterrupted one drew at that step, whatever happened before."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, stage, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+    a resumed run draws exactly what the uninterrupted one drew at that step, whatever happened before. `stream` > 0:
+    an independent seed of the same step (torch's global generators), never the step generator's sequence again."""
+    entropy = [seed & 0xFFFFFFFF, stage, step, rank] + ([stream] if stream else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def step_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -201,8 +201,9 @@ def add_lora(model, cfg: TrainConfig):
 
 
 def load_adapter_weights(model, folder: str | Path) -> None:
-    """Set the model's adapter to the one saved in `folder` (pytorch_lora_weights.safetensors, diffusers' keys);
-    a file that does not fit the configured adapter (another rank or targets) raises a ValueError naming the keys."""
+    """Set the model's adapter to the one saved in `folder` (pytorch_lora_weights.safetensors, diffusers' keys): the
+    previous stage's, trained with the same model.lora (part of the content hash); other target modules raise a
+    ValueError naming the keys."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
