@@ -362,7 +362,8 @@ def train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     previous_uri = config.get("previous")
     # the previous stage's final weights, wherever storage.root is (a local folder as is, S3 downloaded): only its
-    # pipeline/ (and ds/ for start_from=model), and only when this stage starts (a resume restores its own weights)
+    # pipeline/ (the whole checkpoint for start_from=model; a LoRA run's adapter/), and only when this stage starts (a
+    # resume restores its own weights)
     stage = cfg.train.stages[config["stage"]]
     start = ADAPTER_DIR if cfg.model.lora is not None else None if stage.start_from == "model" else PIPELINE_DIR
     previous = ray.train.Checkpoint(f"{previous_uri}/{start}" if start else previous_uri) \

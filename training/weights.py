@@ -8,7 +8,8 @@ base of a LoRA adapter) and the frozen T5.
 
 Only configs are read on the driver (a hub id downloads `transformer/config.json` and `text_encoder/config.json`, not
 the weights): a misfit fails in seconds, and the workers load the very commit the driver checked, each node into its
-own Hugging Face cache, even if the hub repo moves while the run goes on.
+own Hugging Face cache, even if the hub repo moves while the run goes on. (One exception: a LoRA run with checkpoints
+on a local base folder hashes the base's weights on the driver, training.launch, since a folder can change.)
 """
 
 from __future__ import annotations
