@@ -19,12 +19,12 @@ import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.loaders.lora_pipeline import Lumina2LoraLoaderMixin
 
+from model.presets import LORA_ATTENTION_TARGETS as ATTENTION_TARGETS
+from model.presets import LORA_TARGETS
+
 ADAPTER_NAME = "default"  # peft's name of the one adapter a training run adds
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
-# the NextDiT's Linear layers a LoRA may adapt: attention projections, the text keys/values, the SwiGLU feed-forward
-ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
-LORA_TARGETS = (*ATTENTION_TARGETS, "wk_y", "wv_y", "w1", "w2", "w3")
 
 
 class OneDiffusionLoraLoaderMixin(Lumina2LoraLoaderMixin):

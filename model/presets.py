@@ -7,6 +7,11 @@ it with a different text encoder.
 
 from __future__ import annotations
 
+# The NextDiT's Linear layers a LoRA may adapt in every block (model.lora, config model.lora.target_modules): the
+# attention projections, the text keys/values, the SwiGLU feed-forward. Plain data, so configs import it.
+LORA_ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
+LORA_TARGETS = (*LORA_ATTENTION_TARGETS, "wk_y", "wv_y", "w1", "w2", "w3")
+
 PRESETS: dict[str, dict] = {
     # Spec §1.1: the released checkpoint (lehduong/OneDiffusion, transformer/config.json); 2,800,389,184 parameters.
     "onediffusion-2.8b": dict(

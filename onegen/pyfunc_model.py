@@ -89,7 +89,7 @@ def load_base_with_adapter(adapter: str):
 
     base = json.loads((Path(adapter) / "base.json").read_text())
     uri, revision = base["uri"], base.get("revision")
-    if uri.startswith("models:/"):
+    if uri.startswith("models:/"):  # parsed here: this file is loaded without onegen (onegen.registry's parser)
         name = uri[len("models:/"):].split("@")[0].split("/")[0]
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{revision}")) / "artifacts" / "pipeline"
         pipe = OneDiffusionPipeline.from_pretrained(folder)

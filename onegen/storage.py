@@ -26,6 +26,7 @@ and retries are bounded, so an unreachable endpoint fails with its name instead 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import errno
@@ -35,6 +36,7 @@ import os
 import posixpath
 import random
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -730,6 +732,20 @@ class Storage:
         if isinstance(err, StorageError):
             return err
         return StorageError(f"{uri}: {name}: {text}")
+
+
+@contextlib.contextmanager
+def folder_into_place(target: str | Path) -> Iterator[Path]:
+    """A scratch folder beside the local folder `target` (which must not exist yet) to write into, renamed to
+    `target` when the block ends without an error: a reader sees `target` absent or complete, never half written."""
+    target = Path(target)
+    scratch = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        yield scratch
+        os.rename(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _clean_rel(rel: str, *, allow_root: bool = False) -> str:

@@ -26,13 +26,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from model.limits import resolution_problem
+from model.presets import LORA_ATTENTION_TARGETS, LORA_TARGETS
 from onegen.config import (RUNTIME, SCHEMAS, ModelSection, OnegenConfig, TrackingSection, _hashed_if_set, _role,
                            _Section, check_safe_name)
 
 TINY_T5 = "tiny-t5"  # a seeded random T5 built locally (model.tokenizers.build_tiny_t5): no download, tests and CPU
-
-
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "wk_y", "wv_y", "w1", "w2", "w3")  # = model.lora.LORA_TARGETS (a test pins it)
 
 
 class LoraSection(_Section):
@@ -43,7 +41,7 @@ class LoraSection(_Section):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     target_modules: list[Literal[LORA_TARGETS]] = Field(
-        ["wq", "wk", "wv", "wo"], min_length=1, description="the Linear layers adapted in every block: the "
+        list(LORA_ATTENTION_TARGETS), min_length=1, description="the Linear layers adapted in every block: the "
         "attention projections wq wk wv wo, the text keys/values wk_y wv_y, the feed-forward w1 w2 w3")
 
     @field_validator("target_modules")

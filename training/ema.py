@@ -20,8 +20,6 @@ step count: EMAModel.step takes all parameters at once, which would need every m
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -113,16 +111,11 @@ class EmaWeights:
         model_index.json) that OneDiffusionPipeline.from_pretrained loads: into a scratch folder renamed into
         place, so `target` (which must not exist yet) is either absent or complete."""
         from model.pipeline import OneDiffusionPipeline
+        from onegen.storage import folder_into_place
 
-        target = Path(target)
-        scratch = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        try:
+        with folder_into_place(target) as scratch:
             OneDiffusionPipeline(self.transformer(), image_tokenizer, text_encoder).save_pretrained(scratch)
-            os.rename(scratch, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return target
+        return Path(target)
 
 
 __all__ = ["EmaWeights"]

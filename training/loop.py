@@ -158,6 +158,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
     from training.engine import make_engine
     from training.reader import count_step
     from training.step import StepRunner, TextEncoding, step_generator, step_seed
+    from model.lora import save_adapter
+    from onegen.storage import folder_into_place
     from training.weights import base_identity, load_transformer
 
     stage = cfg.train.stages[stage_index]
@@ -216,7 +218,8 @@ def run_stage(cfg: TrainConfig, stage_index: int, *, rank: int, world_size: int,
                          "text_encoder": {"uri": cfg.model.text_encoder_source,
                                           "revision": sources.get("text_encoder")}}
                 if lora:
-                    save_adapter(engine.module, Path(folder) / ADAPTER_DIR, tensors=adapter)
+                    with folder_into_place(Path(folder) / ADAPTER_DIR) as scratch:
+                        save_adapter(engine.module, scratch, tensors=adapter)
                     (Path(folder) / BASE_FILE).write_text(json.dumps(base, indent=1) + "\n")
                 else:
                     ema.export(Path(folder) / PIPELINE_DIR, image_tokenizer, text_encoder)
@@ -280,22 +283,6 @@ def adapter_tensors(module: torch.nn.Module, masters: bool) -> dict[str, torch.T
     import deepspeed
 
     return {name: EmaWeights.full_master(param, deepspeed) for name, param in trained}
-
-
-def save_adapter(module: torch.nn.Module, target: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write the adapter folder (model.lora.save_adapter) into a scratch folder renamed into place."""
-    import os
-
-    from model.lora import save_adapter as write_adapter
-
-    scratch = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        write_adapter(module, scratch, tensors=tensors)
-        os.rename(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
 
 
 class _SampleGrids:
@@ -392,5 +379,5 @@ def _ignore(metrics: dict, step: int) -> None:
 
 
 __all__ = ["ADAPTER_DIR", "BASE_FILE", "DS_TAG", "PIPELINE_DIR", "ResumeError", "STATE_FILE", "StageData",
-           "adapter_tensors", "check_resumable", "open_builds", "read_state", "run_stage", "save_adapter",
-           "stage_data", "train_worker"]
+           "adapter_tensors", "check_resumable", "open_builds", "read_state", "run_stage", "stage_data",
+           "train_worker"]
